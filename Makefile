@@ -1,0 +1,24 @@
+# Set-up and the two main jobs. Everything installs into ./.venv.
+#   make demo   install, then run the CPU demo pretraining on synthetic cells
+#   make test   install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# torch/torchvision wheels to install; override for another CUDA/CPU build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/python -m dinov2_hier.train --config configs/demo.yaml --output-dir $(DEMO_DIR)
+
+test: install
+	$(VENV)/bin/python -m pytest -q

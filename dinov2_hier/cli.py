@@ -1,0 +1,66 @@
+"""Shared plumbing of the command-line faces: logging set-up and exit codes.
+
+Exit codes: 0 success, 2 a user error (bad config, tree, manifest, label, checkpoint or
+path: one message, no traceback), 3 training stopped on repeated non-finite losses or
+too many unreadable images, 1 anything else (a bug: the traceback is printed).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+EXIT_TRAINING_ABORTED = 3
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the input is wrong', gathered from the library."""
+    from .config import ConfigError
+    from .data import ManifestError
+    from .hierarchy import HierarchyError
+    from .labels import LabelMapError
+    from .models import WeightsError
+    from .paths import ResourceNotFoundError
+    from .train.checkpoint import CheckpointError
+
+    return (
+        ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
+        ResourceNotFoundError, CheckpointError,
+    )
+
+
+def aborted_types() -> tuple[type[BaseException], ...]:
+    from .data import TooManyUnreadableImages
+    from .train.loop import NonFiniteLossError
+
+    return (NonFiniteLossError, TooManyUnreadableImages)
+
+
+def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, if given, to ``log_file`` (appending, so resumed runs keep history)."""
+    root = logging.getLogger("dinov2_hier")
+    root.setLevel(level)
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def run_cli(job: Callable[[], None]) -> int:
+    """Run ``job`` and turn known failures into one-line messages and exit codes."""
+    try:
+        job()
+    except user_error_types() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except aborted_types() as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_ABORTED
+    return 0

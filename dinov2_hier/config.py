@@ -1,0 +1,114 @@
+"""Layered OmegaConf configuration: default yaml < override yaml < ``key=value``.
+
+The default file declares every key; override files and command-line arguments may
+only change keys that exist there (a typo is an error, not a silently ignored key).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .io import atomic_write_text
+from .paths import PROJECT_ROOT
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed or names an unknown key."""
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return OmegaConf.create(data)
+
+
+def _check_known_keys(base: DictConfig, override: DictConfig, source: str, prefix: str = "") -> None:
+    """Reject keys of ``override`` absent from ``base`` (mappings are checked recursively)."""
+    for key in override.keys():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key '{full}'")
+        sub_base, sub_over = base[key], override[key]
+        # Lists and null-valued defaults may be replaced freely; mappings are checked deeply.
+        if isinstance(sub_base, DictConfig) and isinstance(sub_over, DictConfig):
+            _check_known_keys(sub_base, sub_over, source, prefix=f"{full}.")
+
+
+def parse_overrides(overrides: Iterable[str]) -> DictConfig:
+    """Turn ``["a.b=1", "c=[1,2]"]`` into a config; values are parsed as YAML."""
+    merged = OmegaConf.create({})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"command-line override '{item}' has an empty key")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        try:
+            OmegaConf.update(merged, key, parsed, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command-line override '{item}': {exc}") from None
+    return merged
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    default_file: str | Path = DEFAULT_CONFIG,
+) -> DictConfig:
+    """Build the run configuration.
+
+    Args:
+        config_file: override yaml, merged on top of the default (one level, so the
+            chain stays short and explicit).
+        overrides: ``key=value`` strings from the command line.
+        default_file: the yaml that declares every key.
+    Returns:
+        The merged config; interpolations are resolved.
+    """
+    cfg = _load_yaml(Path(default_file))
+    layers: list[tuple[str, DictConfig]] = []
+    if config_file is not None:
+        layers.append((str(config_file), _load_yaml(Path(config_file))))
+    layers.append(("command line", parse_overrides(overrides)))
+    for source, layer in layers:
+        _check_known_keys(cfg, layer, source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve config: {exc}") from None
+    return cfg
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write ``cfg`` as yaml atomically (write a temporary file, then rename)."""
+    atomic_write_text(Path(path), to_yaml(cfg))

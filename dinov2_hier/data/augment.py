@@ -1,0 +1,338 @@
+"""Global-crop augmentations (DINOv2 recipe, two global crops, no local crops) and an eval transform.
+
+Randomness is a pure function of ``(seed, draw_id)``: every random parameter is drawn
+from a private ``torch.Generator`` and the ops are applied through torchvision's
+functional API with those parameters. torchvision's transform *classes* draw from the
+global torch RNG, whose state differs between loader workers and after a resume, so
+they are not used. The global RNG is never touched.
+
+Pipeline per crop (crop ``i`` of 2; per-crop probabilities are pairs):
+
+1. random resized crop of ``scale`` x image area with aspect ratio in ``ratio``,
+   resized to ``crop_size`` (PIL, ``interpolation``, antialiased);
+2. horizontal flip (p=``hflip_p``), vertical flip (``vflip_p``), rotation by
+   k*90 degrees counter-clockwise with k uniform in {1,2,3} (``rot90_p``): cells
+   have no canonical orientation;
+3. colour jitter (``color_jitter_p``; brightness/contrast/saturation/hue factors and
+   their order random), grayscale (``grayscale_p``);
+4. Gaussian blur (``blur_p[i]``, sigma uniform in ``blur_sigma`` pixels);
+5. solarize at 128 (``solarize_p[i]``);
+6. to float in [0, 1], normalise with ``mean``/``std``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from .seeding import torch_generator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class AugmentationConfigError(ValueError):
+    """An augmentation parameter is out of range."""
+
+
+@dataclass(frozen=True)
+class ColorJitterParams:
+    """Factors as in torchvision: brightness/contrast/saturation multiply (1 = identity),
+    hue shifts by a fraction of the hue circle; ``order`` is a permutation of
+    (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+
+    order: tuple[int, ...]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Everything random about one crop. Box in input-image pixels."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    hflip: bool
+    vflip: bool
+    rot90_k: int  # counter-clockwise quarter turns, 0..3
+    jitter: ColorJitterParams | None
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
+    """A per-crop probability: one value for both crops, or one per crop."""
+    if isinstance(value, (int, float)):
+        pair = (float(value), float(value))
+    else:
+        pair = tuple(float(v) for v in value)
+        if len(pair) != 2:
+            raise AugmentationConfigError(f"{name} must be a number or a pair (crop 0, crop 1), got {value}")
+    for p in pair:
+        if not 0.0 <= p <= 1.0:
+            raise AugmentationConfigError(f"{name} probabilities must lie in [0, 1], got {value}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_probability(value: float, name: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise AugmentationConfigError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def _check_range(value: Sequence[float], name: str, low: float) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not low <= lo <= hi:
+        raise AugmentationConfigError(f"{name} must be (lo, hi) with {low} <= lo <= hi, got {value}")
+    return lo, hi
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name.lower())
+    except ValueError:
+        raise AugmentationConfigError(
+            f"unknown interpolation '{name}'; use one of nearest, bilinear, bicubic"
+        ) from None
+
+
+class _Draw:
+    """Scalar draws from a private generator."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.g = generator
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.g))
+
+    def bernoulli(self, p: float) -> bool:
+        # Draw even when p is 0 or 1 so that later draws do not shift when p changes.
+        return float(torch.rand((), generator=self.g)) < p
+
+    def integer(self, lo: int, hi: int) -> int:
+        """Uniform in [lo, hi)."""
+        return int(torch.randint(lo, hi, (), generator=self.g))
+
+
+class GlobalCropsAugmentation:
+    """Two augmented global crops of a PIL image, a pure function of ``(seed, draw_id)``.
+
+    ``__call__(image, draw_id) -> {"global_crops": [Tensor[3,S,S], Tensor[3,S,S]]}``,
+    float32, normalised with ``mean``/``std`` (so each channel c lies in
+    ``[(0 - mean[c]) / std[c], (1 - mean[c]) / std[c]]``), ``S = crop_size``.
+    """
+
+    n_crops = 2
+
+    def __init__(
+        self,
+        crop_size: int = 224,
+        scale: Sequence[float] = (0.32, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip_p: float = 0.5,
+        vflip_p: float = 0.5,
+        rot90_p: float = 0.5,
+        color_jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: float | Sequence[float] = (1.0, 0.1),
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        blur_kernel_size: int = 9,
+        solarize_p: float | Sequence[float] = (0.0, 0.2),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bicubic",
+        seed: int = 0,
+    ) -> None:
+        if crop_size < 1:
+            raise AugmentationConfigError(f"crop_size must be >= 1, got {crop_size}")
+        self.crop_size = int(crop_size)
+        self.scale = _check_range(scale, "scale", 0.0)
+        if self.scale[1] > 1.0 or self.scale[0] <= 0.0:
+            raise AugmentationConfigError(f"scale must lie in (0, 1], got {scale}")
+        self.ratio = _check_range(ratio, "ratio", 1e-6)
+        self.hflip_p = _check_probability(hflip_p, "hflip_p")
+        self.vflip_p = _check_probability(vflip_p, "vflip_p")
+        self.rot90_p = _check_probability(rot90_p, "rot90_p")
+        self.color_jitter_p = _check_probability(color_jitter_p, "color_jitter_p")
+        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if not 0.0 <= value <= 1.0:
+                raise AugmentationConfigError(f"{name} must lie in [0, 1], got {value}")
+        if not 0.0 <= hue <= 0.5:
+            raise AugmentationConfigError(f"hue must lie in [0, 0.5], got {hue}")
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.grayscale_p = _check_probability(grayscale_p, "grayscale_p")
+        self.blur_p = _pair(blur_p, "blur_p")
+        self.blur_sigma = _check_range(blur_sigma, "blur_sigma", 1e-6)
+        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
+            raise AugmentationConfigError(f"blur_kernel_size must be odd and positive, got {blur_kernel_size}")
+        self.blur_kernel_size = int(blur_kernel_size)
+        self.solarize_p = _pair(solarize_p, "solarize_p")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise AugmentationConfigError(f"mean and std need 3 entries, std > 0; got {mean}, {std}")
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.interpolation = _interpolation(interpolation)
+        self.seed = int(seed)
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def _crop_box(self, draw: _Draw, width: int, height: int) -> tuple[int, int, int, int]:
+        """Random box (top, left, h, w) covering a ``scale`` fraction of the area with an
+        aspect ratio (w/h) in ``ratio``; falls back to the largest centred box whose ratio
+        is clamped into ``ratio`` when 10 tries do not fit (thin images, scale near 1)."""
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * draw.uniform(*self.scale)
+            aspect = math.exp(draw.uniform(log_lo, log_hi))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = draw.integer(0, height - h + 1)
+                left = draw.integer(0, width - w + 1)
+                return top, left, h, w
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        h, w = max(1, min(h, height)), max(1, min(w, width))
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def sample_params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
+        """The random parameters of both crops of a ``width`` x ``height`` image at ``draw_id``."""
+        draw = _Draw(torch_generator(self.seed, int(draw_id)))
+        params = []
+        for i in range(self.n_crops):
+            top, left, h, w = self._crop_box(draw, width, height)
+            hflip = draw.bernoulli(self.hflip_p)
+            vflip = draw.bernoulli(self.vflip_p)
+            rot90_k = draw.integer(1, 4) if draw.bernoulli(self.rot90_p) else 0
+            jitter = None
+            if draw.bernoulli(self.color_jitter_p):
+                order = tuple(int(j) for j in torch.randperm(4, generator=draw.g))
+                jitter = ColorJitterParams(
+                    order=order,
+                    brightness=draw.uniform(1 - self.brightness, 1 + self.brightness),
+                    contrast=draw.uniform(1 - self.contrast, 1 + self.contrast),
+                    saturation=draw.uniform(1 - self.saturation, 1 + self.saturation),
+                    hue=draw.uniform(-self.hue, self.hue),
+                )
+            grayscale = draw.bernoulli(self.grayscale_p)
+            blur_sigma = draw.uniform(*self.blur_sigma) if draw.bernoulli(self.blur_p[i]) else None
+            solarize = draw.bernoulli(self.solarize_p[i])
+            params.append(
+                CropParams(top, left, h, w, hflip, vflip, rot90_k, jitter, grayscale, blur_sigma, solarize)
+            )
+        return params
+
+    # -- application --------------------------------------------------------------------
+
+    def apply(self, image: Image.Image, p: CropParams) -> torch.Tensor:
+        """One crop with fixed parameters: ``Tensor[3, S, S]`` float32, normalised."""
+        size = [self.crop_size, self.crop_size]
+        # Crop and resize in PIL (fast, antialiased), then work on uint8 tensors.
+        cropped = TF.resized_crop(
+            image, p.top, p.left, p.height, p.width, size, interpolation=self.interpolation, antialias=True
+        )
+        x = TF.pil_to_tensor(cropped)  # uint8 [3, S, S]
+        if p.hflip:
+            x = x.flip(-1)
+        if p.vflip:
+            x = x.flip(-2)
+        if p.rot90_k:
+            x = torch.rot90(x, p.rot90_k, dims=(-2, -1))
+        if p.jitter is not None:
+            x = self._color_jitter(x, p.jitter)
+        if p.grayscale:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p.blur_sigma is not None:
+            k = self.blur_kernel_size
+            x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
+        if p.solarize:
+            x = TF.solarize(x, 128)
+        x = x.to(torch.float32).div_(255.0)
+        return TF.normalize(x, self.mean, self.std)
+
+    @staticmethod
+    def _color_jitter(x: torch.Tensor, j: ColorJitterParams) -> torch.Tensor:
+        for op in j.order:
+            if op == 0:
+                x = TF.adjust_brightness(x, j.brightness)
+            elif op == 1:
+                x = TF.adjust_contrast(x, j.contrast)
+            elif op == 2:
+                x = TF.adjust_saturation(x, j.saturation)
+            else:
+                x = TF.adjust_hue(x, j.hue)
+        return x
+
+    def __call__(self, image: Image.Image, draw_id: int) -> dict:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"GlobalCropsAugmentation expects a PIL image, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        params = self.sample_params(image.width, image.height, draw_id)
+        return {"global_crops": [self.apply(image, p) for p in params]}
+
+
+class EvalTransform:
+    """Deterministic transform for feature extraction: ``PIL -> Tensor[3, S, S]`` float32.
+
+    ``resize_mode="pad"``: resize so the long side is ``crop_size`` (aspect kept), then pad
+    the short side symmetrically (extra pixel bottom/right) with the normalisation mean,
+    i.e. with 0 after normalisation, so the whole cell stays visible.
+    ``resize_mode="center_crop"``: resize so the short side is ``crop_size``, then take
+    the centred ``crop_size`` square.
+    """
+
+    def __init__(
+        self,
+        crop_size: int = 224,
+        resize_mode: str = "pad",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bicubic",
+    ) -> None:
+        if resize_mode not in ("pad", "center_crop"):
+            raise AugmentationConfigError(f"resize_mode must be 'pad' or 'center_crop', got '{resize_mode}'")
+        if crop_size < 1:
+            raise AugmentationConfigError(f"crop_size must be >= 1, got {crop_size}")
+        self.crop_size = int(crop_size)
+        self.resize_mode = resize_mode
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.interpolation = _interpolation(interpolation)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        s = self.crop_size
+        w, h = image.size
+        grow = max if self.resize_mode == "pad" else min
+        factor = s / grow(w, h)
+        new_w = min(s, max(1, round(w * factor))) if self.resize_mode == "pad" else max(s, round(w * factor))
+        new_h = min(s, max(1, round(h * factor))) if self.resize_mode == "pad" else max(s, round(h * factor))
+        resized = TF.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=True)
+        x = TF.normalize(TF.pil_to_tensor(resized).to(torch.float32).div_(255.0), self.mean, self.std)
+        if self.resize_mode == "center_crop":
+            return TF.center_crop(x, [s, s])
+        left, top = (s - new_w) // 2, (s - new_h) // 2
+        # padding order: left, top, right, bottom; 0 after normalisation = the mean colour.
+        return TF.pad(x, [left, top, s - new_w - left, s - new_h - top], fill=0.0)

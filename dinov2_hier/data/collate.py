@@ -1,0 +1,102 @@
+"""Batch collation: crop-major stacking, iBOT masks, and dropping of unreadable items."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .masking import BlockMaskGenerator, sample_masks
+
+
+class CollateError(ValueError):
+    """An item lacks a field the collator needs or has crops of the wrong shape."""
+
+
+class GlobalCropsCollator:
+    """Turn a list of dataset items into a training batch.
+
+    Output (``B`` readable items, ``N = h * w`` patches per crop, ``S`` crop side):
+
+    - ``global_crops`` float ``[2B, 3, S, S]``, crop-major: crop 0 of every image, then crop 1;
+    - ``labels`` ``list[str|None]``, ``datasets`` ``list[str|None]``, ``paths`` ``list[str]``,
+      ``draw_ids`` ``list[int]`` (length B);
+    - ``masks`` bool ``[2B, N]``; ``mask_indices`` long ``[M]`` = flat indices of the masked
+      patches in ``masks.flatten()`` (``2B * N`` positions); ``masks_weight`` float ``[M]``,
+      ``1 / (number of masked patches of that crop)`` so each masked crop weighs 1 in the
+      iBOT loss; ``n_masked_patches`` = M;
+    - ``n_drawn`` items received (readable or not), ``skipped`` paths of unreadable items,
+      ``skipped_errors`` their error messages.
+
+    Masks are a pure function of ``(seed, draw_id of the first item received)``, so they do
+    not depend on worker count or on which items of the batch were unreadable.
+    An all-unreadable batch gives ``B = 0`` (``global_crops`` ``[0, 3, S, S]`` with
+    ``S = crop_size``, or 0 when ``crop_size`` is not given).
+    """
+
+    def __init__(
+        self,
+        patch_grid: Sequence[int],
+        mask_ratio: Sequence[float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+        seed: int = 0,
+        crop_size: int | None = None,
+        mask_generator: BlockMaskGenerator | None = None,
+    ) -> None:
+        self.patch_grid = (int(patch_grid[0]), int(patch_grid[1]))
+        self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
+        self.mask_probability = float(mask_probability)
+        self.seed = int(seed)
+        self.crop_size = crop_size
+        self.mask_generator = mask_generator if mask_generator is not None else BlockMaskGenerator(self.patch_grid)
+        # Validate the ratio range now rather than on the first batch.
+        sample_masks(0, self.patch_grid, self.mask_ratio, self.mask_probability,
+                     rng=np.random.default_rng(0), mask_generator=self.mask_generator)
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        if len(items) == 0:
+            raise CollateError("cannot collate an empty list of items")
+        for item in items:
+            if "draw_id" not in item:
+                raise CollateError(f"item for '{item.get('path')}' has no 'draw_id' (keys: {sorted(item)})")
+        ok = [item for item in items if "error" not in item]
+        bad = [item for item in items if "error" in item]
+        n_patches = self.patch_grid[0] * self.patch_grid[1]
+
+        if ok:
+            for item in ok:
+                crops = item.get("global_crops")
+                if crops is None or len(crops) != 2:
+                    raise CollateError(f"item for '{item.get('path')}' needs exactly 2 global crops")
+            first, second = [item["global_crops"][0] for item in ok], [item["global_crops"][1] for item in ok]
+            global_crops = torch.stack(first + second)
+            if self.crop_size is not None and tuple(global_crops.shape[-2:]) != (self.crop_size, self.crop_size):
+                raise CollateError(f"crops are {tuple(global_crops.shape[-2:])}, expected crop_size {self.crop_size}")
+        else:
+            s = self.crop_size or 0
+            global_crops = torch.zeros((0, 3, s, s), dtype=torch.float32)
+
+        rng = np.random.default_rng([self.seed, int(items[0]["draw_id"])])
+        masks_np = sample_masks(
+            len(global_crops), self.patch_grid, self.mask_ratio, self.mask_probability,
+            rng=rng, mask_generator=self.mask_generator,
+        )
+        masks = torch.from_numpy(masks_np).reshape(len(global_crops), n_patches)
+        mask_indices = masks.flatten().nonzero().flatten()
+        per_crop = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
+        masks_weight = (1.0 / per_crop).expand_as(masks)[masks]
+
+        return {
+            "global_crops": global_crops,
+            "labels": [item.get("label") for item in ok],
+            "datasets": [item.get("dataset") for item in ok],
+            "paths": [item.get("path") for item in ok],
+            "draw_ids": [int(item["draw_id"]) for item in ok],
+            "masks": masks,
+            "mask_indices": mask_indices,
+            "masks_weight": masks_weight,
+            "n_masked_patches": int(mask_indices.numel()),
+            "n_drawn": len(items),
+            "skipped": [item.get("path") for item in bad],
+            "skipped_errors": [str(item["error"]) for item in bad],
+        }

@@ -1,0 +1,231 @@
+"""Map-style datasets producing augmented items, and the skip bookkeeping for bad files.
+
+An item is a dict (see docs/architecture.md)::
+
+    {"global_crops": [Tensor[3,S,S], Tensor[3,S,S]], "label": str|None,
+     "dataset": str|None, "path": str, "draw_id": int}
+
+or, for a file that cannot be decoded, ``{"error": str, "path": str, "draw_id": int}``.
+Returning error items instead of raising keeps a single corrupt file from killing a
+long run; the collator drops them and the training loop feeds their paths to a
+:class:`SkipCounter`, which aborts the run if too large a fraction is unreadable.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from PIL import Image
+
+from .records import Record
+
+logger = logging.getLogger("dinov2_hier.data")
+
+#: ``transform(image, draw_id) -> {"global_crops": [...]}``
+Transform = Callable[[Image.Image, int], dict]
+
+
+class UnreadableImageError(ValueError):
+    """An image file is missing, empty, truncated or not an image."""
+
+
+class TooManyUnreadableImages(RuntimeError):
+    """The fraction of unreadable images drawn so far exceeds the configured limit."""
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode ``path`` fully and return it as an RGB ``PIL.Image``.
+
+    ``Image.open`` is lazy: it reads only the header, so a truncated file would fail
+    later in an augmentation. ``img.load()`` forces the full decode here, where the
+    failure can be turned into a skip. ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off:
+    a half-grey image is silently wrong data.
+
+    Raises:
+        UnreadableImageError: missing, zero-byte, truncated or non-image file.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # OSError covers missing files, UnidentifiedImageError and truncation;
+        # some decoders raise SyntaxError or ValueError on corrupt headers.
+        raise UnreadableImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+
+
+def _split_key(key: Any) -> tuple[int, int]:
+    """``(index, draw_id)`` from a sampler key, or ``(i, i)`` from a plain int."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"dataset key must be an int or (index, draw_id), got {key!r}")
+        return int(key[0]), int(key[1])
+    return int(key), int(key)
+
+
+class ImageRecordDataset:
+    """Images named by :class:`~dinov2_hier.data.records.Record` s, augmented by ``transform``.
+
+    ``dataset[(index, draw_id)]`` loads record ``index`` and augments it with the
+    randomness of ``draw_id`` (the global position in the sampler's stream);
+    ``dataset[i]`` uses ``draw_id = i``.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Transform) -> None:
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: Any) -> dict:
+        index, draw_id = _split_key(key)
+        record = self.records[index]
+        try:
+            image = load_image(record.path)
+        except UnreadableImageError as e:
+            return {"error": str(e), "path": record.path, "draw_id": draw_id}
+        item = dict(self.transform(image, draw_id))
+        item.update(label=record.label, dataset=record.dataset, path=record.path, draw_id=draw_id)
+        return item
+
+
+class _SyntheticSource(Protocol):
+    seed: int
+
+    def generate(self, index: int) -> tuple[Image.Image, str]: ...
+
+    def label(self, index: int, label_fraction: float, coarse_fraction: float) -> str | None: ...
+
+    @property
+    def dataset_name(self) -> str: ...
+
+
+class SyntheticCellDataset:
+    """``num_images`` synthetic cells rendered on the fly (no files), augmented by ``transform``.
+
+    Args:
+        generator: a :class:`~dinov2_hier.data.synthetic.SyntheticCellGenerator`.
+        num_images: dataset length; image ``i`` is ``generator.generate(i)``.
+        transform: ``transform(image, draw_id)``.
+        label_fraction, coarse_fraction: which items carry a label and which of
+            those only their parent node's label; a pure function of
+            ``(generator.seed, index)`` (see ``SyntheticCellGenerator.label``).
+    """
+
+    def __init__(
+        self,
+        generator: _SyntheticSource,
+        num_images: int,
+        transform: Transform,
+        label_fraction: float = 1.0,
+        coarse_fraction: float = 0.0,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        for name, value in (("label_fraction", label_fraction), ("coarse_fraction", coarse_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.generator = generator
+        self.num_images = int(num_images)
+        self.transform = transform
+        self.label_fraction = float(label_fraction)
+        self.coarse_fraction = float(coarse_fraction)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, key: Any) -> dict:
+        index, draw_id = _split_key(key)
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
+        image, _leaf = self.generator.generate(index)
+        item = dict(self.transform(image, draw_id))
+        item.update(
+            label=self.generator.label(index, self.label_fraction, self.coarse_fraction),
+            dataset=self.generator.dataset_name,
+            path=f"synthetic:{self.generator.seed}:{index}",
+            draw_id=draw_id,
+        )
+        return item
+
+
+class SkipCounter:
+    """Counts unreadable images drawn by the training loop (main process only).
+
+    Attributes:
+        n_skipped: error items seen (a bad file drawn twice counts twice).
+        n_drawn: items drawn (good and bad).
+        bad_paths: distinct unreadable paths, in first-seen order.
+    """
+
+    def __init__(self, max_examples: int = 5) -> None:
+        self.max_examples = max_examples
+        self.n_skipped = 0
+        self.n_drawn = 0
+        self.bad_paths: list[str] = []
+        self._bad_set: set[str] = set()
+
+    @property
+    def n_unique_bad(self) -> int:
+        return len(self.bad_paths)
+
+    @property
+    def fraction(self) -> float:
+        """Skipped / drawn (0 before anything was drawn)."""
+        return self.n_skipped / self.n_drawn if self.n_drawn else 0.0
+
+    def update(
+        self, skipped_paths: Iterable[str], n_drawn: int, reasons: Iterable[str] | None = None
+    ) -> None:
+        """Add one batch: ``n_drawn`` items drawn, of which ``skipped_paths`` were unreadable.
+
+        Each distinct path is logged once (warning on logger ``dinov2_hier.data``),
+        with its reason when ``reasons`` (parallel to ``skipped_paths``) is given.
+        """
+        skipped = list(skipped_paths)
+        why = list(reasons) if reasons is not None else [None] * len(skipped)
+        if len(why) != len(skipped):
+            raise ValueError(f"got {len(why)} reasons for {len(skipped)} skipped paths")
+        if n_drawn < len(skipped):
+            raise ValueError(f"n_drawn={n_drawn} is smaller than the {len(skipped)} skipped items")
+        self.n_drawn += int(n_drawn)
+        self.n_skipped += len(skipped)
+        for path, reason in zip(skipped, why):
+            if path in self._bad_set:
+                continue
+            self._bad_set.add(path)
+            self.bad_paths.append(path)
+            if reason:
+                logger.warning("skipping unreadable image %s (%s)", path, reason)
+            else:
+                logger.warning("skipping unreadable image %s", path)
+
+    def check(self, max_fraction: float, min_draws: int = 0) -> None:
+        """Raise :class:`TooManyUnreadableImages` if skipped/drawn > ``max_fraction``.
+
+        Checked only once at least ``min_draws`` items were drawn, so that one bad
+        file among the first few draws does not abort a run.
+        """
+        if self.n_drawn == 0 or self.n_drawn < min_draws:
+            return
+        if self.fraction > max_fraction:
+            examples = ", ".join(self.bad_paths[: self.max_examples])
+            raise TooManyUnreadableImages(
+                f"{self.n_skipped} of {self.n_drawn} drawn images were unreadable "
+                f"({100 * self.fraction:.2f}%, limit {100 * max_fraction:.2f}%); "
+                f"{self.n_unique_bad} distinct files, e.g. {examples}. "
+                "Fix or remove them from the manifest, or raise the limit."
+            )
+
+    def state_dict(self) -> dict:
+        return {"n_skipped": self.n_skipped, "n_drawn": self.n_drawn, "bad_paths": list(self.bad_paths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"n_skipped", "n_drawn", "bad_paths"} - set(state)
+        if missing:
+            raise ValueError(f"SkipCounter state is missing keys {sorted(missing)}")
+        self.n_skipped = int(state["n_skipped"])
+        self.n_drawn = int(state["n_drawn"])
+        self.bad_paths = [str(p) for p in state["bad_paths"]]
+        self._bad_set = set(self.bad_paths)

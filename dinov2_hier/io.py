@@ -1,0 +1,43 @@
+"""Atomic file writes: a reader never sees a half-written file under the final name."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename.
+
+    ``os.replace`` is atomic on POSIX and Windows when source and target share a
+    filesystem, which the temporary file beside the target guarantees.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,402 @@
+"""Dataset labels -> hierarchy node ids.
+
+Each dataset names its classes its own way ("PMY", "NGS", "lymphocyte mature").
+A :class:`LabelMap` (one JSON file per dataset under ``hierarchies/label_maps/``)
+turns them into node ids of a :class:`~dinov2_hier.hierarchy.Hierarchy`; a coarse
+label maps to an internal node (PBC "IG" -> ``granulocytic_immature``). A
+:class:`LabelResolver` applies the right map per sample and decides what happens
+to labels nobody mapped. Pure Python, no torch.
+
+Label lookup is exact first, then on a normalised form (case-folded, runs of
+spaces / hyphens / underscores as one ``_``), so ``"Lymphocyte typical"``,
+``"lymphocyte_typical"`` and ``"LYMPHOCYTE-TYPICAL"`` are one label. Two keys of a
+map that normalise alike must map to the same node.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from dinov2_hier.hierarchy import Hierarchy, LocatedError, find_json_lines, read_json_file, suggest
+
+__all__ = [
+    "LabelMap",
+    "LabelMapError",
+    "LabelResolver",
+    "UNLABELLED",
+    "count_by_node",
+    "load_label_maps",
+    "normalize_label",
+]
+
+#: Key under which :func:`count_by_node` counts samples without a label.
+UNLABELLED = "<unlabelled>"
+
+_TOP_LEVEL_KEYS = ("dataset", "hierarchy", "labels", "description", "notes")
+_UNMAPPED_MODES = ("error", "unlabelled")
+
+
+class LabelMapError(LocatedError):
+    """A label map is malformed, or a label cannot be resolved to a node."""
+
+
+def _known_labels(labels: Iterable[str], limit: int = 30) -> str:
+    """``" (known labels: 'A', 'B')"`` (at most ``limit`` of them) for an error message."""
+    names = list(labels)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f" (known labels: {shown}{more})"
+
+
+def normalize_label(label: str) -> str:
+    """Case-folded label with runs of whitespace, ``-`` and ``_`` collapsed to one ``_``."""
+    return re.sub(r"[\s_\-]+", "_", label.strip()).strip("_").casefold()
+
+
+class LabelMap:
+    """One dataset's mapping from its label strings to node ids.
+
+    ``hierarchy_name`` records which tree the targets belong to; pass ``hierarchy``
+    to check every target now (``from_json`` does so when given a hierarchy).
+    """
+
+    __slots__ = ("_dataset", "_labels", "_normalized", "_hierarchy_name", "_source", "_description", "_notes", "_text")
+
+    def __init__(
+        self,
+        dataset: str,
+        labels: Mapping[str, str],
+        *,
+        hierarchy_name: str | None = None,
+        source: str = "<dict>",
+        description: str = "",
+        notes: Mapping[str, str] | None = None,
+        hierarchy: Hierarchy | None = None,
+        _text: str | None = None,
+    ) -> None:
+        self._source = source
+        self._text = _text
+        if not isinstance(dataset, str) or not dataset.strip():
+            self._fail(f"'dataset' must be a non-empty string, got {dataset!r}", key="dataset")
+        self._dataset = dataset
+        if not isinstance(labels, Mapping) or not labels:
+            self._fail(f"'labels' of dataset {dataset!r} must be a non-empty JSON object", key="labels")
+        normalized: dict[str, tuple[str, str]] = {}  # normalised -> (original key, target)
+        for label, target in labels.items():
+            if not isinstance(label, str) or not label.strip():
+                self._fail(f"dataset {dataset!r}: labels must be non-empty strings, got {label!r}")
+            if not isinstance(target, str) or not target:
+                self._fail(
+                    f"dataset {dataset!r}: label {label!r} must map to a node id (string), got {target!r}",
+                    key=label,
+                )
+            norm = normalize_label(label)
+            if norm in normalized and normalized[norm][1] != target:
+                other, other_target = normalized[norm]
+                self._fail(
+                    f"dataset {dataset!r}: labels {other!r} -> {other_target!r} and {label!r} -> {target!r}"
+                    " differ only in case or separators but map to different nodes",
+                    key=label,
+                )
+            normalized.setdefault(norm, (label, target))
+        self._labels = dict(labels)
+        self._normalized = {norm: target for norm, (_, target) in normalized.items()}
+        self._hierarchy_name = hierarchy_name
+        self._description = description
+        notes = dict(notes or {})
+        for label in notes:
+            if label not in self._labels:
+                self._fail(f"dataset {dataset!r}: note for unknown label {label!r}{suggest(label, self._labels)}")
+        self._notes = notes
+        if hierarchy is not None:
+            self.check_targets(hierarchy)
+
+    # -- construction
+    @classmethod
+    def from_json(cls, path: str | Path, hierarchy: Hierarchy | None = None) -> LabelMap:
+        """Load ``{"dataset": ..., "hierarchy": ..., "labels": {label: node_id}}``.
+
+        With ``hierarchy``, every target must be a node of it and the file's
+        ``"hierarchy"`` must equal ``hierarchy.name``; errors name file, line, label
+        and target, with close matches suggested.
+        """
+        data, text = read_json_file(path, LabelMapError)
+        return cls.from_dict(data, source=str(path), hierarchy=hierarchy, _text=text)
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        source: str = "<dict>",
+        hierarchy: Hierarchy | None = None,
+        _text: str | None = None,
+    ) -> LabelMap:
+        """Validate and build from a parsed document (same keys as the JSON file)."""
+        if not isinstance(data, Mapping):
+            raise LabelMapError(f"a label map must be a JSON object, got {type(data).__name__}", source=source)
+        unknown = [k for k in data if k not in _TOP_LEVEL_KEYS]
+        if unknown:
+            hints = "".join(suggest(k, _TOP_LEVEL_KEYS, n=1) for k in unknown)
+            lines = find_json_lines(_text, unknown[0])
+            raise LabelMapError(
+                f"unknown key(s) {', '.join(repr(k) for k in unknown)}"
+                f" (allowed: {', '.join(repr(k) for k in _TOP_LEVEL_KEYS)}){hints}",
+                source=source,
+                line=lines[0] if lines else None,
+            )
+        for key in ("dataset", "hierarchy", "labels"):
+            if key not in data:
+                raise LabelMapError(f"missing required key {key!r}", source=source)
+        hierarchy_name = data["hierarchy"]
+        if not isinstance(hierarchy_name, str) or not hierarchy_name:
+            raise LabelMapError(f"'hierarchy' must be a tree name, got {hierarchy_name!r}", source=source)
+        if not isinstance(data["labels"], Mapping):
+            raise LabelMapError("'labels' must be a JSON object {label: node_id}", source=source)
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise LabelMapError("'description' must be a string", source=source)
+        notes = data.get("notes", {})
+        if not isinstance(notes, Mapping) or not all(isinstance(v, str) for v in notes.values()):
+            raise LabelMapError("'notes' must be a JSON object {label: text}", source=source)
+        return cls(
+            data["dataset"],
+            data["labels"],
+            hierarchy_name=hierarchy_name,
+            source=source,
+            description=description,
+            notes=notes,
+            hierarchy=hierarchy,
+            _text=_text,
+        )
+
+    def _fail(self, message: str, key: str | None = None) -> NoReturn:
+        lines = find_json_lines(self._text, key) if key is not None else []
+        raise LabelMapError(message, source=self._source, line=lines[0] if lines else None)
+
+    def check_targets(self, hierarchy: Hierarchy) -> None:
+        """Raise :class:`LabelMapError` unless every target is a node of ``hierarchy``."""
+        if self._hierarchy_name is not None and self._hierarchy_name != hierarchy.name:
+            self._fail(
+                f"label map of dataset {self._dataset!r} is for hierarchy {self._hierarchy_name!r},"
+                f" not {hierarchy.name!r} ({hierarchy.source})",
+                key="hierarchy",
+            )
+        for label, target in self._labels.items():
+            if target not in hierarchy:
+                self._fail(
+                    f"dataset {self._dataset!r}: label {label!r} maps to {target!r}, which is not a node of"
+                    f" hierarchy {hierarchy.name!r} ({hierarchy.source}){suggest(target, hierarchy.nodes)}",
+                    key=label,
+                )
+
+    # -- queries
+    @property
+    def dataset(self) -> str:
+        return self._dataset
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """A copy of ``{label: node_id}`` as written in the file."""
+        return dict(self._labels)
+
+    @property
+    def hierarchy_name(self) -> str | None:
+        return self._hierarchy_name
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """A copy of the per-label notes (why a label maps where it does)."""
+        return dict(self._notes)
+
+    def _lookup(self, label: Any) -> str | None:
+        if not isinstance(label, str):
+            return None
+        target = self._labels.get(label)
+        if target is None:
+            target = self._normalized.get(normalize_label(label))
+        return target
+
+    def map(self, label: str) -> str:
+        """Node id for ``label``; unknown -> :class:`LabelMapError` naming label and dataset."""
+        target = self._lookup(label)
+        if target is None:
+            raise LabelMapError(
+                f"unknown label {label!r} for dataset {self._dataset!r}"
+                f"{_known_labels(self._labels)}{suggest(label, self._labels)}",
+                source=self._source,
+            )
+        return target
+
+    def __contains__(self, label: object) -> bool:
+        return self._lookup(label) is not None
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._labels)
+
+    def __repr__(self) -> str:
+        return f"LabelMap(dataset={self._dataset!r}, hierarchy={self._hierarchy_name!r}, labels={len(self._labels)})"
+
+
+def load_label_maps(directory: str | Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
+    """Load every ``*.json`` in ``directory`` (sorted) as a label map checked against ``hierarchy``.
+
+    Returns ``{dataset: LabelMap}``. A file's stem must equal its ``"dataset"``
+    (``pbc.json`` holds dataset ``"pbc"``) so a copied file cannot silently shadow
+    another dataset.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise LabelMapError("label map directory not found", source=str(directory))
+    maps: dict[str, LabelMap] = {}
+    for path in sorted(folder.glob("*.json")):
+        label_map = LabelMap.from_json(path, hierarchy)
+        if label_map.dataset != path.stem:
+            lines = find_json_lines(label_map._text, "dataset")
+            raise LabelMapError(
+                f"file name {path.name!r} does not match its dataset {label_map.dataset!r}"
+                f" (expected {label_map.dataset + '.json'!r})",
+                source=str(path),
+                line=lines[0] if lines else None,
+            )
+        maps[label_map.dataset] = label_map
+    return maps
+
+
+def count_by_node(node_ids: Iterable[str | None], hierarchy: Hierarchy | None = None) -> dict[str, int]:
+    """Number of samples per resolved node id; ``None`` counts under :data:`UNLABELLED`.
+
+    With ``hierarchy`` the keys follow its index order (leaves, then internal
+    nodes), and an id that is not a node raises; without, most frequent first
+    (ties by id). :data:`UNLABELLED` always comes last.
+    """
+    counts = Counter(UNLABELLED if n is None else n for n in node_ids)
+    unlabelled = counts.pop(UNLABELLED, 0)
+    if hierarchy is not None:
+        ordered = sorted(counts.items(), key=lambda item: hierarchy.index(item[0]))
+    else:
+        ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    out = dict(ordered)
+    if unlabelled:
+        out[UNLABELLED] = unlabelled
+    return out
+
+
+class LabelResolver:
+    """Turns ``(label, dataset)`` pairs into node ids of one hierarchy.
+
+    * ``label`` None, ``""`` or blank -> None (an unlabelled sample, used by the
+      self-supervised losses only).
+    * ``dataset`` (or, when it is None, ``default_dataset``) has a label map -> the map decides.
+    * no map for the dataset -> the label must already be a node id (exact, or
+      equal after :func:`normalize_label` when that is unambiguous).
+    * anything else -> :class:`LabelMapError` naming label and dataset, or None
+      when ``unmapped == "unlabelled"`` (the sample then trains without supervision).
+    """
+
+    __slots__ = ("_hierarchy", "_maps", "_unmapped", "_default_dataset", "_node_by_norm")
+
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        label_maps: Mapping[str, LabelMap] | None = None,
+        unmapped: str = "error",
+        default_dataset: str | None = None,
+    ) -> None:
+        if unmapped not in _UNMAPPED_MODES:
+            raise LabelMapError(f"unmapped must be one of {', '.join(map(repr, _UNMAPPED_MODES))}, got {unmapped!r}")
+        maps = dict(label_maps or {})
+        for key, label_map in maps.items():
+            if key != label_map.dataset:
+                raise LabelMapError(
+                    f"label map of dataset {label_map.dataset!r} is registered under {key!r}",
+                    source=label_map.source,
+                )
+            label_map.check_targets(hierarchy)
+        if default_dataset is not None and default_dataset not in maps:
+            raise LabelMapError(
+                f"default_dataset {default_dataset!r} has no label map (maps: {sorted(maps) or 'none'})"
+                f"{suggest(default_dataset, maps)}"
+            )
+        by_norm: dict[str, str | None] = {}
+        for node in hierarchy.nodes:
+            norm = normalize_label(node)
+            by_norm[norm] = None if norm in by_norm else node  # None marks an ambiguous form
+        self._hierarchy = hierarchy
+        self._maps = maps
+        self._unmapped = unmapped
+        self._default_dataset = default_dataset
+        self._node_by_norm = {k: v for k, v in by_norm.items() if v is not None}
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return self._hierarchy
+
+    @property
+    def label_maps(self) -> dict[str, LabelMap]:
+        return dict(self._maps)
+
+    @property
+    def unmapped(self) -> str:
+        return self._unmapped
+
+    @property
+    def default_dataset(self) -> str | None:
+        return self._default_dataset
+
+    def resolve(self, label: str | None, dataset: str | None = None) -> str | None:
+        """Node id for one sample's label, or None for an unlabelled sample."""
+        if label is None:
+            return None
+        if not isinstance(label, str):
+            raise LabelMapError(
+                f"label must be a string or None, got {type(label).__name__} {label!r} (dataset {dataset!r})"
+            )
+        if not label.strip():
+            return None
+        name = dataset if dataset else self._default_dataset
+        label_map = self._maps.get(name) if name else None
+        if label_map is not None:
+            if label in label_map:
+                return label_map.map(label)
+            return self._unresolved(
+                f"unknown label {label!r} for dataset {name!r} in {label_map.source}"
+                f"{_known_labels(label_map)}{suggest(label, label_map)}"
+            )
+        if label in self._hierarchy:
+            return label
+        node = self._node_by_norm.get(normalize_label(label))
+        if node is not None:
+            return node
+        origin = f"dataset {name!r} has no label map" if name else "no dataset given"
+        return self._unresolved(
+            f"label {label!r} is not a node of hierarchy {self._hierarchy.name!r} ({origin}; known maps:"
+            f" {sorted(self._maps) or 'none'}){suggest(label, self._hierarchy.nodes)}"
+        )
+
+    def _unresolved(self, message: str) -> None:
+        if self._unmapped == "unlabelled":
+            return None
+        raise LabelMapError(message)
+
+    def resolve_index(self, label: str | None, dataset: str | None = None) -> int | None:
+        """``hierarchy.index`` of :meth:`resolve`'s node, or None when unlabelled."""
+        node = self.resolve(label, dataset)
+        return None if node is None else self._hierarchy.index(node)
+
+    def count_by_node(self, node_ids: Iterable[str | None]) -> dict[str, int]:
+        """:func:`count_by_node` in this resolver's hierarchy order."""
+        return count_by_node(node_ids, self._hierarchy)

@@ -1,0 +1,171 @@
+"""Safe loading of pretrained or exported backbone weights.
+
+Accepted sources: ``.safetensors`` files, ``torch.save`` files holding only tensors and
+plain containers (read with ``weights_only=True``; pickled objects are refused), or an
+in-memory mapping. Accepted layouts: a plain backbone state dict, ``{"model": ...}`` /
+``{"state_dict": ...}`` wrappers, and DINOv2 / DinoBloom training checkpoints
+(``{"teacher": {"backbone.<name>": ...}}``, possibly with FSDP block chunks).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from dinov2_hier.models.vision_transformer import VisionTransformer, interpolate_pos_embed
+
+PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
+
+# Wrappers that hold the real state dict, most specific first (the EMA teacher is the
+# model DINOv2 evaluates and releases).
+_WRAPPER_KEYS = ("teacher", "model", "state_dict")
+# Prefixes that training wrappers (DDP, torch.compile, meta-architecture) add to names.
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "teacher.", "backbone.")
+_HEAD_PREFIXES = ("dino_head.", "ibot_head.")
+# DINOv2 with block_chunks > 0 names block i of chunk c "blocks.c.i."; i is already global.
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+class WeightsError(ValueError):
+    """A weights file or state dict that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """Outcome of :func:`load_backbone_weights`: model keys absent from the checkpoint,
+    checkpoint keys the model does not have, and keys resampled to the model's shape."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a weights file onto the CPU.
+
+    Returns the stored top-level mapping: name -> Tensor for a plain state dict, or the
+    nested checkpoint dict (see :func:`extract_backbone_state_dict`). Raises
+    :class:`WeightsError` naming the file when it is missing, unreadable, holds pickled
+    objects other than tensors and plain containers, or is not a mapping.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise WeightsError(
+                f"reading {path} needs the 'safetensors' package (pip install safetensors)"
+            ) from err
+        try:
+            obj: Any = load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own, non-ValueError, error types
+            raise WeightsError(f"cannot read safetensors file {path}: {err}") from err
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling refusals, truncated or foreign files
+            raise WeightsError(f"cannot read weights file {path} (weights_only=True): {err}") from err
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, expected a dict")
+    return dict(obj)
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                stripped = True
+    return key
+
+
+def extract_backbone_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Backbone state dict (DINOv2 parameter names) from any accepted layout.
+
+    Unwraps ``teacher`` / ``model`` / ``state_dict`` containers; when student and teacher
+    weights sit side by side (``teacher.`` prefixed keys), keeps the teacher's; strips
+    ``module.``, ``_orig_mod.``, ``teacher.`` and ``backbone.`` prefixes; drops
+    ``dino_head.`` / ``ibot_head.`` keys; renames chunked ``blocks.c.i.`` to ``blocks.i.``.
+    Raises :class:`WeightsError` for non-tensor entries or names that collide.
+    """
+    state: Mapping[str, Any] = obj
+    for _ in range(len(_WRAPPER_KEYS)):  # wrappers may nest, e.g. {"model": {"teacher": ...}}
+        inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+
+    def outer_stripped(key: str) -> str:
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+
+    if any(outer_stripped(k).startswith("teacher.") for k in state):
+        state = {k: v for k, v in state.items() if outer_stripped(k).startswith("teacher.")}
+
+    result: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = _strip_prefixes(key)
+        if name.startswith(_HEAD_PREFIXES):
+            continue
+        name = _CHUNKED_BLOCK.sub(r"blocks.\1.", name)
+        if not isinstance(value, Tensor):
+            raise WeightsError(f"entry {key!r} is a {type(value).__name__}, expected a tensor")
+        if name in result:
+            raise WeightsError(f"two checkpoint entries map to the parameter name {name!r} (one is {key!r})")
+        result[name] = value
+    if not result:
+        raise WeightsError("no backbone tensors found in the checkpoint")
+    return result
+
+
+def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) -> LoadReport:
+    """Load backbone weights into ``model`` in place (non-strict).
+
+    ``pos_embed`` is resampled (bicubic) to the model's patch grid when the checkpoint
+    was trained at another resolution. Any other key present in both with a different
+    shape raises :class:`WeightsError` naming the first such key and both shapes; keys
+    present on one side only are returned in the report for the caller to log.
+    """
+    if isinstance(path_or_state, Mapping):
+        source, raw = "state dict", path_or_state
+    else:
+        source, raw = os.fspath(path_or_state), read_state_dict(path_or_state)
+    try:
+        state = extract_backbone_state_dict(raw)
+    except WeightsError as err:
+        raise WeightsError(f"{source}: {err}") from err
+
+    model_state = model.state_dict()
+    report = LoadReport()
+    ckpt_pos = state.get("pos_embed")
+    if ckpt_pos is not None and ckpt_pos.shape != model_state["pos_embed"].shape:
+        same_width = ckpt_pos.ndim == 3 and ckpt_pos.shape[-1] == model.embed_dim
+        if same_width:  # otherwise left to the shape check below, which names it
+            try:
+                state["pos_embed"] = interpolate_pos_embed(
+                    ckpt_pos, model.grid_size, model.interpolate_offset, model.interpolate_antialias
+                )
+            except ValueError as err:
+                raise WeightsError(f"{source}: cannot interpolate pos_embed: {err}") from err
+            report.interpolated.append("pos_embed")
+
+    for key, value in state.items():
+        if key in model_state and value.shape != model_state[key].shape:
+            raise WeightsError(
+                f"{source}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} "
+                f"vs model {tuple(model_state[key].shape)}"
+            )
+    result = model.load_state_dict(state, strict=False)
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    return report

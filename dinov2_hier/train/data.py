@@ -1,0 +1,114 @@
+"""Config -> training dataset and loader (the wiring; the parts live in ``dinov2_hier.data``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import ConfigError
+from ..data import (
+    GlobalCropsAugmentation,
+    GlobalCropsCollator,
+    ImageRecordDataset,
+    InfiniteSampler,
+    SyntheticCellDataset,
+    SyntheticCellGenerator,
+    records_from_source,
+)
+from ..hierarchy import Hierarchy
+from ..paths import resolve_resource
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class TrainData:
+    dataset: Dataset
+    collator: GlobalCropsCollator
+    description: str
+
+
+def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
+    c = cfg.crops
+    return GlobalCropsAugmentation(
+        crop_size=c.global_crops_size,
+        scale=tuple(c.global_crops_scale),
+        hflip_p=c.hflip_p,
+        vflip_p=c.vflip_p,
+        rot90_p=c.rot90_p,
+        color_jitter_p=c.color_jitter_p,
+        brightness=c.brightness,
+        contrast=c.contrast,
+        saturation=c.saturation,
+        hue=c.hue,
+        grayscale_p=c.grayscale_p,
+        blur_p=tuple(c.blur_p),
+        blur_sigma=tuple(c.blur_sigma),
+        solarize_p=tuple(c.solarize_p),
+        mean=tuple(c.mean),
+        std=tuple(c.std),
+        seed=cfg.seed,
+    )
+
+
+def patch_grid(cfg: DictConfig) -> tuple[int, int]:
+    size, patch = cfg.crops.global_crops_size, cfg.student.patch_size
+    if size % patch:
+        raise ConfigError(f"crops.global_crops_size={size} is not a multiple of student.patch_size={patch}")
+    return size // patch, size // patch
+
+
+def build_train_data(cfg: DictConfig) -> TrainData:
+    """The training dataset named by ``data.train`` and its collator."""
+    sources = list(cfg.data.train)
+    if not sources:
+        raise ConfigError("data.train is empty: name manifests, image folders or 'synthetic'")
+    transform = build_augmentation(cfg)
+    if SYNTHETIC in sources:
+        if len(sources) > 1:
+            raise ConfigError("data.train: 'synthetic' cannot be combined with file sources")
+        syn = cfg.data.synthetic
+        hierarchy = Hierarchy.from_json(resolve_resource(syn.hierarchy, "synthetic hierarchy"))
+        generator = SyntheticCellGenerator(hierarchy, image_size=syn.image_size, seed=cfg.seed)
+        dataset = SyntheticCellDataset(
+            generator,
+            syn.num_images,
+            transform,
+            label_fraction=syn.label_fraction,
+            coarse_fraction=syn.coarse_fraction,
+        )
+        description = f"synthetic cells: {syn.num_images} images of {syn.image_size} px, {hierarchy.num_leaves} classes"
+    else:
+        records = [r for s in sources for r in records_from_source(str(resolve_resource(s, "training source")))]
+        dataset = ImageRecordDataset(records, transform)
+        n_labelled = sum(r.label is not None for r in records)
+        description = f"{len(records)} images from {len(sources)} source(s), {n_labelled} labelled"
+    collator = GlobalCropsCollator(
+        patch_grid(cfg),
+        mask_ratio=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability if cfg.ibot.loss_weight > 0 else 0.0,
+        seed=cfg.seed,
+        crop_size=cfg.crops.global_crops_size,
+    )
+    return TrainData(dataset=dataset, collator=collator, description=description)
+
+
+def build_train_loader(
+    data: TrainData, cfg: DictConfig, consumed: int, rank: int, world_size: int, device: torch.device
+) -> DataLoader:
+    """An endless loader; ``consumed`` images of this rank are skipped (resume)."""
+    sampler = InfiniteSampler(len(data.dataset), seed=cfg.seed, rank=rank, world_size=world_size, start=consumed)
+    workers = cfg.data.num_workers
+    return DataLoader(
+        data.dataset,
+        batch_size=cfg.train.batch_size_per_gpu,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=data.collator,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
+        drop_last=True,
+    )

@@ -1,0 +1,310 @@
+"""The training loop: iterations, logging, metrics, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .. import distributed
+from ..config import ConfigError, save_config, to_yaml
+from ..data import SkipCounter
+from ..io import atomic_torch_save, atomic_write_text
+from ..models import load_backbone_weights
+from ..paths import resolve_resource
+from .checkpoint import TEACHER_FILE, list_checkpoints, load_checkpoint, load_model_state, save_checkpoint
+from .data import build_train_data, build_train_loader
+from .meta_arch import SSLMetaArch
+from .optim import build_optimizer, build_param_groups
+from .schedules import build_schedules
+from .step import Precision, train_step
+
+logger = logging.getLogger("dinov2_hier.train")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss."""
+
+
+@dataclass
+class RunState:
+    """Mutable loop state that a checkpoint restores."""
+
+    iteration: int = 0
+    nonfinite_streak: int = 0
+    nonfinite_total: int = 0
+    history: list = field(default_factory=list)
+
+
+def resolve_compute(cfg: DictConfig) -> tuple[torch.device, Precision]:
+    """Fix ``compute.device`` and ``compute.dtype`` to what will actually run, in ``cfg``
+    itself, so the saved config records it (CPU always runs fp32)."""
+    requested = cfg.compute.device
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("compute.device=cuda but no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise ConfigError(f"compute.device must be auto, cpu or cuda, got '{requested}'")
+    if cfg.compute.dtype not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"compute.dtype must be bf16, fp16 or fp32, got '{cfg.compute.dtype}'")
+    dtype = cfg.compute.dtype if requested == "cuda" else "fp32"
+    cfg.compute.device = requested
+    cfg.compute.dtype = dtype
+    if cfg.optim.fused == "auto":
+        cfg.optim.fused = requested == "cuda"
+    if requested == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.compute.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.compute.allow_tf32)
+    device = torch.device("cuda", torch.cuda.current_device()) if requested == "cuda" else torch.device("cpu")
+    return device, Precision(device_type=device.type, dtype=dtype)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def teacher_backbone_payload(model: SSLMetaArch, cfg: DictConfig, iteration: int) -> dict:
+    """The teacher backbone as a plain state dict plus what evaluation needs to rebuild it."""
+    backbone = model.teacher["backbone"]
+    return {
+        "model": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "meta": {
+            "arch": cfg.student.arch,
+            "patch_size": int(cfg.student.patch_size),
+            "img_size": int(cfg.crops.global_crops_size),
+            "num_register_tokens": int(cfg.student.num_register_tokens),
+            "ffn_layer": str(cfg.student.ffn_layer),
+            "layerscale": cfg.student.layerscale,
+            "qkv_bias": bool(cfg.student.qkv_bias),
+            "mean": [float(x) for x in cfg.crops.mean],
+            "std": [float(x) for x in cfg.crops.std],
+            "iteration": int(iteration),
+        },
+    }
+
+
+def _truncate_metrics(path: Path, last_iteration: int) -> None:
+    """Drop records written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class Trainer:
+    """Builds everything from a resolved config and runs the iterations.
+
+    Args:
+        cfg: merged config (``compute`` gets resolved in place).
+        output_dir: where config.yaml, metrics.jsonl, checkpoints and the teacher go.
+        resume: continue from the newest checkpoint in ``output_dir`` if there is one.
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, resume: bool = True):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = distributed.get_rank()
+        self.world_size = distributed.get_world_size()
+        self.device, self.precision = resolve_compute(cfg)
+
+        torch.manual_seed(cfg.seed)
+        self.model = SSLMetaArch(cfg).to(self.device)
+        if cfg.student.pretrained_weights:
+            self._load_pretrained(cfg.student.pretrained_weights)
+        groups = build_param_groups(
+            self.model.trainable_modules(), self.model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
+        )
+        self.optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
+        self.scaler = self.precision.grad_scaler()
+        self.schedules = build_schedules(cfg, self.world_size)
+        self.data = build_train_data(cfg)
+        self.skips = SkipCounter()
+        self.state = RunState()
+        if resume:
+            self._maybe_resume()
+        elif list_checkpoints(self.output_dir):
+            logger.warning("--no-resume: starting over; existing checkpoints in %s will be replaced", self.output_dir)
+
+    # -- set-up helpers -------------------------------------------------------------------
+    def _load_pretrained(self, path: str) -> None:
+        resolved = resolve_resource(path, "student.pretrained_weights")
+        report = load_backbone_weights(self.model.student["backbone"], resolved)
+        self.model.teacher["backbone"].load_state_dict(self.model.student["backbone"].state_dict())
+        logger.info(
+            "loaded pretrained backbone %s: %d missing keys %s, %d unexpected keys %s, interpolated %s",
+            resolved, len(report.missing), report.missing[:5], len(report.unexpected), report.unexpected[:5],
+            report.interpolated,
+        )
+
+    def _maybe_resume(self) -> None:
+        found = list_checkpoints(self.output_dir)
+        if not found:
+            return
+        iteration, path = found[-1]
+        ckpt = load_checkpoint(path)
+        load_model_state(self.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.skips.load_state_dict(ckpt["skips"])
+        _set_rng_state(ckpt["rng"], self.device)
+        self.state = RunState(
+            iteration=int(ckpt["iteration"]),
+            nonfinite_streak=int(ckpt["nonfinite_streak"]),
+            nonfinite_total=int(ckpt["nonfinite_total"]),
+        )
+        _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
+        logger.info("resumed from %s at iteration %d", path, self.state.iteration)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write the full checkpoint and the teacher backbone file (main process only)."""
+        if not distributed.is_main_process():
+            return None
+        it = self.state.iteration
+        state = {
+            "iteration": it,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "skips": self.skips.state_dict(),
+            "rng": _rng_state(self.device),
+            "nonfinite_streak": self.state.nonfinite_streak,
+            "nonfinite_total": self.state.nonfinite_total,
+            "config": to_yaml(self.cfg),
+            # Images this rank consumed; the sampler resumes from here.
+            "consumed_per_rank": it * self.cfg.train.batch_size_per_gpu,
+        }
+        path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints)
+        atomic_torch_save(teacher_backbone_payload(self.model, self.cfg, it), self.output_dir / TEACHER_FILE)
+        logger.info("saved %s", path)
+        return path
+
+    def _append_metrics(self, record: dict) -> None:
+        if distributed.is_main_process():
+            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        moved = dict(batch)
+        for key in ("global_crops", "masks", "mask_indices", "masks_weight", "targets"):
+            if key in moved and isinstance(moved[key], torch.Tensor):
+                moved[key] = moved[key].to(self.device, non_blocking=True)
+        return moved
+
+    def run(self, stop_at: int | None = None) -> RunState:
+        """Train until ``train.iterations`` (or ``stop_at``, then checkpoint and return)."""
+        cfg = self.cfg
+        total = cfg.train.iterations
+        end = total if stop_at is None else min(stop_at, total)
+        if distributed.is_main_process():
+            save_config(cfg, self.output_dir / "config.yaml")
+        logger.info("data: %s", self.data.description)
+        logger.info(
+            "model: %s, %.1fM student parameters; device %s, %s; batch %d x %d ranks",
+            cfg.student.arch,
+            sum(p.numel() for p in self.model.student.parameters()) / 1e6,
+            self.device, self.precision.dtype, cfg.train.batch_size_per_gpu, self.world_size,
+        )
+        consumed = self.state.iteration * cfg.train.batch_size_per_gpu
+        loader = build_train_loader(self.data, cfg, consumed, self.rank, self.world_size, self.device)
+        batches = iter(loader)
+        self.model.train()
+        window_start, window_images = time.perf_counter(), 0
+        start_iteration = self.state.iteration
+        run_start = time.perf_counter()
+
+        while self.state.iteration < end:
+            it = self.state.iteration
+            batch = next(batches)
+            self.skips.update(batch["skipped"], batch["n_drawn"])
+            self.skips.check(cfg.data.max_unreadable_fraction, cfg.data.min_draws_before_check)
+            schedule = self.schedules.values(it)
+            n_images = batch["global_crops"].shape[0] // 2
+            if n_images == 0:
+                logger.warning("iteration %d: every image of the batch was unreadable; step skipped", it)
+                out = None
+            else:
+                out = train_step(
+                    self.model, self.optimizer, self.scaler, self._to_device(batch), schedule,
+                    self.precision, cfg.optim.clip_grad,
+                )
+                self._track_nonfinite(it, out)
+            self.state.iteration = it + 1
+            window_images += n_images * self.world_size
+
+            done = self.state.iteration
+            if out is not None and (done % cfg.train.log_every == 0 or done == end):
+                elapsed = time.perf_counter() - window_start
+                ips = window_images / elapsed if elapsed > 0 else float("nan")
+                per_it = (time.perf_counter() - run_start) / max(done - start_iteration, 1)
+                record = {
+                    "iteration": done,
+                    **{f"loss_{k}": v for k, v in out.losses.items()},
+                    **{k: v for k, v in schedule.items()},
+                    "grad_norm": out.grad_norm,
+                    "applied": out.applied,
+                    "images_per_s": ips,
+                    "eta_s": per_it * (total - done),
+                    "skipped_images": self.skips.n_skipped,
+                }
+                self._append_metrics(record)
+                losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())
+                logger.info(
+                    "it %d/%d %s lr=%.2e wd=%.3f mom=%.4f T=%.3f %.1f img/s eta %s",
+                    done, total, losses, schedule["lr"], schedule["wd"], schedule["momentum"],
+                    schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]),
+                )
+                window_start, window_images = time.perf_counter(), 0
+            if done % cfg.train.checkpoint_every == 0 or done == end:
+                self.save()
+        return self.state
+
+    def _track_nonfinite(self, it: int, out) -> None:
+        if out.applied:
+            self.state.nonfinite_streak = 0
+            return
+        self.state.nonfinite_streak += 1
+        self.state.nonfinite_total += 1
+        logger.warning(
+            "iteration %d: non-finite loss or gradient (%s); step not applied (%d in a row)",
+            it, {k: v for k, v in out.losses.items()}, self.state.nonfinite_streak,
+        )
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.state.nonfinite_streak >= limit:
+            last = list_checkpoints(self.output_dir)
+            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_streak} consecutive non-finite losses (limit "
+                f"train.max_consecutive_nonfinite={limit}) at iteration {it}; {where}. "
+                "Lower optim.base_lr, raise warm-up, or check the data."
+            )
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+

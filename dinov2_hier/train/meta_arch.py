@@ -1,0 +1,189 @@
+"""Student, teacher and losses of the DINOv2 recipe with two global crops.
+
+``SSLMetaArch.compute_losses`` is the one place where a training step's forward pass
+lives; the training loop, the benchmark and the SLURM job all call it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from .. import distributed
+from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
+from ..models import DINOHead, build_backbone
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """Teacher probabilities of one step.
+
+    cls_probs: ``[2B, K]`` crop-major DINO targets.
+    patch_probs: ``[M, K_ibot]`` iBOT targets of the masked patches (``M`` may be 0).
+    """
+
+    cls_probs: Tensor
+    patch_probs: Tensor | None
+
+
+def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = None) -> nn.Module:
+    """The ViT described by ``cfg.student`` at the training crop size."""
+    return build_backbone(
+        cfg.student.arch,
+        img_size=cfg.crops.global_crops_size,
+        patch_size=cfg.student.patch_size,
+        drop_path_rate=cfg.student.drop_path_rate if drop_path_rate is None else drop_path_rate,
+        layerscale_init=cfg.student.layerscale,
+        ffn_layer=cfg.student.ffn_layer,
+        num_register_tokens=cfg.student.num_register_tokens,
+        qkv_bias=cfg.student.qkv_bias,
+    )
+
+
+def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
+    return DINOHead(
+        in_dim=in_dim,
+        out_dim=head_cfg.head_n_prototypes,
+        hidden_dim=head_cfg.head_hidden_dim,
+        bottleneck_dim=head_cfg.head_bottleneck_dim,
+        nlayers=head_cfg.head_nlayers,
+    )
+
+
+class SSLMetaArch(nn.Module):
+    """Student and EMA teacher (backbone + DINO head [+ iBOT head]), the SSL losses and
+    the optional supervised terms.
+
+    Supervised terms (``supervised``) are student-side modules called with the student's
+    CLS tokens of both global crops and the batch's targets; they are optimised with
+    the student and left out of the teacher EMA.
+    """
+
+    def __init__(self, cfg: DictConfig, supervised: nn.ModuleDict | None = None, supervised_weights: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = build_backbone_from_config(cfg)
+        backbone.grad_checkpointing = bool(cfg.student.grad_checkpointing)
+        embed_dim = backbone.embed_dim
+        student = {"backbone": backbone, "dino_head": _build_head(cfg.dino, embed_dim)}
+        self.ibot_enabled = cfg.ibot.loss_weight > 0
+        self.separate_ibot_head = self.ibot_enabled and cfg.ibot.separate_head
+        if self.separate_ibot_head:
+            student["ibot_head"] = _build_head(cfg.ibot, embed_dim)
+        self.student = nn.ModuleDict(student)
+        # The teacher needs no stochastic depth; it is a frozen copy updated by EMA.
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+        self.dino_loss = DINOLoss(
+            cfg.dino.head_n_prototypes,
+            student_temp=cfg.dino.student_temp,
+            centering=cfg.dino.centering,
+            center_momentum=cfg.dino.center_momentum,
+            sk_iterations=cfg.dino.sk_iterations,
+        )
+        ibot_cfg = cfg.ibot if self.separate_ibot_head else cfg.dino
+        self.ibot_loss = iBOTPatchLoss(
+            ibot_cfg.head_n_prototypes,
+            student_temp=cfg.ibot.student_temp,
+            centering=cfg.ibot.centering,
+            center_momentum=cfg.ibot.center_momentum,
+            sk_iterations=cfg.ibot.sk_iterations,
+        )
+        self.koleo_loss = KoLeoLoss()
+        self.supervised = supervised if supervised is not None else nn.ModuleDict()
+        self.supervised_weights = dict(supervised_weights or {})
+
+    # -- modes --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()  # never drop paths in the teacher
+        return self
+
+    @property
+    def n_blocks(self) -> int:
+        return self.student["backbone"].n_blocks
+
+    def trainable_modules(self) -> nn.ModuleDict:
+        """What the optimizer updates: student networks and supervised heads."""
+        return nn.ModuleDict({"student": self.student, "supervised": self.supervised})
+
+    # -- pieces of a step ---------------------------------------------------------------
+    def _ibot_head(self, which: nn.ModuleDict) -> nn.Module:
+        return which["ibot_head"] if self.separate_ibot_head else which["dino_head"]
+
+    @torch.no_grad()
+    def teacher_targets(self, crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> TeacherTargets:
+        """Teacher outputs for ``crops [2B,3,S,S]`` (crop-major).
+
+        The patch targets are taken at the flat positions ``mask_indices [M]`` of the
+        ``[2B, N]`` patch grid: the teacher sees the unmasked crop.
+        """
+        out = self.teacher["backbone"](crops)
+        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
+        cls_probs = self.dino_loss.teacher_probs(cls_logits, teacher_temp)
+        patch_probs = None
+        if self.ibot_enabled:
+            patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+            patch_logits = self._ibot_head(self.teacher)(patches)
+            n_total = distributed.all_reduce_sum(torch.tensor(float(patches.shape[0]), device=crops.device))
+            if n_total.item() > 0:
+                patch_probs = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, n_masked_patches=n_total)
+            else:
+                patch_probs = patch_logits.new_zeros(patch_logits.shape)
+        return TeacherTargets(cls_probs=cls_probs, patch_probs=patch_probs)
+
+    def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+        """Forward pass of one step.
+
+        Args:
+            batch: collated batch on the model's device: ``global_crops [2B,3,S,S]``,
+                ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]`` and,
+                for supervised terms, ``targets long [B]`` (``-1`` = unlabelled).
+            teacher_temp: teacher softmax temperature of this iteration.
+        Returns:
+            Scalar losses: ``dino``, ``ibot``, ``koleo``, one per supervised term, and
+            ``total`` (their weighted sum, the value that is back-propagated).
+        """
+        crops = batch["global_crops"]
+        n_crops = crops.shape[0]
+        mask_indices = batch["mask_indices"]
+        targets = self.teacher_targets(crops, mask_indices, teacher_temp)
+
+        masks = batch["masks"] if self.ibot_enabled else None
+        out = self.student["backbone"](crops, masks=masks)
+        cls_tokens = out["x_norm_clstoken"]
+        cls_logits = self.student["dino_head"](cls_tokens)
+
+        losses: dict[str, Tensor] = {}
+        losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs)
+        total = self.cfg.dino.loss_weight * losses["dino"]
+
+        if self.ibot_enabled:
+            patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+            patch_logits = self._ibot_head(self.student)(patches)
+            losses["ibot"] = self.ibot_loss(patch_logits, targets.patch_probs, batch["masks_weight"], n_crops)
+            total = total + self.cfg.ibot.loss_weight * losses["ibot"]
+
+        if self.cfg.dino.koleo_loss_weight > 0:
+            # KoLeo spreads each crop's CLS tokens over the sphere; summed over the two crops.
+            losses["koleo"] = sum(self.koleo_loss(chunk) for chunk in cls_tokens.chunk(2))
+            total = total + self.cfg.dino.koleo_loss_weight * losses["koleo"]
+
+        for name, term in self.supervised.items():
+            losses[name] = term(cls_tokens, batch["targets"])
+            total = total + self.supervised_weights.get(name, 1.0) * losses[name]
+
+        losses["total"] = total
+        return losses
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, with foreach kernels."""
+        t_params = [p for p in self.teacher.parameters()]
+        s_params = [p for p in self.student.parameters()]
+        torch._foreach_lerp_(t_params, [s.detach() for s in s_params], 1.0 - momentum)

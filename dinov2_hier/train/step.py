@@ -1,0 +1,77 @@
+"""One optimizer step: schedules -> forward -> finite check -> backward -> clip -> update -> EMA."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .meta_arch import SSLMetaArch
+from .optim import apply_schedule
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings. ``dtype`` is one of bf16, fp16, fp32 (fp32 = no autocast)."""
+
+    device_type: str
+    dtype: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=_DTYPES[self.dtype])
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling is needed for fp16 only; a disabled scaler is a no-op."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == "fp16")
+
+
+@dataclass
+class StepOutput:
+    """What a step reports. ``losses`` holds Python floats; ``applied`` is False when the
+    step was skipped because the loss or the gradient was not finite."""
+
+    losses: dict[str, float]
+    applied: bool
+    grad_norm: float | None
+
+
+def train_step(
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict,
+    schedule: dict[str, float],
+    precision: Precision,
+    clip_grad: float,
+) -> StepOutput:
+    """Run one training step on ``batch`` (already on the model's device).
+
+    A non-finite total loss skips backward and the update. A non-finite gradient norm
+    without fp16 loss scaling also skips the update (with fp16 the scaler skips it and
+    lowers its scale, which is its normal operation).
+    """
+    apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        losses = model.compute_losses(batch, schedule["teacher_temp"])
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not torch.isfinite(torch.tensor(values["total"])):
+        return StepOutput(losses=values, applied=False, grad_norm=None)
+
+    scaler.scale(losses["total"]).backward()
+    grad_norm = None
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+        if not scaler.is_enabled() and not torch.isfinite(torch.tensor(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    model.update_teacher(schedule["momentum"])
+    return StepOutput(losses=values, applied=True, grad_norm=grad_norm)

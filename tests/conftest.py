@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configurations that train in seconds on 2 CPU cores."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A tiny student on 32 px synthetic cells: 4 x 4 patches of 8 px.
+TINY_OVERRIDES = [
+    "student.arch=vit_tiny",
+    "student.patch_size=8",
+    "student.drop_path_rate=0.0",
+    "crops.global_crops_size=32",
+    "data.synthetic.image_size=40",
+    "data.synthetic.num_images=256",
+    "data.num_workers=0",
+    "dino.head_n_prototypes=256",
+    "dino.head_hidden_dim=128",
+    "dino.head_bottleneck_dim=64",
+    "ibot.head_n_prototypes=256",
+    "ibot.head_hidden_dim=128",
+    "ibot.head_bottleneck_dim=64",
+    "train.batch_size_per_gpu=8",
+    "train.iterations=6",
+    "train.epoch_length=2",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "train.keep_checkpoints=0",
+    "teacher.warmup_teacher_temp_epochs=1",
+    "optim.warmup_epochs=1",
+    "optim.freeze_last_layer_epochs=0.5",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY_OVERRIDES)
+
+
+def real_data_dir() -> Path | None:
+    """``$DINOV2_HIER_TEST_DATA`` if it points at a folder with bccd/ and pbc_dev/."""
+    root = os.environ.get("DINOV2_HIER_TEST_DATA")
+    if not root:
+        return None
+    path = Path(root)
+    if (path / "bccd").is_dir() and (path / "pbc_dev").is_dir():
+        return path
+    return None

@@ -1,0 +1,452 @@
+"""Tests of the model floor: ViT backbone, DINO head, weight loading."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov2_hier.models import (
+    DINOHead,
+    VisionTransformer,
+    WeightsError,
+    build_backbone,
+    interpolate_pos_embed,
+    load_backbone_weights,
+    read_state_dict,
+    vit_base,
+    vit_giant2,
+    vit_large,
+    vit_small,
+    vit_tiny,
+)
+from dinov2_hier.models.vision_transformer import DropPath, SwiGLUFFN
+from dinov2_hier.models.weights import extract_backbone_state_dict
+
+D, HEADS, DEPTH, R = 32, 2, 2, 3
+
+
+def tiny(seed: int = 0, **kwargs) -> VisionTransformer:
+    """D=32, 2 blocks, 2 heads, patch 7, 28 px (4x4 grid), 3 registers."""
+    torch.manual_seed(seed)
+    args = dict(img_size=28, patch_size=7, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_register_tokens=R)
+    args.update(kwargs)
+    model = VisionTransformer(**args)
+    # Move LayerScale away from 1e-5 so that the blocks visibly change the tokens.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.5)
+    return model
+
+
+def images(n: int = 2, height: int = 28, width: int = 28, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def vit_param_count(dim: int, depth: int, ffn_params: int, n_patches: int, patch: int, registers: int = 0) -> int:
+    """Parameters of a DINOv2 ViT from its layer shapes (3 input channels)."""
+    tokens = dim + dim + (1 + n_patches) * dim + registers * dim  # cls, mask, pos_embed, registers
+    patch_embed = 3 * patch * patch * dim + dim
+    attention = (dim * 3 * dim + 3 * dim) + (dim * dim + dim)  # qkv, proj
+    block = 2 * (2 * dim) + attention + 2 * dim + ffn_params  # 2 LayerNorms, LayerScales, FFN
+    return tokens + patch_embed + depth * block + 2 * dim
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+def test_output_shapes_with_registers_and_non_square_input() -> None:
+    model = tiny().eval()
+    out = model(images(2, 14, 35))  # 2 x 5 patch grid, not the stored 4 x 4
+    assert out["x_norm_clstoken"].shape == (2, D)
+    assert out["x_norm_regtokens"].shape == (2, R, D)
+    assert out["x_norm_patchtokens"].shape == (2, 10, D)
+    assert out["x_prenorm"].shape == (2, 1 + R + 10, D)
+    assert out["masks"] is None
+    layer_norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(layer_norms) == 2 * DEPTH + 1 and all(m.eps == 1e-6 for m in layer_norms)
+    # The normed outputs are LayerNorm(eps 1e-6) of x_prenorm, split cls | registers | patches.
+    pre = out["x_prenorm"]
+    mean = pre.mean(-1, keepdim=True)
+    var = pre.var(-1, unbiased=False, keepdim=True)
+    normed = (pre - mean) / torch.sqrt(var + 1e-6) * model.norm.weight + model.norm.bias
+    torch.testing.assert_close(out["x_norm_clstoken"], normed[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["x_norm_regtokens"], normed[:, 1 : 1 + R], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["x_norm_patchtokens"], normed[:, 1 + R :], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_small_parameter_count_matches_dinov2_vits14_at_518px() -> None:
+    dim, hidden = 384, 4 * 384
+    mlp_params = dim * hidden + hidden + hidden * dim + dim
+    expected = vit_param_count(dim, 12, mlp_params, 37 * 37, 14)
+    assert expected == 22_056_576
+    with torch.device("meta"):
+        model = vit_small(img_size=518)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.pos_embed.shape == (1, 1 + 37 * 37, 384)
+
+
+def test_factories_shapes_and_giant2_swiglu_hidden() -> None:
+    expected = {
+        "vit_tiny": (vit_tiny, 192, 4, 3),
+        "vit_small": (vit_small, 384, 12, 6),
+        "vit_base": (vit_base, 768, 12, 12),
+        "vit_large": (vit_large, 1024, 24, 16),
+        "vit_giant2": (vit_giant2, 1536, 40, 24),
+    }
+    with torch.device("meta"):
+        for arch, (factory, dim, depth, heads) in expected.items():
+            for model in (factory(), build_backbone(arch)):
+                assert (model.embed_dim, model.n_blocks, len(model.blocks), model.num_heads) == (dim, depth, depth, heads)
+                assert model.blocks[0].attn.qkv.weight.shape == (3 * dim, dim)
+        giant = vit_giant2(img_size=518)
+        overridden = build_backbone("vit_small", num_register_tokens=4, patch_size=16, img_size=224)
+    assert isinstance(giant.blocks[0].mlp, SwiGLUFFN)
+    assert giant.blocks[0].mlp.w12.weight.shape == (2 * 4096, 1536)
+    assert giant.blocks[0].mlp.w3.weight.shape == (1536, 4096)
+    swiglu_params = 1536 * 2 * 4096 + 2 * 4096 + 4096 * 1536 + 1536
+    count = sum(p.numel() for p in giant.parameters())
+    assert count == vit_param_count(1536, 40, swiglu_params, 37 * 37, 14) == 1_136_480_768
+    assert overridden.register_tokens.shape == (1, 4, 384)
+    assert overridden.pos_embed.shape == (1, 1 + 14 * 14, 384)
+
+
+def test_build_backbone_unknown_arch_names_it_and_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"vit_huge.*vit_tiny, vit_small, vit_base, vit_large, vit_giant2"):
+        build_backbone("vit_huge")
+
+
+def test_init_is_deterministic_and_follows_dinov2() -> None:
+    torch.manual_seed(3)
+    a = VisionTransformer(img_size=28, patch_size=7, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_register_tokens=R)
+    torch.manual_seed(3)
+    b = VisionTransformer(img_size=28, patch_size=7, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_register_tokens=R)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.mask_token, torch.zeros(1, D))
+    assert torch.equal(a.blocks[1].ls2.gamma, torch.full((D,), 1e-5))
+    assert torch.equal(a.blocks[0].attn.qkv.bias, torch.zeros(3 * D))
+    assert a.cls_token.abs().max() < 1e-5 and a.register_tokens.abs().max() < 1e-5
+    assert 0.015 < a.blocks[0].mlp.fc1.weight.std() < 0.025  # trunc-normal std 0.02
+    no_ls = VisionTransformer(img_size=28, patch_size=7, embed_dim=D, depth=1, num_heads=HEADS, layerscale_init=None)
+    assert not any("gamma" in k for k in no_ls.state_dict())
+    assert "register_tokens" not in no_ls.state_dict()
+
+
+def test_attention_matches_hand_written_softmax_attention() -> None:
+    model = tiny()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, D)
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias  # features ordered (3, heads, head_dim)
+    hd = D // HEADS
+    heads_out = []
+    for h in range(HEADS):
+        q = qkv[..., h * hd : (h + 1) * hd]
+        k = qkv[..., D + h * hd : D + (h + 1) * hd]
+        v = qkv[..., 2 * D + h * hd : 2 * D + (h + 1) * hd]
+        weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd), dim=-1)
+        heads_out.append(weights @ v)
+    expected = torch.cat(heads_out, dim=-1) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_matches_hand_formula() -> None:
+    ffn = SwiGLUFFN(8, 12)  # hidden: int(12 * 2 / 3) = 8, already a multiple of 8
+    x = torch.randn(3, 8)
+    h = x @ ffn.w12.weight.T + ffn.w12.bias
+    a, b = h[:, :8], h[:, 8:]
+    expected = (a / (1 + torch.exp(-a)) * b) @ ffn.w3.weight.T + ffn.w3.bias
+    torch.testing.assert_close(ffn(x), expected, atol=1e-5, rtol=1e-5)
+    assert SwiGLUFFN(4, 20).w3.in_features == 16  # int(13.33) = 13 -> 16
+
+
+def test_prepare_tokens_masks_and_token_order() -> None:
+    model = tiny()
+    with torch.no_grad():
+        model.mask_token.normal_()
+    x = images(2)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [0, 5, 15]] = True
+    masks[1, 7] = True
+    tokens = model.prepare_tokens(x, masks)
+    # Patch embedding by hand: 7x7 patches in row-major order times the conv kernel.
+    patches = x.unfold(2, 7, 7).unfold(3, 7, 7)  # [n, C, 4, 4, 7, 7]
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 3 * 7 * 7)
+    embed = patches @ model.patch_embed.proj.weight.reshape(D, -1).T + model.patch_embed.proj.bias
+    expected = torch.where(masks[..., None], model.mask_token.expand(2, 16, D), embed) + model.pos_embed[:, 1:]
+    torch.testing.assert_close(tokens[:, 1 + R :], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[0].expand(2, D))
+    assert torch.equal(tokens[:, 1 : 1 + R], model.register_tokens.expand(2, R, D))  # no position embedding
+    with pytest.raises(ValueError, match="masks must be bool"):
+        model.prepare_tokens(x, masks.long())
+
+
+def test_mask_token_equal_to_patch_embedding_leaves_output_unchanged() -> None:
+    model = tiny().eval()
+    tile = torch.randn(1, 3, 7, 7)
+    x = tile.repeat(2, 1, 4, 4)  # every patch identical, so every patch embedding is too
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, :6] = True
+    masks[1, 9] = True
+    with torch.no_grad():
+        model.mask_token.copy_(model.patch_embed(x)[0, 0][None])
+        plain = model(x)
+        masked = model(x, masks)
+        model.mask_token.zero_()
+        zero_masked = model(x, masks)
+    assert masked["masks"] is masks
+    for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+        torch.testing.assert_close(masked[key], plain[key], atol=1e-6, rtol=1e-6)
+    # A different mask token changes exactly the masked positions' input, hence the output.
+    assert (zero_masked["x_norm_patchtokens"][0, :6] - plain["x_norm_patchtokens"][0, :6]).abs().max() > 1e-2
+
+
+def test_interpolate_pos_embed_identity_shape_and_orientation() -> None:
+    pos = torch.randn(1, 1 + 37 * 37, 8)
+    same = interpolate_pos_embed(pos, (37, 37))
+    assert torch.equal(same, pos)
+    small = interpolate_pos_embed(pos, (16, 16))
+    assert small.shape == (1, 1 + 16 * 16, 8)
+    assert torch.equal(small[:, 0], pos[:, 0])
+    # Bicubic weights sum to one: a constant field stays constant.
+    const = torch.full((1, 1 + 16, 2), 3.0)
+    torch.testing.assert_close(interpolate_pos_embed(const, (3, 7)), torch.full((1, 1 + 21, 2), 3.0))
+    # A field varying along rows only must vary along the output's rows only.
+    rows = torch.arange(4.0).repeat_interleave(4)  # value = row index of a 4x4 grid
+    field = torch.cat([torch.zeros(1), rows]).reshape(1, 17, 1)
+    out = interpolate_pos_embed(field, (2, 5))[0, 1:, 0].reshape(2, 5)
+    torch.testing.assert_close(out, out[:, :1].expand(2, 5))
+    assert out[1, 0] - out[0, 0] > 1.0
+    with pytest.raises(ValueError, match="not a square grid"):
+        interpolate_pos_embed(torch.zeros(1, 1 + 12, 8), (2, 2))
+
+
+def test_forward_at_other_resolution_uses_interpolated_pos_embed() -> None:
+    model = tiny(img_size=56, patch_size=14)  # stored grid 4x4, like a 224 px model at 56 px / 4
+    x = images(1, 28, 42)  # grid 2 x 3
+    tokens = model.prepare_tokens(x)
+    pos = interpolate_pos_embed(model.pos_embed, (2, 3))
+    embed = model.patch_embed(x)
+    torch.testing.assert_close(tokens[:, 1 + R :], embed + pos[:, 1:])
+    assert model(images(1, 56, 56))["x_norm_patchtokens"].shape == (1, 16, D)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        model(images(1, 30, 28))
+
+
+def test_drop_path_sample_wise_and_rates_per_block() -> None:
+    layer = DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = layer(torch.ones(4000, 3, 2))
+    per_sample = out.reshape(4000, -1)
+    assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)  # whole sample kept or dropped
+    assert per_sample[:, 0].unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    dropped = (per_sample[:, 0] == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.03
+    assert torch.equal(layer.eval()(torch.ones(5, 2)), torch.ones(5, 2))
+    model = VisionTransformer(img_size=28, patch_size=7, embed_dim=D, depth=4, num_heads=HEADS, drop_path_rate=0.3)
+    rates = [block.drop_path.rate for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_drop_path_identity_in_eval_and_active_in_train() -> None:
+    dropping = tiny(drop_path_rate=0.5)
+    plain = tiny(drop_path_rate=0.0)
+    plain.load_state_dict(dropping.state_dict())
+    x = images(4)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(x)["x_prenorm"], plain.eval()(x)["x_prenorm"], atol=0, rtol=0)
+        torch.manual_seed(0)
+        trained = dropping.train()(x)["x_prenorm"]
+        reference = plain.train()(x)["x_prenorm"]
+    assert (trained - reference).abs().max() > 1e-2
+
+
+def test_gradient_checkpointing_same_output_and_gradients() -> None:
+    model = tiny(drop_path_rate=0.3).train()
+    x = images(3)
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # same drop-path draws in both runs
+        out = model(x)["x_prenorm"]
+        (out**2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert model.grad_checkpointing is False
+    out_a, grads_a = run(False)
+    out_b, grads_b = run(True)
+    torch.testing.assert_close(out_b, out_a, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and "blocks.1.mlp.fc2.weight" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _outputs(model: VisionTransformer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {k: v for k, v in model.eval()(x).items() if v is not None}
+
+
+def _assert_same_outputs(a: VisionTransformer, b: VisionTransformer) -> None:
+    x = images(2)
+    out_a, out_b = _outputs(a, x), _outputs(b, x)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+
+
+def test_load_plain_pth_round_trip(tmp_path: Path) -> None:
+    source, target = tiny(seed=0), tiny(seed=1)
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    assert not torch.equal(source.blocks[0].attn.qkv.weight, target.blocks[0].attn.qkv.weight)
+    report = load_backbone_weights(target, path)
+    assert (report.missing, report.unexpected, report.interpolated) == ([], [], [])
+    _assert_same_outputs(source, target)
+
+
+def test_load_dinov2_teacher_layout_with_chunked_blocks(tmp_path: Path) -> None:
+    source, target = tiny(seed=0, depth=4), tiny(seed=1, depth=4)
+    teacher = {}
+    for key, value in source.state_dict().items():
+        if key.startswith("blocks."):
+            index = int(key.split(".")[1])
+            key = f"blocks.{index // 2}.{key.split('.', 1)[1]}"  # 2 chunks of 2 blocks
+        teacher["backbone." + key] = value
+    assert "backbone.blocks.1.3.norm1.weight" in teacher
+    teacher["dino_head.last_layer.weight"] = torch.zeros(5, 4)
+    teacher["ibot_head.mlp.0.weight"] = torch.zeros(5, 4)
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": teacher, "iteration": 12}, path)
+    report = load_backbone_weights(target, path)
+    assert (report.missing, report.unexpected) == ([], [])
+    _assert_same_outputs(source, target)
+
+
+def test_extract_prefers_teacher_and_strips_wrappers() -> None:
+    s, t = torch.zeros(2), torch.ones(2)
+    checkpoint = {
+        "model": {
+            "student.backbone.norm.weight": s,
+            "teacher.backbone.norm.weight": t,
+            "teacher.dino_head.mlp.0.bias": s,
+        },
+        "optimizer": {"state": {}},
+    }
+    assert extract_backbone_state_dict(checkpoint) == {"norm.weight": t}
+    compiled = {"state_dict": {"module._orig_mod.backbone.blocks.0.0.ls1.gamma": t, "module.cls_token": s}}
+    assert extract_backbone_state_dict(compiled) == {"blocks.0.ls1.gamma": t, "cls_token": s}
+    with pytest.raises(WeightsError, match="'norm.bias' is a int"):
+        extract_backbone_state_dict({"norm.weight": t, "norm.bias": 3})
+    with pytest.raises(WeightsError, match="'norm.weight'"):
+        extract_backbone_state_dict({"norm.weight": t, "backbone.norm.weight": s})
+
+
+def test_load_safetensors_round_trip(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source, target = tiny(seed=0), tiny(seed=1)
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    assert set(read_state_dict(path)) == set(source.state_dict())
+    report = load_backbone_weights(target, path)
+    assert (report.missing, report.unexpected) == ([], [])
+    _assert_same_outputs(source, target)
+
+
+def test_load_interpolates_pos_embed_to_model_grid() -> None:
+    source = tiny(seed=0, img_size=56)  # 8 x 8 grid
+    target = tiny(seed=1, img_size=28)  # 4 x 4 grid
+    report = load_backbone_weights(target, source.state_dict())
+    assert report.interpolated == ["pos_embed"]
+    assert target.pos_embed.shape == (1, 17, D)
+    assert torch.equal(target.pos_embed.data, interpolate_pos_embed(source.pos_embed.data, (4, 4)))
+    assert torch.equal(target.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_shape_mismatch_names_first_key_and_shapes() -> None:
+    source = tiny(mlp_ratio=2.0)
+    target = tiny(mlp_ratio=4.0)
+    with pytest.raises(WeightsError, match=r"'blocks\.0\.mlp\.fc1\.weight'.*\(64, 32\).*\(128, 32\)"):
+        load_backbone_weights(target, source.state_dict())
+
+
+def test_missing_and_unexpected_keys_reported() -> None:
+    source, target = tiny(seed=0), tiny(seed=1)
+    state = dict(source.state_dict())
+    del state["norm.weight"]
+    del state["register_tokens"]
+    state["extra.weight"] = torch.zeros(3)
+    norm_before = target.norm.weight.clone()
+    report = load_backbone_weights(target, state)
+    assert sorted(report.missing) == ["norm.weight", "register_tokens"]
+    assert report.unexpected == ["extra.weight"]
+    assert torch.equal(target.norm.weight, norm_before)
+    assert torch.equal(target.norm.bias, source.norm.bias)
+
+
+class _NotATensor:
+    pass
+
+
+def test_read_state_dict_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.pth"
+    with pytest.raises(WeightsError, match="absent.pth"):
+        read_state_dict(missing)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"obj": _NotATensor()}, pickled)
+    with pytest.raises(WeightsError, match="pickled.pth"):
+        read_state_dict(pickled)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(WeightsError, match="garbage.safetensors"):
+        read_state_dict(garbage)
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.zeros(3), bare)
+    with pytest.raises(WeightsError, match="bare.pt holds a Tensor"):
+        read_state_dict(bare)
+    assert issubclass(WeightsError, ValueError)
+
+
+# ----------------------------------------------------------------------------- head
+
+
+def test_dino_head_structure_and_last_layer_prefix() -> None:
+    head = DINOHead(in_dim=16, out_dim=10, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 24), (24, 24), (24, 8)]
+    assert sum(isinstance(m, torch.nn.GELU) for m in head.mlp) == 2
+    assert all(torch.equal(m.bias, torch.zeros(m.out_features)) for m in linears)
+    assert [n for n, _ in head.named_parameters() if n.startswith("last_layer.")] == ["last_layer.weight"]
+    assert head.last_layer.bias is None
+    single = DINOHead(in_dim=16, out_dim=10, bottleneck_dim=8, nlayers=1)
+    assert [type(m) for m in single.mlp] == [torch.nn.Linear] and single.mlp[0].in_features == 16
+
+
+def test_dino_head_normalises_bottleneck_and_prototypes() -> None:
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=16, out_dim=10, hidden_dim=24, bottleneck_dim=8, nlayers=3)
+    x = torch.randn(5, 16)
+    out = head(x)
+    z = head.mlp(x)
+    z_hat = z / z.pow(2).sum(-1, keepdim=True).sqrt()
+    w = head.last_layer.weight
+    w_hat = w / w.pow(2).sum(1, keepdim=True).sqrt()
+    torch.testing.assert_close(out, z_hat @ w_hat.T, atol=1e-6, rtol=1e-5)
+    assert out.abs().max() <= 1.0 + 1e-6
+    # Rescaling prototype rows does not change the output (gain fixed at 1).
+    with torch.no_grad():
+        head.last_layer.weight.mul_(torch.arange(1.0, 11.0)[:, None])
+    torch.testing.assert_close(head(x), out, atol=1e-6, rtol=1e-5)
+    # Patch-token input [n, t, in_dim] gives [n, t, out_dim].
+    assert head(torch.randn(2, 3, 16)).shape == (2, 3, 10)
+    # With identity prototypes the output is the normalised bottleneck: unit norm rows.
+    square = DINOHead(in_dim=16, out_dim=8, hidden_dim=24, bottleneck_dim=8)
+    with torch.no_grad():
+        square.last_layer.weight.copy_(3 * torch.eye(8))
+    torch.testing.assert_close(square(x).norm(dim=-1), torch.ones(5))

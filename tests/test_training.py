@@ -1,0 +1,167 @@
+"""End-to-end training on CPU with a tiny ViT on synthetic cells."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinov2_hier.config import load_config
+from dinov2_hier.data import TooManyUnreadableImages, write_synthetic_dataset
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.models import build_backbone, load_backbone_weights
+from dinov2_hier.paths import PROJECT_ROOT
+from dinov2_hier.train.__main__ import main as train_main
+from dinov2_hier.train.checkpoint import TEACHER_FILE, list_checkpoints, load_checkpoint
+from dinov2_hier.train.loop import METRICS_FILE, NonFiniteLossError, Trainer
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def _train(tmp_path, overrides, name="run", stop_at=None, resume=True):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, tmp_path / name, resume=resume)
+    trainer.run(stop_at=stop_at)
+    return trainer
+
+
+def test_dino_loss_falls(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + [
+        "train.iterations=60", "train.epoch_length=10", "train.checkpoint_every=1000",
+        "optim.base_lr=0.02", "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0",
+        "teacher.momentum_teacher=0.95",
+    ]
+    _train(tmp_path, overrides)
+    dino = [r["loss_dino"] for r in _metrics(tmp_path / "run")]
+    assert len(dino) == 60
+    first, last = sum(dino[:10]) / 10, sum(dino[-10:]) / 10
+    assert last < first - 0.5, (first, last)
+
+
+def test_run_outputs_and_saved_config(tmp_path, tiny_overrides):
+    trainer = _train(tmp_path, tiny_overrides)
+    run = tmp_path / "run"
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.compute.device == "cpu" and saved.compute.dtype == "fp32"  # resolved, not "auto"/bf16
+    assert saved.train.iterations == 6
+    assert [it for it, _ in list_checkpoints(run)] == [3, 6]
+    records = _metrics(run)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss_dino", "loss_ibot", "loss_koleo", "loss_total", "lr", "images_per_s", "eta_s"):
+        assert key in records[0]
+    assert records[-1]["eta_s"] == 0
+    # The teacher file is a plain, safely loadable backbone that rebuilds the teacher exactly.
+    payload = torch.load(run / TEACHER_FILE, map_location="cpu", weights_only=True)
+    assert payload["meta"]["iteration"] == 6 and payload["meta"]["arch"] == "vit_tiny"
+    backbone = build_backbone("vit_tiny", img_size=32, patch_size=8)
+    report = load_backbone_weights(backbone, run / TEACHER_FILE)
+    assert report.missing == [] and report.unexpected == []
+    x = torch.randn(2, 3, 32, 32)
+    backbone.eval()
+    expected = trainer.model.teacher["backbone"](x)["x_norm_clstoken"]
+    assert torch.allclose(backbone(x)["x_norm_clstoken"], expected, atol=1e-6)
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_overrides):
+    _train(tmp_path, tiny_overrides, name="straight")
+    _train(tmp_path, tiny_overrides, name="split", stop_at=3)
+    assert [r["iteration"] for r in _metrics(tmp_path / "split")] == [1, 2, 3]
+    _train(tmp_path, tiny_overrides, name="split")  # resumes from iteration 3
+    straight, split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    assert [r["iteration"] for r in split] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, split):
+        for key in ("loss_dino", "loss_ibot", "loss_koleo", "loss_total", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["iteration"], key)
+    w_straight = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1][1])["model"]
+    w_split = load_checkpoint(list_checkpoints(tmp_path / "split")[-1][1])["model"]
+    for key in w_straight:
+        assert torch.allclose(w_straight[key], w_split[key], atol=1e-5), key
+
+
+def test_no_resume_starts_over(tmp_path, tiny_overrides):
+    _train(tmp_path, tiny_overrides, stop_at=3)
+    trainer = Trainer(load_config(None, tiny_overrides), tmp_path / "run", resume=False)
+    assert trainer.state.iteration == 0
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path, tiny_overrides, monkeypatch):
+    cfg = load_config(None, tiny_overrides + ["train.max_consecutive_nonfinite=2", "train.checkpoint_every=2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    real = trainer.model.compute_losses
+    calls = {"n": 0}
+
+    def flaky(batch, teacher_temp):
+        calls["n"] += 1
+        losses = real(batch, teacher_temp)
+        if calls["n"] >= 3:  # iterations 2, 3, ... (0-based) give NaN
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.model, "compute_losses", flaky)
+    with pytest.raises(NonFiniteLossError, match="iteration 3.*ckpt_00000002.pt"):
+        trainer.run()
+    # The NaN at iteration 2 left the weights of the checkpoint at iteration 2 untouched.
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    assert ckpt["iteration"] == 2
+    for key, value in trainer.model.state_dict().items():
+        if key.startswith("student."):
+            assert torch.equal(value, ckpt["model"][key]), key
+    records = _metrics(tmp_path / "run")
+    assert [r["applied"] for r in records] == [True, True, False]
+
+
+def _synthetic_manifest(tmp_path, n=24):
+    hierarchy = Hierarchy.from_json(PROJECT_ROOT / "hierarchies" / "synthetic.json")
+    return write_synthetic_dataset(tmp_path / "cells", n, hierarchy, image_size=40, seed=1)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_overrides):
+    manifest = _synthetic_manifest(tmp_path)
+    folder = manifest.parent
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    with open(manifest, "a") as f:
+        f.write("empty.jpg,,,\ntext.jpg,,,\n")
+    overrides = tiny_overrides + [f"data.train=[{manifest}]", "data.max_unreadable_fraction=0.5", "data.min_draws_before_check=1"]
+    trainer = _train(tmp_path, overrides)
+    assert trainer.skips.n_drawn == 6 * 8
+    # Each epoch over 26 entries draws both bad files once: 48 draws cover 1 full epoch + 22.
+    assert trainer.skips.n_skipped >= 2
+    assert _metrics(tmp_path / "run")[-1]["skipped_images"] == trainer.skips.n_skipped
+
+    strict = tiny_overrides + [f"data.train=[{manifest}]", "data.max_unreadable_fraction=0.0", "data.min_draws_before_check=1"]
+    with pytest.raises(TooManyUnreadableImages, match="empty.jpg|text.jpg"):
+        _train(tmp_path, strict + ["train.iterations=20"], name="strict")
+
+
+def test_pretrained_weights_initialise_student_and_teacher(tmp_path, tiny_overrides):
+    _train(tmp_path, tiny_overrides, name="first")
+    overrides = tiny_overrides + [f"student.pretrained_weights={tmp_path / 'first' / TEACHER_FILE}"]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "second")
+    source = torch.load(tmp_path / "first" / TEACHER_FILE, weights_only=True)["model"]
+    for key, value in source.items():
+        assert torch.equal(trainer.model.student["backbone"].state_dict()[key], value), key
+        assert torch.equal(trainer.model.teacher["backbone"].state_dict()[key], value), key
+
+
+def test_cli_user_errors_exit_2(tmp_path, capsys):
+    assert train_main(["--output-dir", str(tmp_path / "a"), "train.iteratons=3"]) == 2
+    assert "train.iteratons" in capsys.readouterr().err
+    assert train_main(["--output-dir", str(tmp_path / "b"), "data.train=[no/such/manifest.csv]"]) == 2
+    assert "no/such/manifest.csv" in capsys.readouterr().err
+
+
+def test_cli_entry_point_trains(tmp_path, tiny_overrides):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dinov2_hier.train", "--output-dir", str(out), *tiny_overrides, "train.iterations=2"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [r["iteration"] for r in _metrics(out)] == [1, 2]
+    assert "it 2/2" in (out / "log.txt").read_text()
