@@ -80,3 +80,12 @@ def test_mismatched_model_names_key(tmp_path):
         load_model_state(model, {"weight": torch.zeros(4, 3), "bias": torch.zeros(2)}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="missing key 'bias'"):
         load_model_state(model, {"weight": torch.zeros(2, 3)}, tmp_path / "x.pt")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(_state(1), tmp_path, 1, keep=0)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -12,3 +12,35 @@ __all__ = [
     "iBOTPatchLoss",
     "sinkhorn_knopp",
 ]
+
+# Supervised losses over a class hierarchy, and the heads + registry that wrap them.
+from dinov2_hier.losses.contrastive import HierSupConLoss, SupConLoss
+from dinov2_hier.losses.hierarchical import (
+    DistanceLoss,
+    FlatCELoss,
+    HierCELoss,
+    MultiLevelCELoss,
+    class_at_level_table,
+    level_classes,
+)
+from dinov2_hier.losses.supervised import (
+    SUPERVISED_TERMS,
+    SupervisedConfigError,
+    SupervisedTerm,
+    build_supervised_terms,
+)
+
+__all__ += [
+    "SUPERVISED_TERMS",
+    "DistanceLoss",
+    "FlatCELoss",
+    "HierCELoss",
+    "HierSupConLoss",
+    "MultiLevelCELoss",
+    "SupConLoss",
+    "SupervisedConfigError",
+    "SupervisedTerm",
+    "build_supervised_terms",
+    "class_at_level_table",
+    "level_classes",
+]

@@ -268,6 +268,9 @@ class Trainer:
                     "images_per_s": ips,
                     "eta_s": per_it * (total - done),
                     "skipped_images": self.skips.n_skipped,
+                    "max_memory_gib": (
+                        torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+                    ),
                 }
                 self._append_metrics(record)
                 losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())

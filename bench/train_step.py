@@ -1,0 +1,90 @@
+"""``python -m bench.train_step --config FILE [key=value ...] --steps N --warmup W``
+
+Times the real training step (``dinov2_hier.train.step.train_step``: forward of student
+and teacher, DINO/iBOT/KoLeo and supervised losses, backward, clipping, AdamW, EMA) on
+synthetic tensors already on the device, so the data loader is out of the picture.
+Prints images/s, step time (median, min, max) and peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dinov2_hier.config import load_config
+from dinov2_hier.data import GlobalCropsCollator
+from dinov2_hier.train.data import patch_grid
+from dinov2_hier.train.loop import resolve_compute
+from dinov2_hier.train.meta_arch import SSLMetaArch
+from dinov2_hier.train.optim import build_optimizer, build_param_groups
+from dinov2_hier.train.schedules import build_schedules
+from dinov2_hier.train.step import train_step
+
+
+def synthetic_batch(cfg, device: torch.device) -> dict:
+    """A collated batch of random crops with real iBOT masks, on ``device``."""
+    b, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size
+    collator = GlobalCropsCollator(
+        patch_grid(cfg), tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
+        seed=cfg.seed, crop_size=s,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    items = [
+        {"global_crops": [torch.randn(3, s, s, generator=gen), torch.randn(3, s, s, generator=gen)],
+         "label": None, "dataset": None, "path": "", "draw_id": i}
+        for i in range(b)
+    ]
+    batch = collator(items)
+    for key in ("global_crops", "masks", "mask_indices", "masks_weight"):
+        batch[key] = batch[key].to(device)
+    batch["targets"] = torch.full((b,), -1, dtype=torch.long, device=device)
+    return batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device, precision = resolve_compute(cfg)
+    torch.manual_seed(cfg.seed)
+    model = SSLMetaArch(cfg).to(device).train()
+    groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
+    scaler = precision.grad_scaler()
+    schedule = build_schedules(cfg, 1).values(cfg.train.iterations // 2)  # mid-run values
+    batch = synthetic_batch(cfg, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        train_step(model, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    b = cfg.train.batch_size_per_gpu
+    med = statistics.median(times)
+    result = {
+        "arch": cfg.student.arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": precision.dtype, "batch_size": b, "crop": cfg.crops.global_crops_size,
+        "images_per_s": b / med, "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    print("measured: " + json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Classification losses over a class hierarchy (leaf logits or per-level logits).
+
+* :class:`HierCELoss` -- hierarchical cross-entropy (Bertinetto et al. 2020) with the
+  multi-granular extension of Chossegros et al.: a label may be any non-root node.
+* :class:`FlatCELoss` -- plain cross-entropy over the leaves; coarse labels are dropped.
+* :class:`MultiLevelCELoss` -- one cross-entropy per depth of the tree, averaged.
+* :class:`DistanceLoss` -- expected tree distance ``sum_c p_c D[y, c]`` under the leaf softmax.
+
+Conventions shared by every loss here and in :mod:`dinov2_hier.losses.contrastive`:
+
+* Targets are ``long [B]`` node indices ``hierarchy.index(node_id)``; ``-1`` means
+  unlabelled. The root carries no information and counts as unlabelled too.
+* All index tables are built once from the tree and registered as buffers, so they
+  follow ``.to(device)``; ``forward`` has no per-sample Python loop.
+* Arithmetic is float32 whatever the input dtype (autocast is switched off inside).
+* A batch without a usable label gives an exact ``0.`` that is still connected to the
+  inputs' graph (``backward`` works and gives zero gradients, never NaN).
+* Target values are range-checked only for CPU tensors: on an accelerator the check
+  would force a device-to-host sync every step; out-of-range indices there fail in the
+  indexing kernel instead.
+* Losses are means over this rank's samples; nothing is all-reduced.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.losses.centering import LossInputError
+from dinov2_hier.losses.ssl import _autocast_disabled
+
+__all__ = [
+    "DistanceLoss",
+    "FlatCELoss",
+    "HierCELoss",
+    "MultiLevelCELoss",
+    "class_at_level_table",
+    "leaf_membership",
+    "level_classes",
+]
+
+
+# --------------------------------------------------------------------------- tree tables
+
+
+def leaf_membership(hierarchy: Hierarchy) -> torch.Tensor:
+    """``bool [num_nodes, num_leaves]``: entry ``[n, j]`` is True iff leaf ``j`` lies under node ``n``.
+
+    A leaf is under itself; every leaf is under the root.
+    """
+    mask = torch.zeros(hierarchy.num_nodes, hierarchy.num_leaves, dtype=torch.bool)
+    for node in hierarchy.nodes:
+        row = hierarchy.index(node)
+        for leaf in hierarchy.leaves_under(node):
+            mask[row, hierarchy.index(leaf)] = True
+    return mask
+
+
+def _class_at_level(hierarchy: Hierarchy, node: str, depth: int) -> str | None:
+    """What ``node`` (a label) means at level ``depth`` (>= 1), or None when it says nothing.
+
+    Its ancestor at that depth if it is deep enough; a leaf shallower than the level is
+    fully specified and stays its own class; a coarser internal node (or the root) is
+    unknown at that level.
+    """
+    own = hierarchy.depth(node)
+    if own >= depth:
+        return hierarchy.ancestor_at_depth(node, depth)
+    if own >= 1 and hierarchy.is_leaf(node):
+        return node
+    return None
+
+
+def class_at_level_table(hierarchy: Hierarchy) -> torch.Tensor:
+    """``long [num_nodes, max_depth]``: column ``d - 1`` is the node index a label means at depth ``d``.
+
+    Row ``index(y)``, column ``d - 1`` holds ``index(ancestor_at_depth(y, d))`` when
+    ``depth(y) >= d``; ``index(y)`` when ``y`` is a leaf shallower than ``d``; ``-1`` (ignore)
+    when ``y`` is an internal node shallower than ``d`` or the root.
+    """
+    table = torch.full((hierarchy.num_nodes, hierarchy.max_depth), -1, dtype=torch.long)
+    for node in hierarchy.nodes:
+        for depth in range(1, hierarchy.max_depth + 1):
+            cls = _class_at_level(hierarchy, node, depth)
+            if cls is not None:
+                table[hierarchy.index(node), depth - 1] = hierarchy.index(cls)
+    return table
+
+
+def level_classes(hierarchy: Hierarchy) -> list[list[str]]:
+    """The classes of each level ``d = 1 .. max_depth`` (list index ``d - 1``), in node-index order.
+
+    Level ``d`` holds the nodes at depth ``d`` plus the leaves shallower than ``d``
+    (a leaf keeps being its own class below its depth), i.e. exactly the values that
+    column ``d - 1`` of :func:`class_at_level_table` can take. A head for level ``d``
+    predicts ``level_classes(h)[d - 1][k]`` at output ``k``.
+    """
+    out: list[list[str]] = []
+    for depth in range(1, hierarchy.max_depth + 1):
+        out.append(
+            [
+                n
+                for n in hierarchy.nodes
+                if hierarchy.depth(n) == depth or (hierarchy.is_leaf(n) and hierarchy.depth(n) < depth)
+            ]
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def check_targets(name: str, targets: torch.Tensor, n_rows: int, num_nodes: int | None) -> torch.Tensor:
+    """Validate ``targets [n_rows]`` (integer node indices, ``-1`` unlabelled); return them as long.
+
+    Shape and dtype are always checked; values (``>= -1`` and, unless ``num_nodes`` is
+    None, ``< num_nodes``) only on the CPU (see the module notes).
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise LossInputError(f"{name} must be a tensor of node indices, got {type(targets).__name__}")
+    if targets.dim() != 1 or targets.shape[0] != n_rows:
+        raise LossInputError(f"{name} must have shape [{n_rows}], got {tuple(targets.shape)}")
+    if targets.dtype == torch.bool or targets.dtype.is_floating_point or targets.dtype.is_complex:
+        raise LossInputError(f"{name} must hold integer node indices, got dtype {targets.dtype}")
+    targets = targets.long()
+    if targets.device.type == "cpu" and targets.numel() > 0:
+        low, high = int(targets.min()), int(targets.max())
+        if low < -1 or (num_nodes is not None and high >= num_nodes):
+            allowed = f"in [0, {num_nodes})" if num_nodes is not None else ">= 0"
+            raise LossInputError(
+                f"{name} must be indices {allowed} or -1 (unlabelled), got values in [{low}, {high}]"
+            )
+    return targets
+
+
+def check_2d(name: str, x: torch.Tensor, n_cols: int | None = None) -> None:
+    """``x`` must be a floating ``[n, K]`` tensor (with ``K == n_cols`` when given)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LossInputError(f"{name} must be a 2-D tensor [n, K], got {shape}")
+    if not x.dtype.is_floating_point:
+        raise LossInputError(f"{name} must be floating point, got dtype {x.dtype}")
+    if n_cols is not None and x.shape[1] != n_cols:
+        raise LossInputError(f"{name} must have {n_cols} columns, got shape {tuple(x.shape)}")
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``keep``; an exact 0 (with a grad_fn) when nothing is kept.
+
+    ``where`` rather than a product, so a non-finite value in a dropped row cannot leak in.
+    """
+    total = torch.where(keep, values, torch.zeros_like(values)).sum()
+    return total / keep.sum().clamp(min=1).to(total.dtype)
+
+
+def _check_hierarchy(hierarchy: object) -> Hierarchy:
+    if not isinstance(hierarchy, Hierarchy):
+        raise LossInputError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
+    return hierarchy
+
+
+def _usable(targets: torch.Tensor, root_index: int) -> torch.Tensor:
+    """``bool [B]``: labelled with something other than the root."""
+    return (targets >= 0) & (targets != root_index)
+
+
+# --------------------------------------------------------------------------- HierCE
+
+
+class HierCELoss(nn.Module):
+    """Hierarchical cross-entropy over leaf logits, for leaf or internal-node targets.
+
+    With ``p`` the softmax over the leaves, ``p(n) = sum of p over the leaves under n``
+    (so ``p(root) = 1``) and ``p(n | parent(n)) = p(n) / p(parent(n))``, the loss of a
+    target ``t`` is
+
+        ``L(t) = sum_{n on the path t -> root, n != root} exp(-alpha * depth(n)) * -log p(n | parent(n))``
+
+    i.e. every edge ``(parent(n), n)`` is weighted by the depth of its child node
+    (root depth 0, lineage edges ``exp(-alpha)``). A target that is an internal node
+    uses only the edges from itself up to the root: its leaves are unknown, so the
+    edges below it carry no information. This is exact for unbalanced subtrees and
+    for leaves directly under the root (one edge of weight ``exp(-alpha)``).
+
+    Relation to Bertinetto et al. (2020) / Chossegros et al. eq. (5)-(6): they write
+    ``lambda(C) = exp(-alpha * h(C))`` with ``h`` the "height" of the class; their
+    reference implementation takes the length of the node's tree position, i.e. its
+    depth, which is what this class does: with ``alpha > 0`` edges near the root
+    (generic concepts) weigh more. Reading ``h`` as height above the leaves would, on
+    a balanced tree of depth ``H``, give ``exp(-alpha * (H - depth))`` = a constant times
+    ``exp(+alpha * depth)``, i.e. this loss with ``-alpha``; negative ``alpha`` is allowed.
+    With ``alpha = 0`` the sum telescopes to ``-log p(t)``.
+
+    Chossegros et al.'s internal-node extension: their eq. (7) also lists the edges
+    below the node, but in their pseudo-code the numerators and denominators of those
+    edges become unions over the node's leaves, so they are ``log 1 = 0`` and only the
+    path above the node remains, as here. Their code indexes edges by distance from the
+    leaf and averages the weights of the node's leaves per slot, which misaligns depths
+    in unbalanced subtrees; building the path from the node itself avoids that.
+
+    ``log p(n)`` is ``logsumexp`` of the leaf logits under ``n`` minus ``logsumexp`` of all
+    of them (a masked logsumexp over a ``[B, num_nodes, num_leaves]`` view), so tiny
+    probabilities never underflow.
+    """
+
+    membership: torch.Tensor
+    parent_index: torch.Tensor
+    path_weights: torch.Tensor
+
+    def __init__(self, hierarchy: Hierarchy, alpha: float = 0.5) -> None:
+        super().__init__()
+        hierarchy = _check_hierarchy(hierarchy)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise LossInputError(f"alpha must be a finite number, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.num_leaves = hierarchy.num_leaves
+        self.num_nodes = hierarchy.num_nodes
+        self.root_index = hierarchy.index(hierarchy.root)
+        self.register_buffer("membership", leaf_membership(hierarchy), persistent=False)
+        self.register_buffer("parent_index", self._parents(hierarchy), persistent=False)
+        self.register_buffer("path_weights", self._path_weights(hierarchy, self.alpha), persistent=False)
+
+    @staticmethod
+    def _parents(hierarchy: Hierarchy) -> torch.Tensor:
+        """``long [num_nodes]``: parent's index (the root points at itself: its edge term is 0)."""
+        out = torch.empty(hierarchy.num_nodes, dtype=torch.long)
+        for node in hierarchy.nodes:
+            parent = hierarchy.parent(node)
+            out[hierarchy.index(node)] = hierarchy.index(parent if parent is not None else node)
+        return out
+
+    @staticmethod
+    def _path_weights(hierarchy: Hierarchy, alpha: float) -> torch.Tensor:
+        """``float32 [num_nodes, num_nodes]``: ``[t, n] = exp(-alpha * depth(n))`` for ``n`` on t's root path."""
+        out = torch.zeros(hierarchy.num_nodes, hierarchy.num_nodes, dtype=torch.float32)
+        for target in hierarchy.nodes:
+            for node in hierarchy.ancestors(target):  # excludes the root
+                out[hierarchy.index(target), hierarchy.index(node)] = math.exp(-alpha * hierarchy.depth(node))
+        return out
+
+    def node_log_probs(self, leaf_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, num_leaves]`` logits -> float32 ``[B, num_nodes]`` ``log p(node)`` (root column exactly 0)."""
+        check_2d("leaf_logits", leaf_logits, self.num_leaves)
+        with _autocast_disabled(leaf_logits.device):
+            z = leaf_logits.float()
+            masked = z.unsqueeze(1).masked_fill(~self.membership, float("-inf"))  # [B, N, L]
+            lse = torch.logsumexp(masked, dim=-1)  # [B, N]
+            # The root's row is the full logsumexp; subtracting the same column makes log p(root) == 0.
+            return lse - lse[:, self.root_index : self.root_index + 1]
+
+    def per_sample(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses ``float32 [B]`` and the ``bool [B]`` mask of usable samples.
+
+        Unusable rows (``-1`` or the root) hold 0.
+        """
+        targets = check_targets("targets", targets, leaf_logits.shape[0], self.num_nodes)
+        log_p = self.node_log_probs(leaf_logits)  # [B, N]
+        edge_nll = log_p[:, self.parent_index] - log_p  # [B, N]: -log p(n | parent(n)), 0 for the root
+        usable = _usable(targets, self.root_index)
+        weights = self.path_weights.float()[targets.clamp(min=0)]  # [B, N]; float() survives module.half()
+        losses = (weights * edge_nll).sum(dim=-1)
+        return torch.where(usable, losses, torch.zeros_like(losses)), usable
+
+    def forward(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``leaf_logits [B, num_leaves]``, ``targets long [B]`` -> float32 scalar, mean over usable samples."""
+        losses, usable = self.per_sample(leaf_logits, targets)
+        return masked_mean(losses, usable)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, num_leaves={self.num_leaves}, num_nodes={self.num_nodes}"
+
+
+# --------------------------------------------------------------------------- flat CE
+
+
+class FlatCELoss(nn.Module):
+    """Cross-entropy over the leaves (the paper's flat "CE" baseline).
+
+    Samples labelled at an internal node are dropped, as in Chossegros et al. 2.4.1
+    ("coarsely labeled images are not used"); the mean is over the leaf-labelled samples.
+    """
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        super().__init__()
+        hierarchy = _check_hierarchy(hierarchy)
+        self.num_leaves = hierarchy.num_leaves
+        self.num_nodes = hierarchy.num_nodes
+
+    def forward(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``leaf_logits [B, num_leaves]``, ``targets long [B]`` -> float32 scalar."""
+        check_2d("leaf_logits", leaf_logits, self.num_leaves)
+        targets = check_targets("targets", targets, leaf_logits.shape[0], self.num_nodes)
+        # Leaves come first in node-index order, so a leaf target is its own output index.
+        keep = (targets >= 0) & (targets < self.num_leaves)
+        with _autocast_disabled(leaf_logits.device):
+            z = leaf_logits.float()
+            safe = torch.where(keep, targets, torch.zeros_like(targets)).unsqueeze(1)
+            losses = torch.logsumexp(z, dim=-1) - z.gather(1, safe).squeeze(1)
+            return masked_mean(losses, keep)
+
+    def extra_repr(self) -> str:
+        return f"num_leaves={self.num_leaves}"
+
+
+# --------------------------------------------------------------------------- multilevel CE
+
+
+class MultiLevelCELoss(nn.Module):
+    """Cross-entropy at every depth ``d = 1 .. max_depth`` of the tree, averaged over levels.
+
+    Level ``d`` classifies into :func:`level_classes` ``[d - 1]``: the nodes at depth ``d``
+    plus the leaves shallower than ``d`` (a fully specified leaf stays its own class, so
+    e.g. a basophil at depth 3 is still a class at depths 4 and 5). A label means its
+    ancestor at depth ``d`` there; an internal label shallower than ``d`` is ignored at
+    that level (it does not say which child). Each level's loss is the mean over its
+    usable samples; the result is the plain mean over the levels with at least one
+    usable sample (Chossegros et al. 3.7.1 average the heads' losses; no level weights).
+    """
+
+    level_targets: torch.Tensor
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        super().__init__()
+        hierarchy = _check_hierarchy(hierarchy)
+        self.num_nodes = hierarchy.num_nodes
+        classes = level_classes(hierarchy)
+        self.level_sizes: tuple[int, ...] = tuple(len(c) for c in classes)
+        # Node index -> position of its class within each level's outputs (-1: ignored).
+        table = class_at_level_table(hierarchy)  # [N, L] node indices
+        position = torch.full((hierarchy.num_nodes, len(classes)), -1, dtype=torch.long)
+        for level, names in enumerate(classes):
+            lookup = torch.full((hierarchy.num_nodes,), -1, dtype=torch.long)
+            lookup[[hierarchy.index(n) for n in names]] = torch.arange(len(names))
+            column = table[:, level]
+            position[:, level] = torch.where(column >= 0, lookup[column.clamp(min=0)], -1)
+        self.register_buffer("level_targets", position, persistent=False)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    def per_level(
+        self, level_logits: Sequence[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[max_depth]`` level losses (index ``d - 1``) and ``bool [max_depth]`` active levels."""
+        if isinstance(level_logits, torch.Tensor) or len(level_logits) != self.num_levels:
+            got = "a tensor" if isinstance(level_logits, torch.Tensor) else f"{len(level_logits)} tensors"
+            raise LossInputError(f"level_logits must be a list of {self.num_levels} tensors (depth 1..), got {got}")
+        for depth, (logits, size) in enumerate(zip(level_logits, self.level_sizes), start=1):
+            check_2d(f"level_logits[{depth - 1}] (depth {depth})", logits, size)
+        batch = level_logits[0].shape[0]
+        for logits in level_logits:
+            if logits.shape[0] != batch:
+                raise LossInputError(f"level_logits disagree on the batch size: {batch} vs {logits.shape[0]}")
+        targets = check_targets("targets", targets, batch, self.num_nodes)
+        classes = self.level_targets[targets.clamp(min=0)]  # [B, L]
+        classes = torch.where((targets >= 0).unsqueeze(1), classes, torch.full_like(classes, -1))
+        losses, active = [], []
+        with _autocast_disabled(targets.device):
+            for level, logits in enumerate(level_logits):
+                keep = classes[:, level] >= 0
+                z = logits.float()
+                safe = classes[:, level].clamp(min=0).unsqueeze(1)
+                per_sample = torch.logsumexp(z, dim=-1) - z.gather(1, safe).squeeze(1)
+                losses.append(masked_mean(per_sample, keep))
+                active.append(keep.any())
+        return torch.stack(losses), torch.stack(active)
+
+    def forward(self, level_logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """``level_logits[d - 1] [B, level_sizes[d - 1]]`` for ``d = 1 .. max_depth``, ``targets [B]`` -> scalar."""
+        losses, active = self.per_level(level_logits, targets)
+        return masked_mean(losses, active)
+
+    def extra_repr(self) -> str:
+        return f"level_sizes={list(self.level_sizes)}"
+
+
+# --------------------------------------------------------------------------- distance-aware
+
+
+class DistanceLoss(nn.Module):
+    """Distance-aware loss ``sum_c p_c * D[y, c]`` (Chossegros et al. 3.7.2).
+
+    ``p`` is the leaf softmax and ``D[y, c]`` the number of edges between the label node
+    ``y`` and leaf ``c``; for an internal label, the leaves under it are at distance 0
+    (any of them is correct), the others at their tree distance from ``y`` itself.
+    Distances are raw edge counts (not normalised). Mean over usable samples.
+    """
+
+    distances: torch.Tensor
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        super().__init__()
+        hierarchy = _check_hierarchy(hierarchy)
+        self.num_leaves = hierarchy.num_leaves
+        self.num_nodes = hierarchy.num_nodes
+        self.root_index = hierarchy.index(hierarchy.root)
+        self.register_buffer("distances", self._distances(hierarchy), persistent=False)
+
+    @staticmethod
+    def _distances(hierarchy: Hierarchy) -> torch.Tensor:
+        """``float32 [num_nodes, num_leaves]`` tree distances, 0 for leaves under the node."""
+        out = torch.zeros(hierarchy.num_nodes, hierarchy.num_leaves, dtype=torch.float32)
+        for node in hierarchy.nodes:
+            under = set(hierarchy.leaves_under(node))
+            for j, leaf in enumerate(hierarchy.leaves):
+                if leaf not in under:
+                    out[hierarchy.index(node), j] = hierarchy.distance(node, leaf)
+        return out
+
+    def forward(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``leaf_logits [B, num_leaves]``, ``targets long [B]`` -> float32 scalar."""
+        check_2d("leaf_logits", leaf_logits, self.num_leaves)
+        targets = check_targets("targets", targets, leaf_logits.shape[0], self.num_nodes)
+        usable = _usable(targets, self.root_index)
+        with _autocast_disabled(leaf_logits.device):
+            probs = torch.softmax(leaf_logits.float(), dim=-1)
+            losses = (probs * self.distances.float()[targets.clamp(min=0)]).sum(dim=-1)
+            return masked_mean(losses, usable)
+
+    def extra_repr(self) -> str:
+        return f"num_leaves={self.num_leaves}"
