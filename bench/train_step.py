@@ -18,6 +18,8 @@ import torch
 
 from dinov2_hier.config import load_config
 from dinov2_hier.data import GlobalCropsCollator
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.paths import resolve_resource
 from dinov2_hier.train.data import patch_grid
 from dinov2_hier.train.loop import resolve_compute
 from dinov2_hier.train.meta_arch import SSLMetaArch
@@ -26,7 +28,7 @@ from dinov2_hier.train.schedules import build_schedules
 from dinov2_hier.train.step import train_step
 
 
-def synthetic_batch(cfg, device: torch.device) -> dict:
+def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0) -> dict:
     """A collated batch of random crops with real iBOT masks, on ``device``."""
     b, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size
     collator = GlobalCropsCollator(
@@ -42,7 +44,10 @@ def synthetic_batch(cfg, device: torch.device) -> dict:
     batch = collator(items)
     for key in ("global_crops", "masks", "mask_indices", "masks_weight"):
         batch[key] = batch[key].to(device)
-    batch["targets"] = torch.full((b,), -1, dtype=torch.long, device=device)
+    # Supervised terms see a random leaf per image (leaves come first in node-index order).
+    batch["targets"] = torch.randint(0, n_leaves, (b,), generator=gen).to(device) if n_leaves else torch.full(
+        (b,), -1, dtype=torch.long, device=device
+    )
     return batch
 
 
@@ -57,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     device, precision = resolve_compute(cfg)
     torch.manual_seed(cfg.seed)
-    model = SSLMetaArch(cfg).to(device).train()
+    hierarchy = None
+    if cfg.supervision.hierarchy is not None:
+        hierarchy = Hierarchy.from_json(resolve_resource(cfg.supervision.hierarchy, "supervision.hierarchy"))
+    model = SSLMetaArch(cfg, hierarchy).to(device).train()
     groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
     scaler = precision.grad_scaler()
     schedule = build_schedules(cfg, 1).values(cfg.train.iterations // 2)  # mid-run values
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(args.warmup + args.steps):
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
     result = {
-        "arch": cfg.student.arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "arch": cfg.student.arch, "supervised": sorted(model.supervised.keys()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": precision.dtype, "batch_size": b, "crop": cfg.crops.global_crops_size,
         "images_per_s": b / med, "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

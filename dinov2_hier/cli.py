@@ -21,13 +21,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .data import ManifestError
     from .hierarchy import HierarchyError
     from .labels import LabelMapError
+    from .losses import SupervisedConfigError
     from .models import WeightsError
     from .paths import ResourceNotFoundError
     from .train.checkpoint import CheckpointError
 
     return (
         ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
-        ResourceNotFoundError, CheckpointError,
+        ResourceNotFoundError, CheckpointError, SupervisedConfigError,
     )
 
 

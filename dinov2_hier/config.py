@@ -39,12 +39,43 @@ def _load_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
+BASE_KEY = "base"
+
+
+def _load_override_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """An override file and the files it names with ``base:`` (relative to itself),
+    outermost base first. Lets ``vitl14_hierce.yaml`` say ``base: vitl14.yaml``."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    layer = _load_yaml(path)
+    chain: list[tuple[str, DictConfig]] = []
+    if BASE_KEY in layer:
+        base = layer.pop(BASE_KEY)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: '{BASE_KEY}' must be a file name, got {base!r}")
+        chain = _load_override_chain(path.parent / base, seen + (path,))
+    return chain + [(str(path), layer)]
+
+
+def _mark_missing(cfg: DictConfig, layer: DictConfig, prefix: str = "") -> None:
+    """``key: ???`` in a layer means "must be given later"; OmegaConf.merge would keep the
+    older value instead, so set those keys to missing explicitly."""
+    for key in layer.keys():
+        if OmegaConf.is_missing(layer, key):
+            OmegaConf.update(cfg, f"{prefix}{key}", "???", force_add=True)
+        elif isinstance(layer[key], DictConfig):
+            _mark_missing(cfg, layer[key], prefix=f"{prefix}{key}.")
+
+
 def _check_known_keys(base: DictConfig, override: DictConfig, source: str, prefix: str = "") -> None:
     """Reject keys of ``override`` absent from ``base`` (mappings are checked recursively)."""
     for key in override.keys():
         full = f"{prefix}{key}"
-        if key not in base:
+        if key not in base.keys():
             raise ConfigError(f"{source}: unknown config key '{full}'")
+        if OmegaConf.is_missing(base, key) or OmegaConf.is_missing(override, key):
+            continue
         sub_base, sub_over = base[key], override[key]
         # Lists and null-valued defaults may be replaced freely; mappings are checked deeply.
         if isinstance(sub_base, DictConfig) and isinstance(sub_over, DictConfig):
@@ -80,8 +111,8 @@ def load_config(
     """Build the run configuration.
 
     Args:
-        config_file: override yaml, merged on top of the default (one level, so the
-            chain stays short and explicit).
+        config_file: override yaml, merged on top of the default. It may name another
+            override file as ``base: FILE`` (relative to itself), merged before it.
         overrides: ``key=value`` strings from the command line.
         default_file: the yaml that declares every key.
     Returns:
@@ -90,7 +121,7 @@ def load_config(
     cfg = _load_yaml(Path(default_file))
     layers: list[tuple[str, DictConfig]] = []
     if config_file is not None:
-        layers.append((str(config_file), _load_yaml(Path(config_file))))
+        layers.extend(_load_override_chain(Path(config_file)))
     layers.append(("command line", parse_overrides(overrides)))
     for source, layer in layers:
         _check_known_keys(cfg, layer, source)
@@ -98,10 +129,14 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        _mark_missing(cfg, layer)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve config: {exc}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config values still to be given (marked ???): {', '.join(missing)}; e.g. {missing[0]}=...")
     return cfg
 
 

@@ -44,7 +44,7 @@ def test_every_shipped_config_loads():
     for f in files:
         if f.name == "default.yaml":
             continue
-        cfg = load_config(f)
+        cfg = load_config(f, ["data.train=[cells.csv]"])
         assert cfg.train.iterations > 0, f
 
 
@@ -66,3 +66,17 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = OmegaConf.load(tmp_path / "config.yaml")
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_base_chain_and_required_values(tmp_path):
+    arm = PROJECT_ROOT / "configs" / "train" / "vitl14_hierce.yaml"
+    with pytest.raises(ConfigError, match=r"data.train=\.\.\."):
+        load_config(arm)  # the ViT-L recipe needs the user's data
+    cfg = load_config(arm, ["data.train=[cells.csv]"])
+    assert cfg.student.arch == "vit_large"  # from base: vitl14.yaml
+    assert cfg.supervision.losses[0].name == "hierce" and cfg.supervision.losses[0].alpha == 0.5
+    assert list(cfg.data.train) == ["cells.csv"]
+    loop = tmp_path / "a.yaml"
+    loop.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(loop)

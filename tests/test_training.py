@@ -171,3 +171,58 @@ def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     assert proc.returncode == 0, proc.stderr
     assert [r["iteration"] for r in _metrics(out)] == [1, 2]
     assert "it 2/2" in (out / "log.txt").read_text()
+
+
+def test_hierce_training_supervised_loss_falls(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + [
+        "supervision.hierarchy=hierarchies/synthetic.json",
+        "supervision.losses=[{name: hierce, weight: 1.0, alpha: 0.5, head: linear}]",
+        "data.synthetic.label_fraction=0.5", "data.synthetic.coarse_fraction=0.3",
+        "supervision.labelled_fraction=1.0",
+        "train.iterations=80", "train.epoch_length=10", "train.checkpoint_every=1000",
+        "optim.base_lr=0.05", "optim.warmup_epochs=0.5", "student.layerscale=null",
+        # colour is the synthetic classes' main cue: without jitter a short run can learn it
+        "crops.color_jitter_p=0", "crops.grayscale_p=0", "crops.solarize_p=[0,0]",
+    ]
+    trainer = _train(tmp_path, overrides)
+    assert set(trainer.model.supervised.keys()) == {"hierce"}
+    # heads are trained with the student and are not part of the EMA teacher
+    assert not any("hierce" in k for k in trainer.model.teacher.state_dict())
+    hierce = [r["loss_hierce"] for r in _metrics(tmp_path / "run")]
+    first, last = sum(hierce[:10]) / 10, sum(hierce[-10:]) / 10
+    assert last < 0.75 * first, (first, last)
+
+
+def test_labelled_share_puts_labels_in_every_batch(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + [
+        "supervision.hierarchy=hierarchies/synthetic.json",
+        "supervision.losses=[{name: ce, weight: 1.0}]",
+        "data.synthetic.label_fraction=0.1",
+        "supervision.labelled_fraction=0.5",
+    ]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    from dinov2_hier.train.data import build_train_loader
+
+    loader = build_train_loader(trainer.data, cfg, 0, 0, 1, torch.device("cpu"), trainer.supervision)
+    batches = iter(loader)
+    for _ in range(3):
+        batch = next(batches)
+        targets = trainer.supervision.batch_targets(batch["labels"], batch["datasets"])
+        assert int((targets >= 0).sum()) == 4  # half of 8, although only 10% of images are labelled
+
+
+def test_unknown_label_stops_before_training(tmp_path, tiny_overrides):
+    manifest = _synthetic_manifest(tmp_path)
+    with open(manifest, "a") as f:
+        f.write("images/00000.png,not_a_cell_type,,\n")
+    overrides = tiny_overrides + [
+        f"data.train=[{manifest}]", "supervision.hierarchy=hierarchies/synthetic.json",
+        "supervision.losses=[{name: hierce}]",
+    ]
+    assert train_main(["--output-dir", str(tmp_path / "bad"), *overrides]) == 2
+    with pytest.raises(Exception, match="not_a_cell_type"):
+        Trainer(load_config(None, overrides), tmp_path / "bad2")
+    # with unmapped=unlabelled the image still trains, without supervision
+    trainer = Trainer(load_config(None, overrides + ["supervision.unmapped=unlabelled"]), tmp_path / "ok")
+    assert trainer.supervision.targets[-1] == -1

@@ -34,7 +34,13 @@ from .records import (
     records_from_source,
     scan_image_folder,
 )
-from .samplers import InfiniteSampler, SamplerConfigError, epoch_permutation
+from .samplers import (
+    InfiniteSampler,
+    LabelledShareSampler,
+    SamplerConfigError,
+    epoch_permutation,
+    labelled_per_batch_from_fraction,
+)
 from .seeding import derive_seed, torch_generator
 from .synthetic import (
     CellAttributes,
@@ -60,6 +66,7 @@ __all__ = [
     "ImageFolderError",
     "ImageRecordDataset",
     "InfiniteSampler",
+    "LabelledShareSampler",
     "ManifestError",
     "MaskingConfigError",
     "Record",
@@ -72,6 +79,7 @@ __all__ = [
     "UnreadableImageError",
     "derive_seed",
     "epoch_permutation",
+    "labelled_per_batch_from_fraction",
     "load_image",
     "read_manifest",
     "read_manifests",

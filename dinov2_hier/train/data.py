@@ -13,6 +13,8 @@ from ..data import (
     GlobalCropsCollator,
     ImageRecordDataset,
     InfiniteSampler,
+    LabelledShareSampler,
+    labelled_per_batch_from_fraction,
     SyntheticCellDataset,
     SyntheticCellGenerator,
     records_from_source,
@@ -95,11 +97,37 @@ def build_train_data(cfg: DictConfig) -> TrainData:
     return TrainData(dataset=dataset, collator=collator, description=description)
 
 
+def build_sampler(cfg: DictConfig, size: int, consumed: int, rank: int, world_size: int, supervision=None):
+    """Plain endless shuffling, or a fixed labelled share per batch (``supervision.labelled_fraction``)."""
+    sup = cfg.supervision
+    if sup.labelled_fraction is None:
+        if sup.balance != "none":
+            raise ConfigError("supervision.balance needs supervision.labelled_fraction (the labelled share of a batch)")
+        return InfiniteSampler(size, seed=cfg.seed, rank=rank, world_size=world_size, start=consumed)
+    if sup.balance not in ("none", "class", "branch"):
+        raise ConfigError(f"supervision.balance must be none, class or branch, got '{sup.balance}'")
+    if not 0.0 <= sup.labelled_fraction <= 1.0:
+        raise ConfigError(f"supervision.labelled_fraction must be in [0, 1], got {sup.labelled_fraction}")
+    batch = cfg.train.batch_size_per_gpu
+    try:
+        return LabelledShareSampler(
+            supervision.targets,
+            batch_size=batch,
+            labelled_per_batch=labelled_per_batch_from_fraction(batch, sup.labelled_fraction),
+            seed=cfg.seed, rank=rank, world_size=world_size, start=consumed,
+            balance=sup.balance,
+            groups=supervision.groups() if sup.balance == "branch" else None,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"supervision.labelled_fraction={sup.labelled_fraction}: {exc}") from None
+
+
 def build_train_loader(
-    data: TrainData, cfg: DictConfig, consumed: int, rank: int, world_size: int, device: torch.device
+    data: TrainData, cfg: DictConfig, consumed: int, rank: int, world_size: int, device: torch.device,
+    supervision=None,
 ) -> DataLoader:
     """An endless loader; ``consumed`` images of this rank are skipped (resume)."""
-    sampler = InfiniteSampler(len(data.dataset), seed=cfg.seed, rank=rank, world_size=world_size, start=consumed)
+    sampler = build_sampler(cfg, len(data.dataset), consumed, rank, world_size, supervision)
     workers = cfg.data.num_workers
     return DataLoader(
         data.dataset,

@@ -17,9 +17,10 @@ from ..data import SkipCounter
 from ..io import atomic_torch_save, atomic_write_text
 from ..models import load_backbone_weights
 from ..paths import resolve_resource
-from .checkpoint import TEACHER_FILE, list_checkpoints, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, load_model_state, save_checkpoint
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
+from .supervision import build_supervision
 from .optim import build_optimizer, build_param_groups
 from .schedules import build_schedules
 from .step import Precision, train_step
@@ -128,8 +129,11 @@ class Trainer:
         self.world_size = distributed.get_world_size()
         self.device, self.precision = resolve_compute(cfg)
 
+        self.data = build_train_data(cfg)
+        self.supervision = build_supervision(cfg, self.data.dataset)
         torch.manual_seed(cfg.seed)
-        self.model = SSLMetaArch(cfg).to(self.device)
+        hierarchy = self.supervision.hierarchy if self.supervision is not None else None
+        self.model = SSLMetaArch(cfg, hierarchy).to(self.device)
         if cfg.student.pretrained_weights:
             self._load_pretrained(cfg.student.pretrained_weights)
         groups = build_param_groups(
@@ -138,7 +142,6 @@ class Trainer:
         self.optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
         self.scaler = self.precision.grad_scaler()
         self.schedules = build_schedules(cfg, self.world_size)
-        self.data = build_train_data(cfg)
         self.skips = SkipCounter()
         self.state = RunState()
         if resume:
@@ -163,6 +166,11 @@ class Trainer:
             return
         iteration, path = found[-1]
         ckpt = load_checkpoint(path)
+        if ckpt.get("hierarchy_fingerprint", "") != self._hierarchy_fingerprint():
+            raise CheckpointError(
+                f"{path}: written with another label hierarchy than supervision.hierarchy now names; "
+                "use a new output directory or --no-resume"
+            )
         load_model_state(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -175,6 +183,9 @@ class Trainer:
         )
         _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
         logger.info("resumed from %s at iteration %d", path, self.state.iteration)
+
+    def _hierarchy_fingerprint(self) -> str:
+        return self.supervision.hierarchy.fingerprint() if self.supervision is not None else ""
 
     # -- persistence ----------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -192,6 +203,7 @@ class Trainer:
             "nonfinite_streak": self.state.nonfinite_streak,
             "nonfinite_total": self.state.nonfinite_total,
             "config": to_yaml(self.cfg),
+            "hierarchy_fingerprint": self._hierarchy_fingerprint(),
             # Images this rank consumed; the sampler resumes from here.
             "consumed_per_rank": it * self.cfg.train.batch_size_per_gpu,
         }
@@ -208,6 +220,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
         moved = dict(batch)
+        if self.supervision is not None:
+            moved["targets"] = self.supervision.batch_targets(batch["labels"], batch["datasets"])
         for key in ("global_crops", "masks", "mask_indices", "masks_weight", "targets"):
             if key in moved and isinstance(moved[key], torch.Tensor):
                 moved[key] = moved[key].to(self.device, non_blocking=True)
@@ -228,7 +242,9 @@ class Trainer:
             self.device, self.precision.dtype, cfg.train.batch_size_per_gpu, self.world_size,
         )
         consumed = self.state.iteration * cfg.train.batch_size_per_gpu
-        loader = build_train_loader(self.data, cfg, consumed, self.rank, self.world_size, self.device)
+        loader = build_train_loader(
+            self.data, cfg, consumed, self.rank, self.world_size, self.device, self.supervision
+        )
         batches = iter(loader)
         self.model.train()
         window_start, window_images = time.perf_counter(), 0

@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
+from ..hierarchy import Hierarchy
 from ..models import DINOHead, build_backbone
+from .supervision import build_supervised_heads
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,13 @@ class SSLMetaArch(nn.Module):
     """Student and EMA teacher (backbone + DINO head [+ iBOT head]), the SSL losses and
     the optional supervised terms.
 
-    Supervised terms (``supervised``) are student-side modules called with the student's
-    CLS tokens of both global crops and the batch's targets; they are optimised with
-    the student and left out of the teacher EMA.
+    Supervised terms (``cfg.supervision.losses``, labels resolved onto ``hierarchy``) are
+    student-side modules called with the student's CLS tokens of both global crops and
+    the batch's targets: they reuse the self-supervised forward pass (no second backbone
+    pass), are optimised with the student and left out of the teacher EMA.
     """
 
-    def __init__(self, cfg: DictConfig, supervised: nn.ModuleDict | None = None, supervised_weights: dict | None = None):
+    def __init__(self, cfg: DictConfig, hierarchy: Hierarchy | None = None):
         super().__init__()
         self.cfg = cfg
         backbone = build_backbone_from_config(cfg)
@@ -95,8 +98,8 @@ class SSLMetaArch(nn.Module):
             sk_iterations=cfg.ibot.sk_iterations,
         )
         self.koleo_loss = KoLeoLoss()
-        self.supervised = supervised if supervised is not None else nn.ModuleDict()
-        self.supervised_weights = dict(supervised_weights or {})
+        # Student-side supervised heads: optimised with the student, not part of the EMA teacher.
+        self.supervised, self.supervised_weights = build_supervised_heads(cfg, hierarchy, embed_dim)
 
     # -- modes --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "SSLMetaArch":

@@ -1,0 +1,122 @@
+"""Config -> hierarchy, label resolution and supervised terms (the wiring of issue 3).
+
+Every ``(label, dataset)`` pair of the training set is resolved once, at start-up, so an
+unknown label stops the run before the first step, and the per-step work is a dict
+lookup that turns the batch's label strings into node indices.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import ConfigError
+from ..data import ImageRecordDataset, SyntheticCellDataset
+from ..hierarchy import Hierarchy
+from ..labels import LabelMap, LabelResolver
+from ..losses import build_supervised_terms
+from ..paths import resolve_resource
+
+logger = logging.getLogger("dinov2_hier.train")
+
+UNLABELLED = -1
+
+
+def item_labels(dataset: Dataset) -> list[tuple[str | None, str | None]]:
+    """``(label, dataset name)`` of every item, without decoding any image."""
+    if isinstance(dataset, ImageRecordDataset):
+        return [(r.label, r.dataset) for r in dataset.records]
+    if isinstance(dataset, SyntheticCellDataset):
+        gen = dataset.generator
+        name = gen.dataset_name
+        return [(gen.label(i, dataset.label_fraction, dataset.coarse_fraction), name) for i in range(len(dataset))]
+    raise TypeError(f"cannot list labels of {type(dataset).__name__}")
+
+
+def load_matching_label_maps(folder: Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
+    """The label maps in ``folder`` written for ``hierarchy`` (by its name); others are ignored."""
+    maps = {}
+    for path in sorted(folder.glob("*.json")):
+        label_map = LabelMap.from_json(path)
+        if label_map.hierarchy_name == hierarchy.name:
+            label_map.check_targets(hierarchy)
+            maps[label_map.dataset] = label_map
+    return maps
+
+
+@dataclass
+class Supervision:
+    """What the training loop needs for supervised terms.
+
+    ``targets[i]`` is the node index of item ``i`` (``-1`` unlabelled);
+    ``index_of`` maps a batch's ``(label, dataset)`` to that index.
+    """
+
+    hierarchy: Hierarchy
+    targets: list[int]
+    index_of: dict[tuple[str | None, str | None], int]
+
+    def batch_targets(self, labels: list[str | None], datasets: list[str | None]) -> torch.Tensor:
+        """``long [B]`` node indices of a collated batch."""
+        return torch.tensor([self.index_of[(l, d)] for l, d in zip(labels, datasets)], dtype=torch.long)
+
+    def groups(self) -> list[int]:
+        """Depth-1 ancestor (lineage) index of each labelled item, -1 for unlabelled."""
+        h = self.hierarchy
+        return [
+            UNLABELLED if t == UNLABELLED else h.index(h.ancestors(h.nodes[t])[-1]) for t in self.targets
+        ]
+
+
+def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
+    """Resolve every label of ``dataset``; None when no hierarchy is configured."""
+    sup = cfg.supervision
+    if sup.hierarchy is None:
+        if len(sup.losses) > 0:
+            raise ConfigError("supervision.losses is set but supervision.hierarchy is null: name the label tree")
+        if sup.labelled_fraction is not None or sup.balance != "none":
+            raise ConfigError("supervision.labelled_fraction/balance need supervision.hierarchy")
+        return None
+    if sup.unmapped not in ("error", "unlabelled"):
+        raise ConfigError(f"supervision.unmapped must be error or unlabelled, got '{sup.unmapped}'")
+    hierarchy = Hierarchy.from_json(resolve_resource(sup.hierarchy, "supervision.hierarchy"))
+    maps = load_matching_label_maps(resolve_resource(sup.label_maps, "supervision.label_maps"), hierarchy)
+    resolver = LabelResolver(hierarchy, maps, unmapped=sup.unmapped)
+    pairs = item_labels(dataset)
+    index_of: dict[tuple[str | None, str | None], int] = {}
+    for pair in set(pairs):
+        idx = resolver.resolve_index(*pair)
+        index_of[pair] = UNLABELLED if idx is None else idx
+    targets = [index_of[p] for p in pairs]
+    _log_label_summary(hierarchy, targets)
+    return Supervision(hierarchy=hierarchy, targets=targets, index_of=index_of)
+
+
+def _log_label_summary(hierarchy: Hierarchy, targets: list[int]) -> None:
+    counts: dict[int, int] = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    n_unlabelled = counts.pop(UNLABELLED, 0)
+    n_leaf = sum(c for t, c in counts.items() if hierarchy.is_leaf(hierarchy.nodes[t]))
+    logger.info(
+        "labels on '%s': %d images, %d unlabelled, %d at a leaf, %d at an internal node",
+        hierarchy.name, len(targets), n_unlabelled, n_leaf, sum(counts.values()) - n_leaf,
+    )
+    for t in sorted(counts):
+        node = hierarchy.nodes[t]
+        logger.info("  %-28s depth %d %s %6d", node, hierarchy.depth(node), "leaf" if hierarchy.is_leaf(node) else "node", counts[t])
+
+
+def build_supervised_heads(cfg: DictConfig, hierarchy: Hierarchy | None, embed_dim: int) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """The supervised terms listed in ``supervision.losses``."""
+    entries = OmegaConf.to_container(cfg.supervision.losses, resolve=True)
+    if not entries:
+        return nn.ModuleDict(), {}
+    if hierarchy is None:
+        raise ConfigError("supervision.losses is set but supervision.hierarchy is null: name the label tree")
+    return build_supervised_terms(entries, hierarchy, embed_dim)
