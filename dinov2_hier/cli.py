@@ -15,10 +15,23 @@ EXIT_USER_ERROR = 2
 EXIT_TRAINING_ABORTED = 3
 
 
+#: User-error types registered by faces above the library (the eval package); see
+#: :func:`register_user_errors`. Kept here so that the library never imports its faces.
+_REGISTERED_USER_ERRORS: list[type[BaseException]] = []
+
+
+def register_user_errors(*types: type[BaseException]) -> None:
+    """Add exception types that :func:`run_cli` reports as one-line user errors (exit 2)."""
+    for error_type in types:
+        if error_type not in _REGISTERED_USER_ERRORS:
+            _REGISTERED_USER_ERRORS.append(error_type)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the input is wrong', gathered from the library."""
+    """Exception types that mean 'the input is wrong', gathered from the library and the
+    faces that registered theirs (:func:`register_user_errors`)."""
     from .config import ConfigError
-    from .data import ManifestError
+    from .data import DataSourceError, ManifestError
     from .hierarchy import HierarchyError
     from .labels import LabelMapError
     from .losses import SupervisedConfigError
@@ -28,7 +41,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
-        ResourceNotFoundError, CheckpointError, SupervisedConfigError,
+        ResourceNotFoundError, CheckpointError, SupervisedConfigError, DataSourceError,
+        *_REGISTERED_USER_ERRORS,
     )
 
 

@@ -1,0 +1,660 @@
+"""Frozen backbones and their CLS features for evaluation.
+
+* :func:`load_eval_backbone` rebuilds the teacher backbone from a ``teacher_backbone.pt``,
+  a full training checkpoint (``checkpoints/ckpt_*.pt``), a foreign DINOv2 / DinoBloom
+  weights file (with ``arch``), or builds an untrained one (``"none"``), in eval mode.
+* :func:`resolve_checkpoints` turns a ``--ckpt`` argument into the checkpoints to evaluate.
+* :func:`load_eval_data` reads a manifest CSV or ImageFolder and resolves every label to a
+  hierarchy node id (or keeps the raw strings without a hierarchy) with one fixed class list.
+* :func:`extract_features` runs the backbone over images (batched, bf16 autocast on CUDA
+  only) and caches the ``[n, D]`` float32 CLS features as ``.npz`` keyed by checkpoint,
+  files and preprocessing, so a second probe run does not re-extract.
+
+Unreadable images are never fatal here: the row is marked ``ok=False`` with zero features,
+counted and logged once; the caller excludes such rows from the probes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dinov2_hier.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    Record,
+    UnreadableImageError,
+    load_image,
+    read_manifest,
+    records_from_source,
+)
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver
+from dinov2_hier.models import (
+    WeightsError,
+    build_backbone,
+    extract_backbone_state_dict,
+    load_backbone_weights,
+    read_state_dict,
+)
+from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
+from dinov2_hier.train.checkpoint import (
+    TEACHER_FILE,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_state,
+)
+
+from .crossval import EvalDataError
+
+__all__ = [
+    "EvalBackbone",
+    "EvalData",
+    "EvalDataError",
+    "FeatureSet",
+    "extract_features",
+    "feature_cache_key",
+    "load_eval_backbone",
+    "load_eval_data",
+    "resolve_checkpoints",
+]
+
+logger = logging.getLogger("dinov2_hier.eval")
+
+#: Bumped when the cached array layout or the feature definition changes.
+_CACHE_FORMAT = "dinov2_hier.eval.features/1"
+_TEACHER_PREFIX = "teacher.backbone."
+
+
+# -- backbones ------------------------------------------------------------------------------
+@dataclass
+class EvalBackbone:
+    """A frozen backbone ready for feature extraction.
+
+    ``meta`` holds ``arch, patch_size, img_size, mean, std, num_register_tokens, iteration``
+    (None when unknown) and the remaining build options; ``fingerprint`` identifies the
+    weights (sha256 of the file's bytes, or ``untrained:<arch>:<seed>``).
+    """
+
+    model: nn.Module
+    meta: dict
+    source: str
+    fingerprint: str
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _finish(model: nn.Module, meta: dict, source: str, fingerprint: str, device: Any) -> EvalBackbone:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return EvalBackbone(model.to(device), meta, source, fingerprint)
+
+
+def _meta(model: nn.Module, arch: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+          iteration: int | None, **extra: Any) -> dict:
+    return {
+        "arch": arch,
+        "patch_size": int(model.patch_size),
+        "img_size": int(img_size),
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "num_register_tokens": int(model.num_register_tokens),
+        "embed_dim": int(model.embed_dim),
+        "iteration": None if iteration is None else int(iteration),
+        **extra,
+    }
+
+
+def _strict_load(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, recorded_arch: str,
+                 arch: str) -> None:
+    """Strict load; on mismatch one CheckpointError naming file, architectures and first key."""
+    try:
+        load_model_state(model, dict(state), path)
+    except CheckpointError as err:
+        if arch != recorded_arch:
+            detail = str(err).removeprefix(f"{path}: ")
+            raise CheckpointError(
+                f"{path} holds a {recorded_arch} backbone, not the requested arch {arch}: {detail}"
+            ) from None
+        raise
+
+
+def _build(arch: str, path: Path, **kwargs: Any) -> nn.Module:
+    try:
+        return build_backbone(arch, **kwargs)
+    except ValueError as err:  # unknown arch, img_size not a multiple of the patch size, ...
+        raise CheckpointError(f"{path}: cannot build backbone {arch!r}: {err}") from None
+
+
+def _from_teacher_file(obj: dict, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+    meta = obj["meta"]
+    if not isinstance(meta, Mapping) or "arch" not in meta:
+        raise CheckpointError(f"{path}: 'meta' of a teacher backbone file must name its 'arch'")
+    recorded = str(meta["arch"])
+    arch = arch or recorded
+    img_size = int(meta.get("img_size", 224))
+    model = _build(
+        arch, path,
+        img_size=img_size,
+        patch_size=int(meta.get("patch_size", 14)),
+        num_register_tokens=int(meta.get("num_register_tokens", 0)),
+        ffn_layer=str(meta.get("ffn_layer", "mlp")),
+        layerscale_init=meta.get("layerscale", 1e-5),
+        qkv_bias=bool(meta.get("qkv_bias", True)),
+    )
+    if not isinstance(obj["model"], Mapping):
+        raise CheckpointError(f"{path}: 'model' of a teacher backbone file must be a state dict")
+    _strict_load(model, obj["model"], path, recorded, arch)
+    extra = {k: meta[k] for k in ("ffn_layer", "layerscale", "qkv_bias") if k in meta}
+    return model, _meta(model, arch, img_size, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD),
+                        meta.get("iteration"), **extra)
+
+
+def _from_training_checkpoint(obj: dict, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dinov2_hier.train.meta_arch import build_backbone_from_config
+
+    try:
+        cfg = OmegaConf.create(obj["config"])
+        recorded = str(cfg.student.arch)
+    except (OmegaConfBaseException, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: cannot read the config stored in the checkpoint: {err}") from None
+    arch = arch or recorded
+    cfg.student.arch = arch
+    try:
+        model = build_backbone_from_config(cfg, drop_path_rate=0.0)
+    except (ValueError, OmegaConfBaseException) as err:
+        raise CheckpointError(f"{path}: cannot build backbone {arch!r} from its config: {err}") from None
+    weights = obj["model"]
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: 'model' of a training checkpoint must be a state dict")
+    state = {k[len(_TEACHER_PREFIX):]: v for k, v in weights.items() if k.startswith(_TEACHER_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{path}: training checkpoint holds no '{_TEACHER_PREFIX}*' weights")
+    _strict_load(model, state, path, recorded, arch)
+    s = cfg.student
+    extra = {"ffn_layer": str(s.ffn_layer), "layerscale": s.layerscale, "qkv_bias": bool(s.qkv_bias)}
+    return model, _meta(model, arch, int(cfg.crops.global_crops_size), list(cfg.crops.mean), list(cfg.crops.std),
+                        obj.get("iteration"), **extra)
+
+
+def _from_foreign_weights(obj: Mapping, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+    """A DINOv2 / DinoBloom style file without recorded architecture: ``arch`` decides;
+    patch size, registers, FFN, LayerScale and qkv bias are read off the tensors; the model
+    is built at 224 px (position embeddings interpolated)."""
+    if arch is None:
+        raise CheckpointError(
+            f"{path}: not a dinov2_hier checkpoint (no 'meta' or 'config' recording the architecture); "
+            "name the architecture (--arch vit_small|vit_base|vit_large|vit_giant2) to load it as "
+            "DINOv2/DinoBloom weights"
+        )
+    try:
+        state = extract_backbone_state_dict(obj)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
+    proj = state.get("patch_embed.proj.weight")
+    patch = int(proj.shape[-1]) if proj is not None and proj.ndim == 4 else 14
+    registers = state.get("register_tokens")
+    img_size = 224 - 224 % patch
+    kwargs: dict[str, Any] = {
+        "img_size": img_size,
+        "patch_size": patch,
+        "num_register_tokens": int(registers.shape[1]) if registers is not None and registers.ndim == 3 else 0,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "layerscale_init": 1e-5 if "blocks.0.ls1.gamma" in state else None,
+    }
+    if any(k.startswith("blocks.0.mlp.w12") for k in state):
+        kwargs["ffn_layer"] = "swiglu"
+    model = _build(arch, path, **kwargs)
+    try:
+        report = load_backbone_weights(model, state)
+    except WeightsError as err:
+        raise WeightsError(f"{path}: weights do not match {arch}: {str(err).removeprefix('state dict: ')}") from None
+    if report.missing:
+        raise WeightsError(
+            f"{path}: weights do not match {arch} (missing key {report.missing[0]!r}; "
+            f"{len(report.missing)} missing, {len(report.unexpected)} unexpected)"
+        )
+    if report.unexpected:
+        logger.warning("%s: ignored %d unexpected keys (first %r)", path, len(report.unexpected), report.unexpected[0])
+    extra = {"qkv_bias": kwargs["qkv_bias"], "layerscale": kwargs["layerscale_init"],
+             "ffn_layer": kwargs.get("ffn_layer", "default")}
+    return model, _meta(model, arch, img_size, IMAGENET_MEAN, IMAGENET_STD, None, **extra)
+
+
+def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device: Any = "cpu", *,
+                       seed: int = 0) -> EvalBackbone:
+    """The frozen teacher backbone of ``ckpt`` in eval mode on ``device``.
+
+    ``ckpt``: a ``teacher_backbone.pt`` (``{"model", "meta"}``), a training checkpoint
+    (teacher weights ``teacher.backbone.*`` of ``"model"``, architecture and normalisation
+    from its ``"config"``), a DINOv2/DinoBloom weights file (needs ``arch``), or ``"none"``:
+    an untrained ``arch`` backbone at 224 px with ImageNet normalisation, initialised under
+    ``torch.manual_seed(seed)`` without touching the global RNG.
+
+    ``arch`` given for a dinov2_hier checkpoint overrides the recorded one; a checkpoint
+    whose weights do not fit raises :class:`CheckpointError` naming the file, both
+    architectures and the first mismatching key (never a partial load).
+    """
+    if str(ckpt).strip().lower() == "none":
+        if not arch:
+            raise CheckpointError("an untrained baseline (--ckpt none) needs an architecture (--arch vit_small, ...)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = build_backbone(arch)
+            except ValueError as err:
+                raise CheckpointError(f"cannot build backbone {arch!r}: {err}") from None
+        meta = _meta(model, arch, model.grid_size[0] * model.patch_size, IMAGENET_MEAN, IMAGENET_STD, None)
+        return _finish(model, meta, "none", f"untrained:{arch}:{seed}", device)
+
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory; pass a checkpoint file, or resolve the directory's checkpoints "
+            "with resolve_checkpoints()"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    obj = read_state_dict(path) if path.suffix == ".safetensors" else load_checkpoint(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict")
+    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
+        model, meta = _from_teacher_file(dict(obj), path, arch)
+    elif isinstance(obj.get("config"), str) and "model" in obj:
+        model, meta = _from_training_checkpoint(dict(obj), path, arch)
+    else:
+        model, meta = _from_foreign_weights(obj, path, arch)
+    return _finish(model, meta, str(path), _file_sha256(path), device)
+
+
+def resolve_checkpoints(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, ckpt)`` pairs to evaluate for a ``--ckpt`` argument.
+
+    ``"none"`` -> ``[("untrained", "none")]``; a file -> ``[(stem, path)]``; a training
+    output directory -> every ``checkpoints/ckpt_*.pt`` in iteration order, named
+    ``iter_00001000``; a directory without full checkpoints but with a
+    ``teacher_backbone.pt`` -> that file.
+    """
+    if str(path).strip().lower() == "none":
+        return [("untrained", "none")]
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [(p.stem, str(p))]
+    if p.is_dir():
+        found = [(f"iter_{it:08d}", str(ckpt)) for it, ckpt in list_checkpoints(p)]
+        if found:
+            return found
+        if (p / TEACHER_FILE).is_file():
+            return [(Path(TEACHER_FILE).stem, str(p / TEACHER_FILE))]
+        raise CheckpointError(f"{p}: no checkpoints/ckpt_*.pt and no {TEACHER_FILE} in this directory")
+    raise CheckpointError(f"checkpoint not found: {p}")
+
+
+# -- labelled data --------------------------------------------------------------------------
+@dataclass
+class EvalData:
+    """Images to evaluate and their labels.
+
+    ``labels[i]`` is the hierarchy node id of ``paths[i]`` (or the raw label without a
+    hierarchy); ``classes`` is the class list fixed once from the whole dataset, in
+    ``hierarchy.index`` order (else sorted); ``records`` are the records as read.
+    """
+
+    paths: list[str]
+    labels: list[str]
+    classes: list[str]
+    records: list[Record] = field(repr=False)
+
+
+def _as_hierarchy(hierarchy: Hierarchy | str | os.PathLike | None) -> Hierarchy | None:
+    if hierarchy is None or isinstance(hierarchy, Hierarchy):
+        return hierarchy
+    return Hierarchy.from_json(resolve_resource(hierarchy, "hierarchy"))
+
+
+def _read_label_map(label_map: str, label_maps_dir: str | os.PathLike, hierarchy: Hierarchy | None) -> LabelMap:
+    """A label map given as a JSON file or as a dataset name in ``label_maps_dir``."""
+    candidate = Path(label_map).expanduser()
+    if candidate.suffix.lower() == ".json" or candidate.is_file():
+        try:
+            file = resolve_resource(candidate, "label map")
+        except ResourceNotFoundError as err:
+            raise LabelMapError(str(err)) from None
+        return LabelMap.from_json(file, hierarchy)
+    try:
+        file = resolve_resource(Path(label_maps_dir) / f"{label_map}.json", "label map")
+    except ResourceNotFoundError:
+        raise LabelMapError(
+            f"label map {label_map!r} is neither a JSON file nor a dataset with a map in {label_maps_dir}"
+        ) from None
+    return LabelMap.from_json(file, hierarchy)
+
+
+def load_eval_data(
+    source: str | os.PathLike,
+    hierarchy: Hierarchy | str | os.PathLike | None = None,
+    label_map: str | None = None,
+    label_maps_dir: str | os.PathLike = "hierarchies/label_maps",
+    label_column: str = "label",
+) -> EvalData:
+    """Read a manifest CSV or an ImageFolder and resolve every label.
+
+    With ``hierarchy`` (a :class:`Hierarchy` or a JSON path) labels become node ids: an
+    explicit ``label_map`` (a JSON file, or a dataset name in ``label_maps_dir``) maps every
+    row; otherwise each row's ``dataset`` column picks a map from ``label_maps_dir`` (maps for
+    other trees are ignored), and a row without one must name a node. Without a hierarchy
+    the labels are the raw strings, passed through ``label_map`` when one is given.
+
+    Raises:
+        LabelMapError: a label no map or node knows; the message names the label, its dataset,
+            the data source and the first image carrying it.
+        EvalDataError: an unlabelled row (named by its image path) or no images at all.
+        DataSourceError / ManifestError: the source itself is missing or malformed.
+    """
+    hierarchy = _as_hierarchy(hierarchy)
+    src = Path(source).expanduser()
+    if src.suffix.lower() == ".csv":
+        records = read_manifest(src, label_column=label_column)
+    else:
+        records = records_from_source(src)
+    if not records:
+        raise EvalDataError(f"{src}: no images listed")
+    unlabelled = [r for r in records if r.label is None]
+    if unlabelled:
+        raise EvalDataError(
+            f"{src}: {len(unlabelled)} of {len(records)} images have no label (column '{label_column}') "
+            f"(first: {unlabelled[0].path}); evaluation needs a label for every image"
+        )
+
+    explicit = _read_label_map(label_map, label_maps_dir, hierarchy) if label_map else None
+    if hierarchy is not None:
+        maps: dict[str, LabelMap] = {}
+        try:
+            folder = resolve_resource(label_maps_dir, "label map directory")
+        except ResourceNotFoundError:
+            folder = None
+        if folder is not None and folder.is_dir():
+            from dinov2_hier.train.supervision import load_matching_label_maps
+
+            maps = load_matching_label_maps(folder, hierarchy)
+        if explicit is not None:
+            maps[explicit.dataset] = explicit
+        resolver = LabelResolver(hierarchy, maps, unmapped="error")
+
+        def resolve(label: str, dataset: str | None) -> str:
+            node = resolver.resolve(label, dataset)
+            assert node is not None  # labels are non-blank here
+            return node
+    else:
+        def resolve(label: str, dataset: str | None) -> str:
+            return explicit.map(label) if explicit is not None else label
+
+    resolved: dict[tuple[str, str | None], str] = {}
+    labels: list[str] = []
+    for record in records:
+        dataset = explicit.dataset if explicit is not None else record.dataset
+        key = (record.label, dataset)
+        if key not in resolved:
+            try:
+                resolved[key] = resolve(record.label, dataset)
+            except LabelMapError as err:
+                hint = "; name the dataset's label map with label_map (--label-map)" if dataset is None else ""
+                raise LabelMapError(
+                    f"{err} [dataset {dataset!r}, image {record.path}]{hint}", source=str(src)
+                ) from None
+        labels.append(resolved[key])
+    unique = set(labels)
+    classes = sorted(unique, key=hierarchy.index) if hierarchy is not None else sorted(unique)
+    return EvalData(paths=[r.path for r in records], labels=labels, classes=classes, records=records)
+
+
+# -- features -------------------------------------------------------------------------------
+@dataclass
+class FeatureSet:
+    """CLS features ``[n, D]`` float32 of ``paths`` in order; ``ok[i]`` False marks an
+    unreadable image (zero features, to be excluded); ``cache_path`` the ``.npz`` used."""
+
+    features: np.ndarray
+    ok: np.ndarray
+    n_unreadable: int
+    from_cache: bool
+    cache_path: Path | None = None
+
+
+class _EvalImages(Dataset):
+    """``(index, image [3,S,S], ok, error)``; an unreadable file gives zeros and ok False."""
+
+    def __init__(self, paths: Sequence[str], transform: EvalTransform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, bool, str]:
+        try:
+            image = load_image(self.paths[index])
+        except UnreadableImageError as err:
+            s = self.transform.crop_size
+            return index, torch.zeros(3, s, s), False, str(err)
+        return index, self.transform(image), True, ""
+
+
+def _precision_tag(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def feature_cache_key(fingerprint: str, paths: Sequence[str], crop_size: int, resize_mode: str,
+                      mean: Sequence[float], std: Sequence[float], precision: str = "fp32") -> str:
+    """16 hex digits: sha256 over the weights fingerprint, the sorted paths with their file
+    sizes and modification times (missing files count as size -1), crop size, resize mode,
+    normalisation and the compute precision (bf16 features differ from fp32 ones)."""
+    files = []
+    for p in sorted(paths):
+        try:
+            st = os.stat(p)
+            files.append([p, st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([p, -1, -1])
+    payload = {
+        "format": _CACHE_FORMAT,
+        "feature": "x_norm_clstoken",
+        "fingerprint": fingerprint,
+        "files": files,
+        "crop_size": int(crop_size),
+        "resize_mode": resize_mode,
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "precision": precision,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _load_cache(path: Path, paths: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (features, ok) in the order of ``paths``, or None if absent or unusable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feats, ok, cached_paths = data["features"], data["ok"], data["paths"]
+        row = {str(p): i for i, p in enumerate(cached_paths.tolist())}
+        index = np.array([row[p] for p in paths], dtype=np.int64)
+        if feats.ndim != 2 or feats.shape[1] != dim or feats.dtype != np.float32 or ok.shape != (feats.shape[0],):
+            raise ValueError(f"unexpected arrays {feats.shape} {feats.dtype} / {ok.shape}")
+    except (OSError, KeyError, ValueError) as err:  # corrupt, foreign or truncated file
+        logger.warning("ignoring unusable feature cache %s (%s); extracting again", path, err)
+        return None
+    return np.ascontiguousarray(feats[index]), ok[index].astype(bool)
+
+
+def _save_cache(path: Path, features: np.ndarray, ok: np.ndarray, paths: Sequence[str], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, features=features, ok=ok, paths=np.array(list(paths), dtype=str),
+                     meta=np.array(json.dumps(meta, sort_keys=True)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Progress:
+    """tqdm when installed (and wanted), else an INFO line about every 10%."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
+        self.next_log, self.start = max(1, total // 10), time.perf_counter()
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.next_log or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            logger.info("features: %d/%d images (%.1f img/s)", self.done, self.total, rate)
+            self.next_log = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def extract_features(
+    backbone: EvalBackbone,
+    paths: Sequence[str],
+    *,
+    crop_size: int | None = None,
+    resize_mode: str = "pad",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    device: Any = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """CLS features (``x_norm_clstoken``) of ``paths``, in order, as ``[n, D]`` float32.
+
+    Images are resized without distortion to ``crop_size`` (default: the checkpoint's
+    training crop size ``meta["img_size"]``) by padding (``"pad"``) or centre-cropping
+    (``"center_crop"``), normalised with the checkpoint's mean/std, and run in batches
+    through a DataLoader; the model runs in eval mode under ``torch.inference_mode``, with
+    bf16 autocast on CUDA only. ``device`` (default: where the model is) moves the model.
+
+    With ``cache_dir`` the result is stored as ``<cache_dir>/<feature_cache_key>.npz`` and a
+    later call with the same weights, files (paths, sizes, mtimes), crop size, resize mode
+    and normalisation loads it (``from_cache=True``); None disables caching.
+    """
+    if resize_mode not in ("pad", "center_crop"):
+        raise EvalDataError(f"resize_mode must be 'pad' or 'center_crop', got {resize_mode!r}")
+    meta = backbone.meta
+    crop = int(crop_size if crop_size is not None else meta["img_size"])
+    patch = int(meta["patch_size"])
+    if crop < patch or crop % patch:
+        raise EvalDataError(f"crop size {crop} px is not a positive multiple of the patch size {patch} px")
+    model = backbone.model
+    dev = torch.device(device) if device is not None else backbone.device
+    model.to(dev).eval()
+    mean, std = list(meta["mean"]), list(meta["std"])
+    paths = [str(p) for p in paths]
+    dim = backbone.embed_dim
+
+    cache_path = None
+    if cache_dir is not None:
+        key = feature_cache_key(backbone.fingerprint, paths, crop, resize_mode, mean, std, _precision_tag(dev))
+        cache_path = Path(cache_dir) / f"{key}.npz"
+        cached = _load_cache(cache_path, paths, dim)
+        if cached is not None:
+            feats, ok = cached
+            n_bad = int((~ok).sum())
+            logger.info("features of %d images loaded from %s%s", len(paths), cache_path,
+                        f" ({n_bad} unreadable, skipped)" if n_bad else "")
+            return FeatureSet(feats, ok, n_bad, True, cache_path)
+
+    features = np.zeros((len(paths), dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    transform = EvalTransform(crop, resize_mode, mean, std)
+    loader = DataLoader(
+        _EvalImages(paths, transform),
+        batch_size=max(1, int(batch_size)),
+        shuffle=False,
+        num_workers=int(num_workers),
+        pin_memory=dev.type == "cuda",
+    )
+    logged: set[str] = set()
+    bar = _Progress(len(paths), progress)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for index, images, good, errors in loader:
+                index, good = index.numpy(), good.numpy().astype(bool)
+                for i, msg in zip(index[~good], (e for e, g in zip(errors, good) if not g)):
+                    if paths[i] not in logged:
+                        logged.add(paths[i])
+                        logger.warning("skipping unreadable image: %s", msg)
+                if good.any():
+                    batch = images[torch.from_numpy(good)].to(dev, non_blocking=True)
+                    if dev.type == "cuda":
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            out = model(batch)["x_norm_clstoken"]
+                    else:
+                        out = model(batch)["x_norm_clstoken"]
+                    features[index[good]] = out.float().cpu().numpy()
+                    ok[index[good]] = True
+                bar.update(len(index))
+    finally:
+        bar.close()
+    n_bad = int((~ok).sum())
+    elapsed = time.perf_counter() - start
+    logger.info("extracted features of %d images in %.1f s (%.1f img/s, %s on %s)%s", len(paths), elapsed,
+                len(paths) / max(elapsed, 1e-9), _precision_tag(dev), dev,
+                f"; {n_bad} unreadable, skipped" if n_bad else "")
+    if cache_path is not None:
+        _save_cache(cache_path, features, ok, paths, {
+            "fingerprint": backbone.fingerprint, "source": backbone.source, "crop_size": crop,
+            "resize_mode": resize_mode, "mean": mean, "std": std, "precision": _precision_tag(dev),
+        })
+    return FeatureSet(features, ok, n_bad, False, cache_path)

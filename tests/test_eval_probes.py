@@ -1,0 +1,256 @@
+"""Frozen-feature probes (eval.probes) and cross-validation (eval.crossval)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.paths import PROJECT_ROOT
+from eval.crossval import FIXED_SPLIT, NOT_TESTED, EvalDataError, run_probes, stratified_folds
+from eval.probes import DEFAULT_C_GRID, KNNProbe, LogRegProbe, balanced_accuracy
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The probes' tensors are tiny: one thread avoids OpenMP spin-waiting on busy CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _blobs(n_per_class: int, n_classes: int, dim: int = 16, spread: float = 1.0, seed: int = 0):
+    """Gaussian blobs with unit covariance, centres ``spread * 3`` apart on random axes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    centres *= 3.0 * spread / np.linalg.norm(centres, axis=1, keepdims=True)
+    X = np.concatenate([c + rng.normal(size=(n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat([f"class_{i}" for i in range(n_classes)], n_per_class)
+    order = rng.permutation(len(y))
+    return X[order], y[order]
+
+
+# -- logistic regression: torch matches scikit-learn -----------------------------------------
+@pytest.mark.parametrize("n_classes", [3, 2])
+def test_torch_logreg_matches_sklearn_fixed_C(n_classes):
+    X, y = _blobs(100, n_classes, spread=0.8)
+    train, test = np.arange(200), np.arange(200, len(y))
+    if n_classes == 2:
+        train, test = np.arange(140), np.arange(140, 200)
+    models = {}
+    for backend in ("sklearn", "torch"):
+        probe = LogRegProbe(C=0.5, backend=backend, device="cpu").fit(X[train], y[train])
+        assert probe.backend_ == backend and probe.chosen_C_ == 0.5 and probe.converged_
+        models[backend] = probe
+    sk, th = models["sklearn"], models["torch"]
+    # Same objective -> same minimiser: compare the fitted weights directly.
+    coef_sk = sk._model.model.coef_  # [K, D] (binary: [1, D])
+    coef_th = th._model.W.numpy().T
+    assert coef_th.shape == coef_sk.shape
+    np.testing.assert_allclose(coef_th, coef_sk, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(th._model.b.numpy(), sk._model.model.intercept_, atol=2e-3)
+    pred_sk, pred_th = sk.predict(X[test]), th.predict(X[test])
+    assert np.mean(pred_sk == pred_th) >= 0.98
+    acc_sk, acc_th = np.mean(pred_sk == y[test]), np.mean(pred_th == y[test])
+    assert abs(acc_sk - acc_th) <= 0.005
+
+
+def test_torch_logreg_matches_sklearn_with_C_sweep():
+    """3 near-separable blobs in 16-D, n=300: the chosen C, the accuracy (within 0.5 points)
+    and >= 98% of the predictions agree between the backends."""
+    X, y = _blobs(100, 3, spread=0.8)
+    folds = stratified_folds(y, 3, seed=1)
+    agree, accs = [], {"sklearn": [], "torch": []}
+    for train, test in folds:
+        preds = {}
+        for backend in ("sklearn", "torch"):
+            probe = LogRegProbe(backend=backend, device="cpu", seed=0).fit(X[train], y[train])
+            assert probe.chosen_C_ in DEFAULT_C_GRID
+            assert set(probe.cv_scores_) == set(DEFAULT_C_GRID)
+            preds[backend] = probe.predict(X[test])
+            accs[backend].append(np.mean(preds[backend] == y[test]))
+        agree.append(np.mean(preds["sklearn"] == preds["torch"]))
+    assert np.mean(agree) >= 0.98
+    assert abs(np.mean(accs["sklearn"]) - np.mean(accs["torch"])) <= 0.005
+    assert np.mean(accs["sklearn"]) > 0.8  # learnable but not trivial
+
+
+def test_logreg_C_selection_is_seeded_and_prefers_smaller_C_on_ties():
+    X, y = _blobs(30, 3, spread=3.0)  # fully separable: many C reach balanced accuracy 1
+    a = LogRegProbe(backend="sklearn", seed=3).fit(X, y)
+    b = LogRegProbe(backend="sklearn", seed=3).fit(X, y)
+    assert a.cv_scores_ == b.cv_scores_ and a.chosen_C_ == b.chosen_C_
+    best = max(a.cv_scores_.values())
+    assert a.chosen_C_ == min(c for c, s in a.cv_scores_.items() if s == best)
+
+
+def test_logreg_single_class_and_tiny_classes():
+    X, y = _blobs(10, 3)
+    probe = LogRegProbe(backend="torch", device="cpu").fit(X[:5], np.array(["only"] * 5))
+    assert list(probe.predict(X[5:8])) == ["only"] * 3
+    # Classes with fewer members than inner folds still fit (inner CV warns internally).
+    y_small = y.copy()
+    y_small[:2] = "rare"
+    for backend in ("sklearn", "torch"):
+        pred = LogRegProbe(backend=backend, device="cpu").fit(X, y_small).predict(X)
+        assert pred.dtype.kind == "U" and set(pred) <= set(y_small)
+
+
+def test_logreg_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        LogRegProbe(C=0)
+    with pytest.raises(ValueError):
+        LogRegProbe(backend="gpu")
+    with pytest.raises(EvalDataError):
+        LogRegProbe(backend="sklearn").fit(np.full((6, 2), np.nan), ["a", "b"] * 3)
+
+
+# -- kNN ------------------------------------------------------------------------------------
+def test_knn_cosine_and_euclidean_differ():
+    X = np.array([[10.0, 0.0], [1.0, 1.0]])
+    y = np.array(["far_same_direction", "near_other_direction"])
+    queries = np.array([[1.0, 0.1], [0.0, 5.0]])
+    cosine = KNNProbe(1).fit(X, y).predict(queries)
+    euclid = KNNProbe(1, metric="euclidean").fit(X, y).predict(queries)
+    # query 0 points along x (cosine -> the [10, 0] sample) but lies next to [1, 1].
+    assert list(cosine) == ["far_same_direction", "near_other_direction"]
+    assert list(euclid) == ["near_other_direction", "near_other_direction"]
+    assert KNNProbe(1).name == "knn_k1" and KNNProbe(20).name == "knn_k20"
+
+
+def _unit(angles_deg):
+    a = np.deg2rad(np.asarray(angles_deg, dtype=float))
+    return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+
+def test_knn_vote_tie_broken_by_summed_similarity():
+    # k=4 around a query at angle 0: 'a' has the nearest neighbour (sim 0.99) and one far
+    # (0.5); 'b' two fairly near (0.9, 0.8). Votes 2:2 -> summed 1.49 < 1.7 -> 'b'.
+    X = _unit(np.degrees(np.arccos([0.99, 0.5, 0.9, 0.8, -1.0])))
+    y = np.array(["a", "a", "b", "b", "c"])
+    assert list(KNNProbe(4).fit(X, y).predict(_unit([0]))) == ["b"]
+    # Majority beats similarity: k=3 -> a (0.99), b (0.9), b (0.8) -> 'b'; k=1 -> 'a'.
+    assert list(KNNProbe(1).fit(X, y).predict(_unit([0]))) == ["a"]
+    assert list(KNNProbe(3).fit(X, y).predict(_unit([0]))) == ["b"]
+
+
+def test_knn_exact_tie_goes_to_class_of_nearest_neighbour():
+    # Euclidean in 1-D, query at 0, k=4. 'near' at 1 and 3, 'other' at 2 and -2: votes 2:2,
+    # summed distances 4 == 4 exactly -> the class whose best neighbour ranks first.
+    q = np.zeros((1, 1))
+    X = np.array([[1.0], [3.0], [2.0], [-2.0]])
+    for first, second in (("a", "b"), ("b", "a")):
+        y = np.array([first, first, second, second])
+        assert list(KNNProbe(4, metric="euclidean").fit(X, y).predict(q)) == [first]
+
+
+def test_knn_equal_similarity_neighbours_ranked_by_training_row():
+    X = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # rows 0 and 1: same direction
+    q = np.array([[1.0, 0.0]])
+    assert list(KNNProbe(1).fit(X, np.array(["x", "y", "z"])).predict(q)) == ["x"]
+    assert list(KNNProbe(1).fit(X, np.array(["y", "x", "z"])).predict(q)) == ["y"]
+    # k=2 picks both tied rows (one vote each, equal sums) -> the lower row's class.
+    assert list(KNNProbe(2).fit(X, np.array(["y", "x", "z"])).predict(q)) == ["y"]
+
+
+def test_knn_k_larger_than_training_set_and_blocking(monkeypatch):
+    X, y = _blobs(20, 3, spread=2.0)
+    full = KNNProbe(200).fit(X[:30], y[:30]).predict(X[30:])
+    counts = {c: int(np.sum(y[:30] == c)) for c in np.unique(y[:30])}
+    assert len(set(full)) == 1 and counts[full[0]] == max(counts.values())  # every sample votes
+    expected = KNNProbe(5).fit(X[:40], y[:40]).predict(X[40:])
+    monkeypatch.setattr("eval.probes._KNN_BLOCK_ELEMENTS", 50)  # one query row per block
+    assert list(KNNProbe(5).fit(X[:40], y[:40]).predict(X[40:])) == list(expected)
+    assert balanced_accuracy(y[40:], expected) > 0.8
+
+
+# -- folds ----------------------------------------------------------------------------------
+def test_stratified_folds_cover_every_sample_once_and_are_seeded():
+    y = np.array(["a"] * 23 + ["b"] * 11 + ["c"] * 6)
+    folds = stratified_folds(y, 5, seed=7)
+    assert len(folds) == 5
+    tests = np.concatenate([te for _, te in folds])
+    assert sorted(tests.tolist()) == list(range(len(y)))
+    for train, test in folds:
+        assert np.intersect1d(train, test).size == 0 and train.size + test.size == len(y)
+        for c in "abc":  # stratified: per-class counts differ by at most one between folds
+            assert abs(np.sum(y[test] == c) - np.sum(y == c) / 5) < 1
+    again = stratified_folds(y, 5, seed=7)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    other = stratified_folds(y, 5, seed=8)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
+
+
+def test_stratified_folds_rejects_class_smaller_than_folds():
+    y = ["common"] * 20 + ["rare"] * 3
+    with pytest.raises(EvalDataError, match=r"class 'rare' has 3 samples.*5 cross-validation folds"):
+        stratified_folds(y, 5, seed=0)
+    with pytest.raises(EvalDataError):
+        stratified_folds(y, 1, seed=0)
+    assert len(stratified_folds(y, 3, seed=0)) == 3
+
+
+# -- run_probes -----------------------------------------------------------------------------
+def _three_clusters():
+    """Three well separated classes; 'b' sits between 'a' and 'c'."""
+    X = np.array([[0.0, 1.0]] * 4 + [[1.0, 1.0]] * 4 + [[2.0, 1.0]] * 4) + np.linspace(0, 0.01, 12)[:, None]
+    y = np.array(["a"] * 4 + ["b"] * 4 + ["c"] * 4)
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("probe", [
+    KNNProbe(1, metric="euclidean"),
+    LogRegProbe(C=10.0, backend="sklearn"),
+    LogRegProbe(C=10.0, backend="torch", device="cpu"),
+], ids=["knn", "logreg_sklearn", "logreg_torch"])
+def test_class_absent_from_training_does_not_shift_labels(probe):
+    X, y = _three_clusters()
+    classes = ["a", "b", "c"]
+    train = np.array([0, 1, 2, 8, 9, 10])  # no 'b' in training
+    test = np.array([3, 11, 4])
+    result = run_probes(X, y, classes, [probe], folds=(train, test))
+    pred = result.predictions[probe.name]
+    assert list(pred[test]) == ["a", "c", pred[4]] and pred[4] in ("a", "c")
+    assert list(pred[train]) == [""] * len(train)
+    assert result.fold[test].tolist() == [FIXED_SPLIT] * 3
+    assert result.fold[train].tolist() == [NOT_TESTED] * len(train)
+    assert result.tested.sum() == 3
+    (metrics,) = result.per_fold[probe.name]
+    assert metrics["labels"] == classes
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm[0, 0] == 1 and cm[2, 2] == 1 and cm[1, 1] == 0
+
+
+def test_run_probes_cross_validation_with_hierarchy():
+    hierarchy = Hierarchy.from_json(PROJECT_ROOT / "hierarchies" / "synthetic.json")
+    leaves = ["myeloblast", "eosinophil", "monocyte"]
+    X, y_idx = _blobs(10, 3, spread=2.0, seed=4)
+    y = np.array([leaves[int(s.split("_")[1])] for s in y_idx])
+    classes = sorted(set(y), key=hierarchy.index)
+    ok = np.ones(len(y), dtype=bool)
+    ok[5] = False  # an unreadable image: in no training or test set
+    folds = stratified_folds(y, 3, seed=0)
+    probes = [KNNProbe(1), KNNProbe(20), LogRegProbe(backend="sklearn")]
+    result = run_probes(X, y, classes, probes, folds, hierarchy=hierarchy, ok=ok)
+    assert set(result.predictions) == {"knn_k1", "knn_k20", "logreg"}
+    assert result.fold[5] == NOT_TESTED and result.predictions["knn_k1"][5] == ""
+    assert np.all(result.fold[ok] >= 0) and sorted(set(result.fold[ok].tolist())) == [0, 1, 2]
+    for name in result.predictions:
+        assert len(result.per_fold[name]) == 3
+        assert "hierarchical_f1" in result.per_fold[name][0]
+        assert sum(info["n_test"] for info in result.fit_info[name]) == len(y) - 1
+    assert all("chosen_C" in info for info in result.fit_info["logreg"])
+    # A list of two folds is two folds, not a fixed split.
+    two = run_probes(X, y, classes, [KNNProbe(1)], [(folds[0][0], folds[0][1]), (folds[0][1], folds[0][0])])
+    assert set(two.fold.tolist()) == {0, 1}
+
+
+def test_run_probes_rejects_inconsistent_input():
+    X, y = _three_clusters()
+    with pytest.raises(EvalDataError, match="not in the class list"):
+        run_probes(X, y, ["a", "b"], [KNNProbe(1)], (np.arange(6), np.arange(6, 12)))
+    with pytest.raises(EvalDataError, match="unique"):
+        run_probes(X, y, ["a", "b", "c"], [KNNProbe(1), KNNProbe(1)], (np.arange(6), np.arange(6, 12)))
+    with pytest.raises(EvalDataError, match="overlap"):
+        run_probes(X, y, ["a", "b", "c"], [KNNProbe(1)], (np.arange(7), np.arange(6, 12)))
