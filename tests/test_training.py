@@ -226,3 +226,19 @@ def test_unknown_label_stops_before_training(tmp_path, tiny_overrides):
     # with unmapped=unlabelled the image still trains, without supervision
     trainer = Trainer(load_config(None, overrides + ["supervision.unmapped=unlabelled"]), tmp_path / "ok")
     assert trainer.supervision.targets[-1] == -1
+
+
+def test_stop_request_checkpoints_and_next_start_resumes(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["train.checkpoint_every=100"])
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    state = Trainer(cfg, tmp_path / "run").run(should_stop=stop_after_two)
+    assert state.interrupted and state.iteration == 2
+    assert [it for it, _ in list_checkpoints(tmp_path / "run")] == [2]
+    resumed = Trainer(load_config(None, tiny_overrides + ["train.checkpoint_every=100"]), tmp_path / "run")
+    assert resumed.state.iteration == 2
+    assert resumed.run().iteration == 6

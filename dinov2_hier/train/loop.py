@@ -5,8 +5,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -41,7 +42,7 @@ class RunState:
     iteration: int = 0
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
-    history: list = field(default_factory=list)
+    interrupted: bool = False
 
 
 def resolve_compute(cfg: DictConfig) -> tuple[torch.device, Precision]:
@@ -227,8 +228,13 @@ class Trainer:
                 moved[key] = moved[key].to(self.device, non_blocking=True)
         return moved
 
-    def run(self, stop_at: int | None = None) -> RunState:
-        """Train until ``train.iterations`` (or ``stop_at``, then checkpoint and return)."""
+    def run(self, stop_at: int | None = None, should_stop: Callable[[], bool] | None = None) -> RunState:
+        """Train until ``train.iterations`` (or ``stop_at``, then checkpoint and return).
+
+        ``should_stop`` is polled after every iteration (e.g. a flag set by a SLURM
+        preemption signal handler); when it returns True the loop writes a checkpoint and
+        returns with ``state.interrupted`` set, so the next start resumes from there.
+        """
         cfg = self.cfg
         total = cfg.train.iterations
         end = total if stop_at is None else min(stop_at, total)
@@ -296,8 +302,15 @@ class Trainer:
                     schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]),
                 )
                 window_start, window_images = time.perf_counter(), 0
-            if done % cfg.train.checkpoint_every == 0 or done == end:
+            saved = done % cfg.train.checkpoint_every == 0 or done == end
+            if saved:
                 self.save()
+            if done < end and should_stop is not None and should_stop():
+                logger.warning("stop requested at iteration %d: checkpointing", done)
+                if not saved:
+                    self.save()
+                self.state.interrupted = True
+                break
         return self.state
 
     def _track_nonfinite(self, it: int, out) -> None:
