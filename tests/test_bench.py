@@ -17,3 +17,30 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     assert result["batch_size"] == 8 and result["crop"] == 32 and result["supervised"] == ["hierce"]
     assert result["images_per_s"] == 8 / result["step_s_median"]
     assert result["step_s_min"] <= result["step_s_median"] <= result["step_s_max"]
+
+
+def test_loader_benchmark_counts_images(tiny_overrides, capsys):
+    from bench.loader import main as loader_main
+
+    assert loader_main(["--workers", "0", "--batches", "3", "--warmup", "1", *tiny_overrides]) == 0
+    result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
+    assert result["images"] == 3 * 8 and result["batch_size"] == 8 and result["crop"] == 32
+    assert result["images_per_s"] == result["images"] / result["seconds"]
+
+
+def test_probe_benchmark_reports_both_backends(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from bench.probe import main as probe_main
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    out = tmp_path / "probe.json"
+    assert probe_main(["--n", "300", "--dim", "16", "--classes", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("knn_k1", "knn_k20", "logreg_sklearn", "logreg_torch"):
+        assert result[key]["fit_s"] >= 0 and 0.0 <= result[key]["balanced_accuracy"] <= 1.0
+    assert result["logreg_speedup_torch_vs_sklearn"] == result["logreg_sklearn"]["fit_s"] / result["logreg_torch"]["fit_s"]
+    # the planted blobs are easy: both backends well above chance (1/3) and within 5 points
+    assert result["logreg_sklearn"]["balanced_accuracy"] > 0.6
+    assert abs(result["logreg_accuracy_gap_points"]) < 5
