@@ -1,9 +1,10 @@
 """Manifests, ImageFolder scanning, unreadable images, error items and the skip counter."""
 from __future__ import annotations
 
+from tests.conftest import real_data_dir
+
 import io
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -256,12 +257,12 @@ def test_skip_counter_threshold_and_state(caplog):
         restored.update(["x", "y"], 1)
 
 
-REAL_DATA = os.environ.get("DINOV2_HIER_TEST_DATA")
+REAL_DATA = real_data_dir()
 
 
-@pytest.mark.skipif(not REAL_DATA, reason="DINOV2_HIER_TEST_DATA not set (real images are optional)")
+@pytest.mark.skipif(REAL_DATA is None, reason="DINOV2_HIER_TEST_DATA with bccd/ and pbc_dev/ not set (optional)")
 def test_real_manifests_and_folders():
-    root = Path(REAL_DATA)
+    root = REAL_DATA
     bccd = read_manifest(root / "bccd" / "labels.csv", dataset="bccd")
     assert len(bccd) == 351
     assert Counter(r.label for r in bccd) == {
