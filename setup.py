@@ -23,6 +23,6 @@ setup(
         "xformers": ["xformers"],
         "umap": ["umap-learn"],
         "timm": ["timm"],
-        "test": ["pytest"],
+        "test": ["pytest", "timm"],
     },
 )

@@ -4,6 +4,11 @@ Times the real training step (``dinov2_hier.train.step.train_step``: forward of 
 and teacher, DINO/iBOT/KoLeo and supervised losses, backward, clipping, AdamW, EMA) on
 synthetic tensors already on the device, so the data loader is out of the picture.
 Prints images/s, step time (median, min, max) and peak GPU memory.
+
+Under ``torchrun --nproc_per_node=N -m bench.train_step ...`` every rank times the same
+step wrapped as training wraps it (``compute.parallel``: DDP or FSDP2) on its own random
+batch of ``train.batch_size_per_gpu`` images; rank 0 prints per-rank and total images/s
+(the sum over ranks) and the peak memory of each rank.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dinov2_hier import distributed
 from dinov2_hier.config import load_config
 from dinov2_hier.data import GlobalCropsCollator
 from dinov2_hier.hierarchy import Hierarchy
@@ -24,21 +30,22 @@ from dinov2_hier.train.data import patch_grid
 from dinov2_hier.train.loop import resolve_compute
 from dinov2_hier.train.meta_arch import SSLMetaArch
 from dinov2_hier.train.optim import build_optimizer, build_param_groups
+from dinov2_hier.train.parallel import resolve_parallel, wrap_model
 from dinov2_hier.train.schedules import build_schedules
 from dinov2_hier.train.step import train_step
 
 
-def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0) -> dict:
-    """A collated batch of random crops with real iBOT masks, on ``device``."""
+def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0, rank: int = 0) -> dict:
+    """A collated batch of random crops with real iBOT masks, on ``device`` (each rank its own)."""
     b, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size
     collator = GlobalCropsCollator(
         patch_grid(cfg), tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
         seed=cfg.seed, crop_size=s,
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
     items = [
         {"global_crops": [torch.randn(3, s, s, generator=gen), torch.randn(3, s, s, generator=gen)],
-         "label": None, "dataset": None, "path": "", "draw_id": i}
+         "label": None, "dataset": None, "path": "", "draw_id": rank * b + i}
         for i in range(b)
     ]
     batch = collator(items)
@@ -59,39 +66,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    info = distributed.init_distributed()
+    try:
+        result = _measure(args, info)
+    finally:
+        distributed.destroy_distributed()
+    if info.is_main:
+        print("measured: " + json.dumps(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _measure(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     cfg = load_config(args.config, args.overrides)
     device, precision = resolve_compute(cfg)
+    mode = resolve_parallel(cfg, info.world_size)
     torch.manual_seed(cfg.seed)
     hierarchy = None
     if cfg.supervision.hierarchy is not None:
         hierarchy = Hierarchy.from_json(resolve_resource(cfg.supervision.hierarchy, "supervision.hierarchy"))
-    model = SSLMetaArch(cfg, hierarchy).to(device).train()
+    model = SSLMetaArch(cfg, hierarchy).to(device)
+    engine = wrap_model(model, mode, cfg, device)  # as training does; optimizer after wrapping
+    engine.train()
     groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
     scaler = precision.grad_scaler()
-    schedule = build_schedules(cfg, 1).values(cfg.train.iterations // 2)  # mid-run values
-    batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0)
+    schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
+    batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        train_step(model, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
+        train_step(engine, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
-    result = {
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    per_rank = distributed.all_gather_objects({"images_per_s": b / med, "peak_mem_gib": peak})
+    return {
         "arch": cfg.student.arch, "supervised": sorted(model.supervised.keys()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": precision.dtype, "batch_size": b, "crop": cfg.crops.global_crops_size,
-        "images_per_s": b / med, "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "world_size": info.world_size, "parallel": mode,
+        # Total over ranks (the DDP/FSDP collectives keep the ranks in step); rank 0's step times.
+        "images_per_s": sum(r["images_per_s"] for r in per_rank), "step_s_median": med,
+        "step_s_min": min(times), "step_s_max": max(times),
+        "peak_mem_gib": peak,
+        "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
+        "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }
-    print("measured: " + json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write_file(path: Path, write: Callable[[str], None]) -> None:
     """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename.
 
     ``os.replace`` is atomic on POSIX and Windows when source and target share a
@@ -39,9 +39,9 @@ def atomic_write_text(path: Path, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write_file(path, write)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write_file(path, lambda tmp: torch.save(obj, tmp))

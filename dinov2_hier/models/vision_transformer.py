@@ -273,7 +273,10 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """DINOv2 init: trunc-normal(0.02) pos_embed and Linear weights, zero Linear biases,
         N(0, 1e-6) class/register tokens, zero mask token; Conv2d and LayerNorm keep the
-        PyTorch defaults. Deterministic given ``torch.manual_seed``."""
+        PyTorch defaults. Deterministic given ``torch.manual_seed``. Skipped on the meta
+        device (shape-only models, e.g. before loading weights): there is nothing to fill."""
+        if self.pos_embed.is_meta:
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:

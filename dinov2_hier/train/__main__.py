@@ -1,4 +1,12 @@
-"""``python -m dinov2_hier.train --config FILE --output-dir DIR [key=value ...]``"""
+"""``python -m dinov2_hier.train --config FILE --output-dir DIR [key=value ...]``
+
+Runs as one process, or as one of several under ``torchrun --nproc_per_node=N`` or
+``srun`` (one task per GPU): the process group is created from the launcher's variables
+before anything else and destroyed on the way out (docs/distributed.md). Only rank 0
+writes log.txt, metrics, checkpoints and the teacher file; the other ranks log warnings
+to stderr. SIGUSR1, SIGUSR2 and SIGTERM make the run checkpoint after the current
+iteration and exit 0 (dinov2_hier.run.signals; docs/slurm.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import run_cli, setup_logging
+from ..cli import register_user_errors, run_cli, setup_logging
 from ..config import load_config
+from ..distributed import DistributedSetupError, destroy_distributed, init_distributed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +41,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    register_user_errors(DistributedSetupError)
+
     def job() -> None:
+        from ..run.signals import stop_on_signals
         from .loop import Trainer  # heavy imports after argument parsing
 
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(args.output_dir / "log.txt")
-        cfg = load_config(args.config, args.overrides)
-        Trainer(cfg, args.output_dir, resume=args.resume).run(stop_at=args.stop_at)
-        logging.getLogger("dinov2_hier.train").info("done: %s", args.output_dir)
+        info = init_distributed()
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            if info.is_main:
+                setup_logging(args.output_dir / "log.txt")
+            else:
+                setup_logging(None, level=logging.WARNING)
+            if info.world_size > 1:
+                logging.getLogger("dinov2_hier.train").info(
+                    "distributed: %d ranks via %s, backend %s", info.world_size, info.launcher, info.backend
+                )
+            cfg = load_config(args.config, args.overrides)
+            trainer = Trainer(cfg, args.output_dir, resume=args.resume)
+            # SIGUSR1/SIGUSR2/SIGTERM (SLURM time limit, preemption) only set a flag; the loop
+            # checkpoints after the current iteration, agreed over the ranks, and returns (exit 0).
+            with stop_on_signals() as stop:
+                trainer.run(stop_at=args.stop_at, should_stop=stop)
+            logging.getLogger("dinov2_hier.train").info("done: %s", args.output_dir)
+        finally:
+            destroy_distributed()
 
     return run_cli(job)
 

@@ -18,9 +18,17 @@ from ..data import SkipCounter
 from ..io import atomic_torch_save, atomic_write_text
 from ..models import load_backbone_weights
 from ..paths import resolve_resource
-from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
+from .parallel import (
+    gather_model_state,
+    gather_optimizer_state,
+    load_model_state_any,
+    load_optimizer_state_any,
+    resolve_parallel,
+    wrap_model,
+)
 from .supervision import build_supervision
 from .optim import build_optimizer, build_param_groups
 from .schedules import build_schedules
@@ -82,11 +90,24 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def teacher_backbone_payload(model: SSLMetaArch, cfg: DictConfig, iteration: int) -> dict:
-    """The teacher backbone as a plain state dict plus what evaluation needs to rebuild it."""
-    backbone = model.teacher["backbone"]
+TEACHER_PREFIX = "teacher.backbone."
+
+
+def teacher_backbone_payload(
+    model: SSLMetaArch, cfg: DictConfig, iteration: int, model_state: dict | None = None
+) -> dict:
+    """The teacher backbone as a plain state dict plus what evaluation needs to rebuild it.
+
+    ``model_state``: a full ``SSLMetaArch`` state dict to take the teacher from (what a
+    sharded model gathers on rank 0, see :func:`~dinov2_hier.train.parallel.gather_model_state`);
+    default: ``model.teacher["backbone"].state_dict()`` (an unsharded model).
+    """
+    if model_state is None:
+        backbone_state = model.teacher["backbone"].state_dict()
+    else:
+        backbone_state = {k[len(TEACHER_PREFIX):]: v for k, v in model_state.items() if k.startswith(TEACHER_PREFIX)}
     return {
-        "model": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in backbone_state.items()},
         "meta": {
             "arch": cfg.student.arch,
             "patch_size": int(cfg.student.patch_size),
@@ -130,13 +151,20 @@ class Trainer:
         self.world_size = distributed.get_world_size()
         self.device, self.precision = resolve_compute(cfg)
 
+        self.parallel = resolve_parallel(cfg, self.world_size)
+
         self.data = build_train_data(cfg)
         self.supervision = build_supervision(cfg, self.data.dataset)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         hierarchy = self.supervision.hierarchy if self.supervision is not None else None
         self.model = SSLMetaArch(cfg, hierarchy).to(self.device)
         if cfg.student.pretrained_weights:
             self._load_pretrained(cfg.student.pretrained_weights)
+        if self.world_size > 1:
+            torch.manual_seed(cfg.seed + self.rank)  # own stochastic-depth draws per rank
+        # What the step calls: a DDP wrapper, the FSDP2-sharded model itself, or the model.
+        # The optimizer must be built after wrapping (FSDP2 replaces the parameters).
+        self.engine = wrap_model(self.model, self.parallel, cfg, self.device)
         groups = build_param_groups(
             self.model.trainable_modules(), self.model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
@@ -166,38 +194,62 @@ class Trainer:
         if not found:
             return
         iteration, path = found[-1]
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # every rank reads the full checkpoint (any world size wrote it)
         if ckpt.get("hierarchy_fingerprint", "") != self._hierarchy_fingerprint():
             raise CheckpointError(
                 f"{path}: written with another label hierarchy than supervision.hierarchy now names; "
                 "use a new output directory or --no-resume"
             )
-        load_model_state(self.model, ckpt["model"], path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_model_state_any(self.engine, ckpt["model"], path)
+        load_optimizer_state_any(self.engine, self.optimizer, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.skips.load_state_dict(ckpt["skips"])
-        _set_rng_state(ckpt["rng"], self.device)
+        self._restore_rng(ckpt)
         self.state = RunState(
             iteration=int(ckpt["iteration"]),
             nonfinite_streak=int(ckpt["nonfinite_streak"]),
             nonfinite_total=int(ckpt["nonfinite_total"]),
         )
-        _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
-        logger.info("resumed from %s at iteration %d", path, self.state.iteration)
+        if distributed.is_main_process():
+            _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
+        logger.info(
+            "resumed from %s at iteration %d (written by %d rank(s), now %d)",
+            path, self.state.iteration, len(ckpt.get("rng_per_rank", [None])), self.world_size,
+        )
+
+    def _restore_rng(self, ckpt: dict) -> None:
+        """Each rank's own RNG state when the world size is unchanged; on one process rank
+        0's; otherwise a fresh per-rank seed (stochastic depth only draws from it)."""
+        per_rank = ckpt.get("rng_per_rank")
+        if self.world_size == 1:
+            _set_rng_state(ckpt["rng"], self.device)
+        elif per_rank is not None and len(per_rank) == self.world_size:
+            _set_rng_state(per_rank[self.rank], self.device)
+        else:
+            torch.manual_seed(self.cfg.seed + 1000003 * (int(ckpt["iteration"]) + 1) + self.rank)
 
     def _hierarchy_fingerprint(self) -> str:
         return self.supervision.hierarchy.fingerprint() if self.supervision is not None else ""
 
     # -- persistence ----------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write the full checkpoint and the teacher backbone file (main process only)."""
-        if not distributed.is_main_process():
-            return None
+        """Write the full checkpoint and the teacher backbone file.
+
+        Called on every rank: a sharded model's full state is gathered onto rank 0
+        (collective), which alone writes; the ranks wait for the write (barrier).
+        Returns the checkpoint path on rank 0, None elsewhere.
+        """
         it = self.state.iteration
+        model_state = gather_model_state(self.engine)
+        optimizer_state = gather_optimizer_state(self.engine, self.optimizer)
+        rng_per_rank = distributed.all_gather_objects(_rng_state(self.device)) if self.world_size > 1 else None
+        if not distributed.is_main_process():
+            distributed.barrier()
+            return None
         state = {
             "iteration": it,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "skips": self.skips.state_dict(),
             "rng": _rng_state(self.device),
@@ -207,10 +259,16 @@ class Trainer:
             "hierarchy_fingerprint": self._hierarchy_fingerprint(),
             # Images this rank consumed; the sampler resumes from here.
             "consumed_per_rank": it * self.cfg.train.batch_size_per_gpu,
+            "world_size": self.world_size,
         }
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
         path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints)
-        atomic_torch_save(teacher_backbone_payload(self.model, self.cfg, it), self.output_dir / TEACHER_FILE)
+        atomic_torch_save(
+            teacher_backbone_payload(self.model, self.cfg, it, model_state), self.output_dir / TEACHER_FILE
+        )
         logger.info("saved %s", path)
+        distributed.barrier()
         return path
 
     def _append_metrics(self, record: dict) -> None:
@@ -242,17 +300,17 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         logger.info("data: %s", self.data.description)
         logger.info(
-            "model: %s, %.1fM student parameters; device %s, %s; batch %d x %d ranks",
+            "model: %s, %.1fM student parameters; device %s, %s; batch %d x %d ranks (parallel: %s)",
             cfg.student.arch,
             sum(p.numel() for p in self.model.student.parameters()) / 1e6,
-            self.device, self.precision.dtype, cfg.train.batch_size_per_gpu, self.world_size,
+            self.device, self.precision.dtype, cfg.train.batch_size_per_gpu, self.world_size, self.parallel,
         )
         consumed = self.state.iteration * cfg.train.batch_size_per_gpu
         loader = build_train_loader(
             self.data, cfg, consumed, self.rank, self.world_size, self.device, self.supervision
         )
         batches = iter(loader)
-        self.model.train()
+        self.engine.train()
         window_start, window_images = time.perf_counter(), 0
         start_iteration = self.state.iteration
         run_start = time.perf_counter()
@@ -260,21 +318,28 @@ class Trainer:
         while self.state.iteration < end:
             it = self.state.iteration
             batch = next(batches)
-            self.skips.update(batch["skipped"], batch["n_drawn"])
+            n_images = batch["global_crops"].shape[0] // 2
+            # Counts over all ranks, so that every rank takes the same decisions: stop for
+            # too many unreadable images, or skip the step when some rank has no image left
+            # (the others would wait for it in the step's collectives).
+            counts = self._global_counts(n_images, len(batch["skipped"]), batch["n_drawn"])
+            self.skips.update(batch["skipped"], batch["n_drawn"])  # logs this rank's bad paths
+            self.skips.n_skipped += counts["skipped"] - len(batch["skipped"])
+            self.skips.n_drawn += counts["drawn"] - batch["n_drawn"]
             self.skips.check(cfg.data.max_unreadable_fraction, cfg.data.min_draws_before_check)
             schedule = self.schedules.values(it)
-            n_images = batch["global_crops"].shape[0] // 2
-            if n_images == 0:
-                logger.warning("iteration %d: every image of the batch was unreadable; step skipped", it)
+            n_global, any_empty = counts["images"], counts["empty"] > 0
+            if any_empty:
+                logger.warning("iteration %d: every image of a rank's batch was unreadable; step skipped", it)
                 out = None
             else:
                 out = train_step(
-                    self.model, self.optimizer, self.scaler, self._to_device(batch), schedule,
+                    self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
                     self.precision, cfg.optim.clip_grad,
                 )
                 self._track_nonfinite(it, out)
             self.state.iteration = it + 1
-            window_images += n_images * self.world_size
+            window_images += n_global
 
             done = self.state.iteration
             if out is not None and (done % cfg.train.log_every == 0 or done == end):
@@ -290,9 +355,7 @@ class Trainer:
                     "images_per_s": ips,
                     "eta_s": per_it * (total - done),
                     "skipped_images": self.skips.n_skipped,
-                    "max_memory_gib": (
-                        torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-                    ),
+                    "max_memory_gib": self._peak_memory_gib(),
                 }
                 self._append_metrics(record)
                 losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())
@@ -305,13 +368,29 @@ class Trainer:
             saved = done % cfg.train.checkpoint_every == 0 or done == end
             if saved:
                 self.save()
-            if done < end and should_stop is not None and should_stop():
+            if done < end and should_stop is not None and distributed.any_rank(bool(should_stop()), self.device):
                 logger.warning("stop requested at iteration %d: checkpointing", done)
                 if not saved:
                     self.save()
                 self.state.interrupted = True
                 break
         return self.state
+
+    def _global_counts(self, n_images: int, n_skipped: int, n_drawn: int) -> dict[str, int]:
+        """This batch's readable images, ranks with none, unreadable and drawn items, summed
+        over the ranks (one small all-reduce; nothing on one process)."""
+        values = [n_images, int(n_images == 0), n_skipped, n_drawn]
+        if self.world_size > 1:
+            summed = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.long, device=self.device))
+            values = [int(v) for v in summed.tolist()]
+        return dict(zip(("images", "empty", "skipped", "drawn"), values))
+
+    def _peak_memory_gib(self) -> float | None:
+        """Peak allocated GPU memory, the maximum over ranks (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
+        return float(distributed.all_reduce_max(peak).item())
 
     def _track_nonfinite(self, it: int, out) -> None:
         if out.applied:

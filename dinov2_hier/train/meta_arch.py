@@ -15,8 +15,13 @@ from torch import Tensor, nn
 from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
 from ..hierarchy import Hierarchy
+from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..models import DINOHead, build_backbone
 from .supervision import build_supervised_heads
+
+#: Supervised terms that contrast samples with each other: with
+#: ``supervision.contrast_across_ranks`` they see the CLS tokens of every rank.
+CONTRASTIVE_TERMS = (SupConTerm, HierSupConTerm)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class SSLMetaArch(nn.Module):
     student-side modules called with the student's CLS tokens of both global crops and
     the batch's targets: they reuse the self-supervised forward pass (no second backbone
     pass), are optimised with the student and left out of the teacher EMA.
+
+    ``forward(batch, teacher_temp)`` is :meth:`compute_losses`, so that data-parallel
+    wrappers (DDP, FSDP2), which hook ``forward``, see the whole step (docs/distributed.md).
+    Across ranks: Sinkhorn-Knopp and centring reduce over the global batch, contrastive
+    supervised terms gather the CLS tokens of all ranks (``supervision.contrast_across_ranks``),
+    KoLeo and the classification terms are per-rank means (averaged by DDP).
     """
 
     def __init__(self, cfg: DictConfig, hierarchy: Hierarchy | None = None):
@@ -76,6 +87,10 @@ class SSLMetaArch(nn.Module):
         self.separate_ibot_head = self.ibot_enabled and cfg.ibot.separate_head
         if self.separate_ibot_head:
             student["ibot_head"] = _build_head(cfg.ibot, embed_dim)
+        if not self.ibot_enabled:
+            # Without iBOT no crop is masked: the mask token takes no part in the loss. Freeze
+            # it so that every trainable parameter gets a gradient each step (DDP requires it).
+            backbone.mask_token.requires_grad_(False)
         self.student = nn.ModuleDict(student)
         # The teacher needs no stochastic depth; it is a frozen copy updated by EMA.
         self.teacher = copy.deepcopy(self.student)
@@ -100,6 +115,7 @@ class SSLMetaArch(nn.Module):
         self.koleo_loss = KoLeoLoss()
         # Student-side supervised heads: optimised with the student, not part of the EMA teacher.
         self.supervised, self.supervised_weights = build_supervised_heads(cfg, hierarchy, embed_dim)
+        self.contrast_across_ranks = bool(cfg.supervision.contrast_across_ranks)
 
     # -- modes --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "SSLMetaArch":
@@ -133,12 +149,19 @@ class SSLMetaArch(nn.Module):
         if self.ibot_enabled:
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
             patch_logits = self._ibot_head(self.teacher)(patches)
+            # Every rank joins this all-reduce and, since n_total is global, takes the same
+            # branch below; a rank without masked patches (M = 0) still joins the
+            # Sinkhorn-Knopp / centring collectives with an empty [0, K] block.
             n_total = distributed.all_reduce_sum(torch.tensor(float(patches.shape[0]), device=crops.device))
             if n_total.item() > 0:
                 patch_probs = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, n_masked_patches=n_total)
             else:
                 patch_probs = patch_logits.new_zeros(patch_logits.shape)
         return TeacherTargets(cls_probs=cls_probs, patch_probs=patch_probs)
+
+    def forward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+        """Same as :meth:`compute_losses` (what DDP / FSDP2 call)."""
+        return self.compute_losses(batch, teacher_temp)
 
     def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
         """Forward pass of one step.
@@ -177,8 +200,14 @@ class SSLMetaArch(nn.Module):
             losses["koleo"] = sum(self.koleo_loss(chunk) for chunk in cls_tokens.chunk(2))
             total = total + self.cfg.dino.koleo_loss_weight * losses["koleo"]
 
+        gathered: tuple[Tensor, Tensor] | None = None
         for name, term in self.supervised.items():
-            losses[name] = term(cls_tokens, batch["targets"])
+            if isinstance(term, CONTRASTIVE_TERMS) and self.contrast_across_ranks and distributed.get_world_size() > 1:
+                if gathered is None:
+                    gathered = gather_crop_major(cls_tokens, batch["targets"])
+                losses[name] = term(*gathered)
+            else:
+                losses[name] = term(cls_tokens, batch["targets"])
             total = total + self.supervised_weights.get(name, 1.0) * losses[name]
 
         losses["total"] = total
@@ -186,7 +215,35 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, with foreach kernels."""
-        t_params = [p for p in self.teacher.parameters()]
-        s_params = [p for p in self.student.parameters()]
-        torch._foreach_lerp_(t_params, [s.detach() for s in s_params], 1.0 - momentum)
+        """teacher <- momentum * teacher + (1 - momentum) * student, with foreach kernels.
+
+        Under FSDP2 both are sharded alike (same shapes, same mesh), so the update runs on
+        each rank's local shards (``DTensor.to_local()`` views), without communication.
+        """
+        t_params = [_local(p) for p in self.teacher.parameters()]
+        s_params = [_local(p).detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def _local(param: Tensor) -> Tensor:
+    """The local shard of a DTensor parameter (a view), or the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def gather_crop_major(cls_tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """CLS tokens and targets of all ranks as one crop-major global batch.
+
+    Args:
+        cls_tokens: ``[2B_r, D]`` this rank's tokens, crop-major (``B_r`` may differ per rank).
+        targets: ``long [B_r]``.
+    Returns:
+        ``tokens [2 * sum_r B_r, D]`` ordered crop 0 of rank 0's images, crop 0 of rank 1's,
+        ..., then crop 1 in the same image order, and ``targets [sum_r B_r]`` in that image
+        order: exactly the batch one process would see with the ranks' batches concatenated.
+        The tokens keep their autograd graph: each rank's gradient is summed over all ranks.
+    """
+    sizes = distributed.gather_sizes(targets.shape[0], cls_tokens.device)
+    token_parts = distributed.all_gather_rows(cls_tokens, [2 * n for n in sizes], differentiable=True)
+    target_parts = distributed.all_gather_rows(targets.to(cls_tokens.device), sizes)
+    tokens = torch.cat([p[:n] for p, n in zip(token_parts, sizes)] + [p[n:] for p, n in zip(token_parts, sizes)])
+    return tokens, torch.cat(target_parts)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .meta_arch import SSLMetaArch
+from .. import distributed
 from .optim import apply_schedule
+from .parallel import after_skipped_step, clip_grad_norm, unwrap
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,8 +34,9 @@ class Precision:
 
 @dataclass
 class StepOutput:
-    """What a step reports. ``losses`` holds Python floats; ``applied`` is False when the
-    step was skipped because the loss or the gradient was not finite."""
+    """What a step reports. ``losses`` holds Python floats, averaged over the ranks;
+    ``applied`` is False when the step was skipped because the loss or the gradient was
+    not finite (on any rank: the decision is the same on every rank)."""
 
     losses: dict[str, float]
     applied: bool
@@ -40,7 +44,7 @@ class StepOutput:
 
 
 def train_step(
-    model: SSLMetaArch,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     batch: dict,
@@ -50,6 +54,11 @@ def train_step(
 ) -> StepOutput:
     """Run one training step on ``batch`` (already on the model's device).
 
+    ``model`` is an :class:`~dinov2_hier.train.meta_arch.SSLMetaArch` or what
+    :func:`~dinov2_hier.train.parallel.wrap_model` made of it (DDP wrapper, FSDP2
+    module); its ``forward`` computes the losses. The logged losses are averaged over
+    the ranks in one all-reduce, which also makes the finite check collective.
+
     A non-finite total loss skips backward and the update. A non-finite gradient norm
     without fp16 loss scaling also skips the update (with fp16 the scaler skips it and
     lowers its scale, which is its normal operation).
@@ -57,9 +66,10 @@ def train_step(
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        losses = model.compute_losses(batch, schedule["teacher_temp"])
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    if not torch.isfinite(torch.tensor(values["total"])):
+        losses = model(batch, schedule["teacher_temp"])
+    values = distributed.mean_over_ranks(losses)
+    if not math.isfinite(values["total"]):
+        after_skipped_step(model)
         return StepOutput(losses=values, applied=False, grad_norm=None)
 
     scaler.scale(losses["total"]).backward()
@@ -67,11 +77,11 @@ def train_step(
     if clip_grad > 0:
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
-        if not scaler.is_enabled() and not torch.isfinite(torch.tensor(grad_norm)):
+        grad_norm = clip_grad_norm(params, clip_grad)  # identical on every rank
+        if not scaler.is_enabled() and not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    model.update_teacher(schedule["momentum"])
+    unwrap(model).update_teacher(schedule["momentum"])
     return StepOutput(losses=values, applied=True, grad_norm=grad_norm)

@@ -1,0 +1,708 @@
+"""Publish a trained teacher backbone: ``model.safetensors`` + ``config.json`` + ``README.md``.
+
+```
+python -m dinov2_hier.export --ckpt CKPT --output-dir DIR [--format safetensors|pth]
+                             [--dtype fp32|bf16|fp16] [--eval EVAL_DIR ...]
+```
+
+``CKPT`` is a training output directory (its newest ``checkpoints/ckpt_*.pt``, else its
+``teacher_backbone.pt``), a full training checkpoint file, or a ``teacher_backbone.pt``.
+The EMA teacher's backbone is written with DINOv2 parameter names as contiguous tensors
+(fp32 unless ``--dtype``), with ``config.json`` (architecture, normalisation, hierarchy,
+provenance; read by :func:`dinov2_hier.hub.load_backbone`) and a model card summarising
+the training data, supervision and, with ``--eval``, the probe results of
+``python -m eval.run`` output directories. Every file is written atomically; the export is
+loaded back and compared with the teacher before the command reports success.
+See docs/export.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from dinov2_hier import __version__
+from dinov2_hier.cli import register_user_errors, run_cli, setup_logging
+from dinov2_hier.hub import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PTH_FILE,
+    SAFETENSORS_CONFIG_KEY,
+    SAFETENSORS_FILE,
+    check_state_dict,
+    load_backbone,
+)
+from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text
+from dinov2_hier.models import WeightsError, build_backbone, read_state_dict
+from dinov2_hier.models.vision_transformer import Mlp
+from dinov2_hier.train.checkpoint import CHECKPOINT_DIR, TEACHER_FILE, list_checkpoints
+
+logger = logging.getLogger("dinov2_hier.export")
+
+CARD_FILE = "README.md"
+_RUN_CONFIG = "config.yaml"  # written by the training loop beside its checkpoints
+_TEACHER_PREFIX = "teacher.backbone."
+_WRAPPER_PARTS = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
+_DTYPE_NAMES: Mapping[torch.dtype, str] = MappingProxyType({torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"})
+#: Metrics of the model card's evaluation table: metrics.json key -> column title.
+CARD_METRICS: Mapping[str, str] = MappingProxyType({
+    "balanced_accuracy": "balanced accuracy",
+    "weighted_f1": "weighted F1",
+    "hierarchical_f1": "hF1",
+    "lineage_accuracy": "lineage accuracy",
+})
+
+
+class ExportError(ValueError):
+    """The checkpoint, output directory or an evaluation directory cannot be exported."""
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass
+class TrainedTeacher:
+    """A teacher backbone and what is known about its training.
+
+    ``state``: backbone state dict (DINOv2 names); ``arch``: the architecture settings
+    (``arch, patch_size, img_size, num_register_tokens, ffn_layer, layerscale, qkv_bias,
+    mean, std``); ``cfg``: the run's resolved configuration when available;
+    ``hierarchy_fingerprint``: recorded by a full checkpoint ("" for unsupervised runs,
+    None when unknown); ``source``: file name shown in the card.
+    """
+
+    state: dict[str, Tensor]
+    arch: dict[str, Any]
+    cfg: DictConfig | None
+    iteration: int | None
+    hierarchy_fingerprint: str | None
+    source: str
+
+
+def _parse_run_config(text: str, source: str) -> DictConfig:
+    try:
+        cfg = OmegaConf.create(text)
+    except Exception as err:  # OmegaConf raises yaml and its own error types
+        raise ExportError(f"{source}: cannot parse the run configuration: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ExportError(f"{source}: the run configuration is not a mapping")
+    return cfg
+
+
+def _read_run_config(path: Path) -> DictConfig | None:
+    if not path.is_file():
+        return None
+    return _parse_run_config(path.read_text(encoding="utf-8"), str(path))
+
+
+def _arch_from_cfg(cfg: DictConfig, source: str) -> dict[str, Any]:
+    try:
+        return {
+            "arch": str(cfg.student.arch),
+            "patch_size": int(cfg.student.patch_size),
+            "img_size": int(cfg.crops.global_crops_size),
+            "num_register_tokens": int(cfg.student.num_register_tokens),
+            "ffn_layer": str(cfg.student.ffn_layer),
+            "layerscale": None if cfg.student.layerscale is None else float(cfg.student.layerscale),
+            "qkv_bias": bool(cfg.student.qkv_bias),
+            "mean": [float(x) for x in cfg.crops.mean],
+            "std": [float(x) for x in cfg.crops.std],
+        }
+    except Exception as err:  # a key missing from an old or foreign config
+        raise ExportError(f"{source}: the run configuration lacks an architecture setting: {err}") from None
+
+
+def _arch_from_meta(meta: Mapping[str, Any], source: str) -> dict[str, Any]:
+    for key in ("arch", "patch_size", "img_size"):
+        if key not in meta:
+            raise ExportError(f"{source}: 'meta' has no '{key}'")
+    layerscale = meta.get("layerscale", 1e-5)
+    return {
+        "arch": str(meta["arch"]),
+        "patch_size": int(meta["patch_size"]),
+        "img_size": int(meta["img_size"]),
+        "num_register_tokens": int(meta.get("num_register_tokens", 0)),
+        "ffn_layer": str(meta.get("ffn_layer", "mlp")),
+        "layerscale": None if layerscale is None else float(layerscale),
+        "qkv_bias": bool(meta.get("qkv_bias", True)),
+        "mean": [float(x) for x in meta.get("mean", (0.485, 0.456, 0.406))],
+        "std": [float(x) for x in meta.get("std", (0.229, 0.224, 0.225))],
+    }
+
+
+def _tensor_dict(obj: Any, source: str, what: str) -> dict[str, Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ExportError(f"{source}: '{what}' is a {type(obj).__name__}, expected a dict of tensors")
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise ExportError(f"{source}: '{what}' entry '{key}' is a {type(value).__name__}, expected a tensor")
+    return dict(obj)
+
+
+def _from_checkpoint(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig | None) -> TrainedTeacher:
+    model = _tensor_dict(obj["model"], str(path), "model")
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add path components.
+    model = {_WRAPPER_PARTS.sub(r"\1", k): v for k, v in model.items()}
+    state = {k[len(_TEACHER_PREFIX):]: v for k, v in model.items() if k.startswith(_TEACHER_PREFIX)}
+    if not state:
+        raise ExportError(f"{path}: no '{_TEACHER_PREFIX}*' entries in the checkpoint's 'model'")
+    cfg = _parse_run_config(obj["config"], str(path)) if isinstance(obj.get("config"), str) else run_cfg
+    if cfg is None:
+        raise ExportError(f"{path}: the checkpoint holds no 'config' and no {_RUN_CONFIG} is beside its run")
+    iteration = obj.get("iteration")
+    fingerprint = obj.get("hierarchy_fingerprint")
+    return TrainedTeacher(
+        state=state, arch=_arch_from_cfg(cfg, str(path)), cfg=cfg,
+        iteration=int(iteration) if isinstance(iteration, int) else None,
+        hierarchy_fingerprint=fingerprint if isinstance(fingerprint, str) else None, source=path.name,
+    )
+
+
+def _from_teacher_file(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig | None) -> TrainedTeacher:
+    meta = obj["meta"]
+    if not isinstance(meta, Mapping):
+        raise ExportError(f"{path}: 'meta' is a {type(meta).__name__}, expected a dict")
+    arch = _arch_from_meta(meta, str(path))
+    if run_cfg is not None:
+        recorded = _arch_from_cfg(run_cfg, _RUN_CONFIG)
+        if (recorded["arch"], recorded["img_size"]) != (arch["arch"], arch["img_size"]):
+            logger.warning("%s beside %s describes another model; not used for the card", _RUN_CONFIG, path)
+            run_cfg = None
+    iteration = meta.get("iteration")
+    return TrainedTeacher(
+        state=_tensor_dict(obj["model"], str(path), "model"), arch=arch, cfg=run_cfg,
+        iteration=int(iteration) if isinstance(iteration, int) else None,
+        hierarchy_fingerprint=None, source=path.name,
+    )
+
+
+def load_trained_teacher(ckpt: str | Path) -> TrainedTeacher:
+    """Read the teacher backbone of a training run without unpickling code.
+
+    ``ckpt``: a training output directory (newest ``checkpoints/ckpt_*.pt``, else
+    ``teacher_backbone.pt``; ``config.yaml`` from the directory), a full checkpoint
+    (``{"model": {"teacher.backbone.<name>": ...}, "config": yaml, "iteration", ...}``)
+    or a ``teacher_backbone.pt`` (``{"model": state_dict, "meta": {...}}``; the run's
+    ``config.yaml`` is taken from its folder when present).
+    Raises :class:`ExportError` / :class:`~dinov2_hier.models.WeightsError` naming the file.
+    """
+    path = Path(ckpt)
+    if not path.exists():
+        raise ExportError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        run_cfg = _read_run_config(path / _RUN_CONFIG)
+        found = list_checkpoints(path)
+        target = found[-1][1] if found else path / TEACHER_FILE
+        if not target.is_file():
+            raise ExportError(f"{path}: no {CHECKPOINT_DIR}/ckpt_*.pt and no {TEACHER_FILE} to export")
+    else:
+        target = path
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+        run_cfg = _read_run_config(run_dir / _RUN_CONFIG)
+    obj = read_state_dict(target)  # weights_only=True: refuses pickled code
+    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
+        teacher = _from_teacher_file(target, obj, run_cfg)
+    elif "model" in obj and ("config" in obj or "iteration" in obj):
+        teacher = _from_checkpoint(target, obj, run_cfg)
+    else:
+        raise ExportError(
+            f"{target}: not a dinov2_hier training checkpoint or teacher_backbone.pt "
+            f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})"
+        )
+    logger.info("exporting the teacher backbone of %s (iteration %s)", target, teacher.iteration)
+    return teacher
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def _hierarchy_info(teacher: TrainedTeacher) -> dict[str, Any] | None:
+    """Name, file and fingerprint of the label tree, or None for a run without supervision."""
+    cfg = teacher.cfg
+    if cfg is None or not cfg.supervision.losses or cfg.supervision.hierarchy is None:
+        return None
+    spec = str(cfg.supervision.hierarchy)
+    info: dict[str, Any] = {"name": Path(spec).stem, "file": Path(spec).name, "fingerprint": teacher.hierarchy_fingerprint}
+    from dinov2_hier.hierarchy import Hierarchy, HierarchyError
+    from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
+
+    try:
+        tree = Hierarchy.from_json(resolve_resource(spec, "hierarchy"))
+    except (HierarchyError, ResourceNotFoundError, OSError) as err:
+        logger.warning("hierarchy %s not readable at export time (%s); name taken from the file name", spec, err)
+        return info
+    info["name"] = tree.name
+    if info["fingerprint"] is None:
+        info["fingerprint"] = tree.fingerprint()
+    elif info["fingerprint"] != tree.fingerprint():
+        logger.warning("%s changed since training: recording the checkpoint's fingerprint", spec)
+    return info
+
+
+def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: torch.dtype, weights_file: str) -> dict[str, Any]:
+    """The ``config.json`` document for ``teacher`` (``model``: its architecture, may be on meta)."""
+    a = teacher.arch
+    block = model.blocks[0]
+    # Plain MLP: hidden width / D. SwiGLU: the factories' 4.0, which swiglu_hidden_dim maps.
+    mlp_ratio = block.mlp.fc1.out_features / model.embed_dim if isinstance(block.mlp, Mlp) else 4.0
+    config: dict[str, Any] = {
+        "format": "dinov2_hier.backbone",
+        "format_version": FORMAT_VERSION,
+        "architecture": a["arch"],
+        "embed_dim": model.embed_dim,
+        "depth": model.n_blocks,
+        "num_heads": model.num_heads,
+        "mlp_ratio": mlp_ratio,
+        "patch_size": a["patch_size"],
+        "img_size": a["img_size"],
+        "in_chans": model.patch_embed.proj.in_channels,
+        "num_register_tokens": a["num_register_tokens"],
+        "ffn_layer": a["ffn_layer"],
+        "layerscale": a["layerscale"],
+        "qkv_bias": a["qkv_bias"],
+        "interpolate_offset": model.interpolate_offset,
+        "interpolate_antialias": model.interpolate_antialias,
+        "num_parameters": sum(v.numel() for v in teacher.state.values()),
+        "mean": a["mean"],
+        "std": a["std"],
+        "hierarchy": _hierarchy_info(teacher),
+        "iteration": teacher.iteration,
+        "weights_file": weights_file,
+        "dtype": _DTYPE_NAMES[dtype],
+        "source_checkpoint": teacher.source,
+        "dinov2_hier_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    try:
+        from dinov2_hier.models.timm_compat import timm_model_args
+
+        config["timm_model"] = timm_model_args(model, 224, a["arch"])[0] if 224 % a["patch_size"] == 0 else None
+    except ValueError:
+        config["timm_model"] = None
+    return config
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _display_path(spec: str) -> str:
+    """The last two components of a path: enough to recognise it, no machine layout."""
+    parts = Path(spec).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else spec
+
+
+def summarize_sources(cfg: DictConfig) -> list[dict[str, Any]]:
+    """One entry per ``data.train`` source: ``source``, ``kind`` and, when the manifest or
+    folder is readable now, ``images``, ``labelled`` and ``datasets`` (name -> images)."""
+    from dinov2_hier.data.records import DataSourceError, records_from_source
+    from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
+
+    entries = []
+    for source in list(cfg.data.train):
+        source = str(source)
+        if source == "synthetic":
+            entries.append(_synthetic_source(cfg))
+            continue
+        kind = "manifest" if source.lower().endswith(".csv") else "image folder"
+        entry: dict[str, Any] = {"source": _display_path(source), "kind": kind, "images": None,
+                                 "labelled": None, "datasets": {}}
+        try:
+            records = records_from_source(resolve_resource(source, "training source"))
+        except (DataSourceError, ResourceNotFoundError, OSError) as err:
+            logger.warning("training source %s not readable at export time: %s", source, err)
+        else:
+            entry["images"] = len(records)
+            entry["labelled"] = sum(r.label is not None for r in records)
+            entry["datasets"] = dict(sorted(Counter(r.dataset or "-" for r in records).items()))
+        entries.append(entry)
+    return entries
+
+
+def _synthetic_source(cfg: DictConfig) -> dict[str, Any]:
+    """The synthetic generator's images; the labelled count is exact (labels are a pure
+    function of seed and index), or None when the generator's tree is not readable."""
+    from dinov2_hier.data import SyntheticCellGenerator
+    from dinov2_hier.hierarchy import Hierarchy, HierarchyError
+    from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
+
+    syn = cfg.data.synthetic
+    n = int(syn.num_images)
+    entry: dict[str, Any] = {"source": "synthetic", "kind": f"synthetic cells ({syn.image_size} px, generator)",
+                             "images": n, "labelled": None, "datasets": {"synthetic": n}}
+    try:
+        tree = Hierarchy.from_json(resolve_resource(syn.hierarchy, "synthetic hierarchy"))
+    except (HierarchyError, ResourceNotFoundError, OSError) as err:
+        logger.warning("synthetic hierarchy not readable at export time: %s", err)
+        return entry
+    generator = SyntheticCellGenerator(tree, image_size=int(syn.image_size), seed=int(cfg.seed))
+    fraction, coarse = float(syn.label_fraction), float(syn.coarse_fraction)
+    entry["labelled"] = sum(generator.label(i, fraction, coarse) is not None for i in range(n))
+    return entry
+
+
+@dataclass
+class EvalSummary:
+    """Probe results of one ``eval.run`` output directory, for the card."""
+
+    name: str
+    data: str
+    split: str
+    iteration: int | None
+    n_samples: int | None
+    probes: dict[str, dict[str, Any]]
+
+
+def read_eval_summary(directory: str | Path) -> EvalSummary:
+    """Read ``DIR/metrics.json`` (or, for an evaluated training directory, the metrics of the
+    best checkpoint named by ``DIR/summary.json``). Raises :class:`ExportError` naming the
+    file and key when it is missing or malformed."""
+    directory = Path(directory)
+    path = directory / "metrics.json"
+    if not path.is_file() and (directory / "summary.json").is_file():
+        summary = _read_json(directory / "summary.json")
+        best = summary.get("best")
+        if not isinstance(best, str):
+            raise ExportError(f"{directory / 'summary.json'}: no 'best' checkpoint")
+        path = directory / best / "metrics.json"
+    if not path.is_file():
+        raise ExportError(f"{directory}: no metrics.json (an output directory of python -m eval.run)")
+    doc = _read_json(path)
+    probes = doc.get("probes")
+    if not isinstance(probes, Mapping) or not probes:
+        raise ExportError(f"{path}: 'probes' must be a non-empty object")
+    for probe, metrics in probes.items():
+        if not isinstance(metrics, Mapping):
+            raise ExportError(f"{path}: 'probes.{probe}' must be an object of metrics")
+    data = doc.get("data") if isinstance(doc.get("data"), Mapping) else {}
+    split = doc.get("split") if isinstance(doc.get("split"), Mapping) else {}
+    if split.get("kind") == "cross_validation":
+        split_text = f"{split.get('folds')}-fold CV"
+    elif split.get("kind") == "fixed":
+        split_text = f"fixed test set ({split.get('n_test')} images)"
+    else:
+        split_text = "-"
+    checkpoint = doc.get("checkpoint") if isinstance(doc.get("checkpoint"), Mapping) else {}
+    data_path = data.get("test_path") or data.get("path")
+    return EvalSummary(
+        name=directory.name,
+        data=_display_path(str(data_path)) if data_path else "-",
+        split=split_text,
+        iteration=checkpoint.get("iteration"),
+        n_samples=doc.get("n_samples"),
+        probes={str(p): dict(m) for p, m in probes.items()},
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExportError(f"cannot read {path}: {err}") from None
+    if not isinstance(doc, dict):
+        raise ExportError(f"{path}: top level must be a JSON object")
+    return doc
+
+
+def format_mean_std(entry: Any, digits: int = 3) -> str:
+    """``"0.812 ± 0.013"`` from ``{"mean": ..., "std": ...}``; ``"-"`` when absent or null."""
+    if not isinstance(entry, Mapping):
+        return "-"
+    mean, std = entry.get("mean"), entry.get("std")
+    if not isinstance(mean, (int, float)) or isinstance(mean, bool) or not math.isfinite(mean):
+        return "-"
+    if not isinstance(std, (int, float)) or isinstance(std, bool) or not math.isfinite(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines.extend("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)
+    return lines
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def render_model_card(config: Mapping[str, Any], cfg: DictConfig | None, evals: Sequence[EvalSummary] = ()) -> str:
+    """The model card (Markdown with a Hugging Face style front matter)."""
+    arch = config["architecture"]
+    name = f"{arch} / patch {config['patch_size']}"
+    lines = [
+        "---",
+        "library_name: dinov2_hier",
+        "pipeline_tag: image-feature-extraction",
+        "tags: [vision-transformer, dinov2, self-supervised, hematology, blood-cell-morphology]",
+        "---",
+        "",
+        f"# {name}: dinov2_hier teacher backbone",
+        "",
+        f"The EMA teacher backbone of a `dinov2_hier` pretraining run (DINOv2 recipe with two global crops"
+        f"{' and hierarchical supervision' if config.get('hierarchy') else ''}), exported at iteration "
+        f"{config.get('iteration')} from `{config.get('source_checkpoint')}`: {config['depth']} blocks, width "
+        f"{config['embed_dim']}, {config['num_heads']} heads, {config['num_register_tokens']} register tokens, "
+        f"{_fmt_params(int(config['num_parameters']))} parameters ({config['dtype']}).",
+        "",
+        "## Files",
+        "",
+        *_table(["file", "content"], [
+            [f"`{config['weights_file']}`", "backbone weights, DINOv2 parameter names"],
+            [f"`{CONFIG_FILE}`", "architecture, input normalisation, hierarchy, provenance"],
+            [f"`{CARD_FILE}`", "this card"],
+        ]),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import dinov2_hier",
+        "model = dinov2_hier.load_backbone(\"PATH/TO/THIS/FOLDER\")  # eval mode, strict load",
+        "features = model(images)[\"x_norm_clstoken\"]  # images [n, 3, H, W] -> [n, "
+        f"{config['embed_dim']}]",
+        "```",
+        "",
+        f"Inputs: RGB scaled to [0, 1], normalised with mean {config['mean']} and std {config['std']}; "
+        f"height and width multiples of {config['patch_size']} px (trained at {config['img_size']} px; other "
+        "sizes interpolate the position embeddings).",
+        "",
+    ]
+    if config.get("timm_model"):
+        lines += [
+            f"timm (`{config['timm_model']}` family, built with this model's shapes, strict load; "
+            "`forward_features(x)[:, 0]` equals `x_norm_clstoken` at 224 px):",
+            "",
+            "```python",
+            "from dinov2_hier.hub import create_timm_model",
+            "model = create_timm_model(\"PATH/TO/THIS/FOLDER\", img_size=224)",
+            "```",
+            "",
+        ]
+    lines += [
+        f"As initialisation of a new run: `python -m dinov2_hier.train ... "
+        f"student.arch={arch} student.patch_size={config['patch_size']} "
+        f"student.pretrained_weights=PATH/TO/THIS/FOLDER/{config['weights_file']}`.",
+        "",
+        "## Architecture",
+        "",
+        *_table(["setting", "value"], [[k, config[k] if isinstance(config[k], str) else json.dumps(config[k])] for k in (
+            "architecture", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size",
+            "num_register_tokens", "ffn_layer", "layerscale", "qkv_bias", "interpolate_offset",
+        )]),
+        "",
+    ]
+    lines += _training_sections(config, cfg)
+    if evals:
+        lines += _evaluation_section(config, evals)
+    hierarchy = config.get("hierarchy")
+    lines += [
+        "## Provenance",
+        "",
+        f"- exported from `{config.get('source_checkpoint')}`, iteration {config.get('iteration')}",
+        f"- dinov2_hier {config['dinov2_hier_version']}, torch {config['torch_version']}",
+    ]
+    if hierarchy:
+        lines.append(f"- hierarchy `{hierarchy.get('name')}` ({hierarchy.get('file')}), "
+                     f"fingerprint `{hierarchy.get('fingerprint')}`")
+    return "\n".join(lines) + "\n"
+
+
+def _training_sections(config: Mapping[str, Any], cfg: DictConfig | None) -> list[str]:
+    if cfg is None:
+        return ["## Training", "", "The run's configuration was not available at export time.", ""]
+    lines = ["## Training data", ""]
+    rows = []
+    for s in summarize_sources(cfg):
+        datasets = ", ".join(f"{k}: {v}" for k, v in s["datasets"].items()) or None
+        rows.append([f"`{s['source']}`", s["kind"], s["images"] if s["images"] is not None else "not readable at export",
+                     s["labelled"], datasets])
+    lines += _table(["source", "kind", "images", "labelled", "datasets"], rows)
+    lines += ["", "## Supervision", ""]
+    lines += [
+        f"- self-supervised: DINO (weight {cfg.dino.loss_weight}), iBOT (weight {cfg.ibot.loss_weight}), "
+        f"KoLeo (weight {cfg.dino.koleo_loss_weight}); centering {cfg.dino.centering}",
+    ]
+    terms = OmegaConf.to_container(cfg.supervision.losses, resolve=True) or []
+    if terms:
+        hierarchy = config.get("hierarchy") or {}
+        lines.append(f"- supervised terms on the student CLS token, labels resolved onto the hierarchy "
+                     f"`{hierarchy.get('name')}` (fingerprint `{str(hierarchy.get('fingerprint'))[:16]}`):")
+        lines.append("")
+        term_rows = []
+        for term in terms:
+            term = dict(term)
+            name, weight = term.pop("name", "?"), term.pop("weight", 1.0)
+            term_rows.append([name, weight, ", ".join(f"{k}={v}" for k, v in term.items()) or None])
+        lines += _table(["term", "weight", "settings"], term_rows)
+        share = cfg.supervision.labelled_fraction
+        lines += ["", f"- labelled share per batch: {'as drawn' if share is None else share}; "
+                      f"balance: {cfg.supervision.balance}"]
+    else:
+        lines.append("- no supervised terms (self-supervised only)")
+    trained = config.get("iteration")
+    lines += [
+        "",
+        "## Training",
+        "",
+        *_table(["setting", "value"], [
+            ["iterations (trained / planned)", f"{trained} / {cfg.train.iterations}"],
+            ["batch size per GPU (images, 2 global crops each)", cfg.train.batch_size_per_gpu],
+            ["global crop size (px)", cfg.crops.global_crops_size],
+            ["base learning rate", cfg.optim.base_lr],
+            ["precision", f"{cfg.compute.device}, {cfg.compute.dtype}"],
+            ["seed", cfg.seed],
+        ]),
+        "",
+    ]
+    return lines
+
+
+def _evaluation_section(config: Mapping[str, Any], evals: Sequence[EvalSummary]) -> list[str]:
+    lines = [
+        "## Evaluation",
+        "",
+        "Frozen CLS features (`x_norm_clstoken`) probed by `python -m eval.run` (kNN and logistic regression); "
+        "mean ± standard deviation over the folds.",
+        "",
+    ]
+    rows = []
+    for ev in evals:
+        for probe, metrics in ev.probes.items():
+            rows.append([ev.data, ev.split, probe, *(format_mean_std(metrics.get(k)) for k in CARD_METRICS)])
+    lines += _table(["data", "split", "probe", *CARD_METRICS.values()], rows)
+    other = sorted({ev.iteration for ev in evals if ev.iteration is not None and ev.iteration != config.get("iteration")})
+    if other:
+        lines += ["", f"Note: evaluated at iteration(s) {', '.join(map(str, other))}; "
+                      f"the exported weights are from iteration {config.get('iteration')}."]
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    weights: Path
+    config: Path
+    card: Path
+    document: dict[str, Any]
+
+
+def export_backbone(
+    ckpt: str | Path,
+    output_dir: str | Path,
+    fmt: str = "safetensors",
+    dtype: str = "fp32",
+    eval_dirs: Sequence[str | Path] = (),
+) -> ExportResult:
+    """Export the teacher backbone of ``ckpt`` into ``output_dir`` (see the module docstring).
+
+    Args:
+        ckpt: run directory, full checkpoint or ``teacher_backbone.pt``.
+        output_dir: created if needed; existing export files are replaced.
+        fmt: ``safetensors`` (``model.safetensors``) or ``pth`` (``model.pth``, a plain
+            ``torch.save`` dict name -> tensor, readable with ``weights_only=True``).
+        dtype: ``fp32`` (default), ``bf16`` or ``fp16`` for the stored tensors.
+        eval_dirs: ``eval.run`` output directories for the card's evaluation table.
+    """
+    if fmt not in ("safetensors", "pth"):
+        raise ExportError(f"--format must be safetensors or pth, got '{fmt}'")
+    if dtype not in _DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
+    torch_dtype = _DTYPES[dtype]
+    evals = [read_eval_summary(d) for d in eval_dirs]  # fail on bad input before writing
+    teacher = load_trained_teacher(ckpt)
+    a = teacher.arch
+    try:
+        with torch.device("meta"):
+            model = build_backbone(
+                a["arch"], img_size=a["img_size"], patch_size=a["patch_size"], layerscale_init=a["layerscale"],
+                ffn_layer=a["ffn_layer"], num_register_tokens=a["num_register_tokens"], qkv_bias=a["qkv_bias"],
+            )
+    except ValueError as err:
+        raise ExportError(f"{teacher.source}: cannot build the recorded architecture: {err}") from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(shapes, teacher.state, teacher.source)
+    tensors = {k: teacher.state[k].detach().to("cpu", torch_dtype).contiguous() for k in shapes}
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--output-dir {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    weights_name = SAFETENSORS_FILE if fmt == "safetensors" else PTH_FILE
+    document = build_export_config(teacher, model, torch_dtype, weights_name)
+    weights_path = out / weights_name
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        metadata = {"format": "pt", SAFETENSORS_CONFIG_KEY: json.dumps(document)}
+        atomic_write_file(weights_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        atomic_torch_save(tensors, weights_path)
+    stale = out / (PTH_FILE if fmt == "safetensors" else SAFETENSORS_FILE)
+    if stale.is_file():
+        stale.unlink()
+        logger.info("removed %s of an earlier export", stale)
+    config_path = out / CONFIG_FILE
+    atomic_write_text(config_path, json.dumps(document, indent=2) + "\n")
+    card_path = out / CARD_FILE
+    atomic_write_text(card_path, render_model_card(document, teacher.cfg, evals))
+
+    # Read the export back the way users will and compare with the teacher, bit for bit.
+    loaded = load_backbone(out, dtype=torch_dtype).state_dict()
+    for key, value in tensors.items():
+        if not torch.equal(loaded[key], value):
+            raise RuntimeError(f"export verification failed: '{key}' differs after reloading {weights_path}")
+    size = weights_path.stat().st_size
+    logger.info("wrote %s (%.1f MiB), %s, %s", weights_path, size / 2**20, config_path.name, card_path.name)
+    return ExportResult(weights_path, config_path, card_path, document)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dinov2_hier.export",
+        description="Export the teacher backbone of a training run as model.safetensors + config.json + "
+                    "README.md (model card).",
+    )
+    parser.add_argument("--ckpt", required=True,
+                        help="training output directory (newest checkpoint), checkpoints/ckpt_*.pt or teacher_backbone.pt")
+    parser.add_argument("--output-dir", required=True, help="folder to write model.safetensors, config.json, README.md")
+    parser.add_argument("--format", default="safetensors", choices=("safetensors", "pth"),
+                        help="weights file format (default safetensors)")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="stored tensor dtype (default fp32)")
+    parser.add_argument("--eval", nargs="+", default=[], metavar="DIR",
+                        help="output directories of python -m eval.run, tabulated in the model card")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    register_user_errors(ExportError, WeightsError)
+
+    def job() -> None:
+        result = export_backbone(args.ckpt, args.output_dir, fmt=args.format, dtype=args.dtype, eval_dirs=args.eval)
+        print(f"exported {result.weights}")
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
