@@ -3,7 +3,12 @@
 Times the real training step (``dinov2_hier.train.step.train_step``: forward of student
 and teacher, DINO/iBOT/KoLeo and supervised losses, backward, clipping, AdamW, EMA) on
 synthetic tensors already on the device, so the data loader is out of the picture.
-Prints images/s, step time (median, min, max) and peak GPU memory.
+Prints images/s, step time (median, min, max), peak GPU memory and MFU: the FLOPs of one
+step counted with ``torch.utils.flop_counter`` (matmuls, convolutions and attention of
+forward and backward, student and teacher) divided by the step time and the device's
+dense bf16 peak (``--peak-tflops``; 989 for H100/H200, a nominal 1.0 on CPU, labelled).
+``--compare-eager-fp32`` times the same step again with ``compute.dtype=fp32`` and
+``compute.compile=false`` and reports the speed-up as a ratio.
 
 Under ``torchrun --nproc_per_node=N -m bench.train_step ...`` every rank times the same
 step wrapped as training wraps it (``compute.parallel``: DDP or FSDP2) on its own random
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dinov2_hier import distributed
 from dinov2_hier.config import load_config
@@ -64,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak of the device (default: 989 for H100/H200, nominal 1.0 on CPU)")
+    parser.add_argument("--compare-eager-fp32", action="store_true",
+                        help="also time the plain eager fp32 path of the same step and report the ratio")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     info = distributed.init_distributed()
     try:
-        result = _measure(args, info)
+        result = _measure(args, info, args.overrides)
+        if args.compare_eager_fp32:
+            eager = _measure(args, info, [*args.overrides, "compute.dtype=fp32", "compute.compile=false"])
+            result["eager_fp32"] = {k: eager[k] for k in ("images_per_s", "step_s_median", "peak_mem_gib", "mfu")}
+            result["speedup_vs_eager_fp32"] = result["images_per_s"] / eager["images_per_s"]
     finally:
         distributed.destroy_distributed()
     if info.is_main:
@@ -78,8 +92,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
-    cfg = load_config(args.config, args.overrides)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), TFLOP/s
+NOMINAL_CPU_TFLOPS = 1.0
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
+    """The MFU denominator and where it came from."""
+    if override is not None:
+        return override, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{key} dense bf16"
+        return float("nan"), f"unknown device {name}: pass --peak-tflops"
+    return NOMINAL_CPU_TFLOPS, "nominal CPU value"
+
+
+def count_step_flops(step) -> int:
+    """FLOPs of one call of ``step()`` (forward and backward), counted by PyTorch."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
+    cfg = load_config(args.config, overrides)
     device, precision = resolve_compute(cfg)
     mode = resolve_parallel(cfg, info.world_size)
     torch.manual_seed(cfg.seed)
@@ -95,14 +133,22 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        train_step(engine, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
+
     times = []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        train_step(engine, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
+        step()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    # Counted after timing: the counter's dispatch overhead must not enter the times. Under
+    # torch.compile the counter sees the eager graph's FLOPs, which is the right numerator.
+    flops = count_step_flops(step)
+    peak_value, peak_source = peak_tflops(device, args.peak_tflops)
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -115,6 +161,10 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         "images_per_s": sum(r["images_per_s"] for r in per_rank), "step_s_median": med,
         "step_s_min": min(times), "step_s_max": max(times),
         "peak_mem_gib": peak,
+        "flops_per_step": flops,
+        "tflops_per_s": flops / med / 1e12,
+        "mfu": flops / med / (peak_value * 1e12),
+        "peak_tflops": peak_value, "peak_source": peak_source, "compile": bool(cfg.compute.compile),
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

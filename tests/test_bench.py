@@ -44,3 +44,27 @@ def test_probe_benchmark_reports_both_backends(tmp_path, capsys, monkeypatch):
     # the planted blobs are easy: both backends well above chance (1/3) and within 5 points
     assert result["logreg_sklearn"]["balanced_accuracy"] > 0.6
     assert abs(result["logreg_accuracy_gap_points"]) < 5
+
+
+def test_flop_counter_counts_forward_and_backward_of_a_linear_layer():
+    import torch
+
+    from bench.train_step import count_step_flops
+
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+
+    # forward 2*B*in*out = 48; backward: grad wrt input 48 + grad wrt weight 48
+    assert count_step_flops(step) == 144
+
+
+def test_mfu_fields_are_consistent(tmp_path, tiny_overrides):
+    out = tmp_path / "bench.json"
+    assert bench_main(["--steps", "2", "--warmup", "1", "--peak-tflops", "2.0", "--json", str(out), *tiny_overrides]) == 0
+    r = json.loads(out.read_text())
+    assert r["flops_per_step"] > 0 and r["peak_tflops"] == 2.0 and r["peak_source"] == "given"
+    assert r["tflops_per_s"] == r["flops_per_step"] / r["step_s_median"] / 1e12
+    assert r["mfu"] == r["flops_per_step"] / r["step_s_median"] / 2.0e12

@@ -506,3 +506,20 @@ def test_checkpoints_move_between_one_process_and_two_ranks(tmp_path):
         trainer.run()
         # Same weights, same optimizer state, same images: the same next-step loss.
         assert _losses(back)[4] == pytest.approx(losses[4], rel=1e-5), mode
+
+
+def test_compile_flag_compiles_both_backbones_in_place(monkeypatch, tiny_overrides):
+    from dinov2_hier.config import ConfigError, load_config
+    from dinov2_hier.train.meta_arch import SSLMetaArch
+    from dinov2_hier.train.parallel import compile_backbones, wrap_model
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    cfg = load_config(None, tiny_overrides + ["compute.compile=true"])
+    model = SSLMetaArch(cfg)
+    keys_before = list(model.state_dict())
+    assert wrap_model(model, "none", cfg, torch.device("cpu")) is model
+    assert compiled == [model.student["backbone"], model.teacher["backbone"]]
+    assert list(model.state_dict()) == keys_before
+    with pytest.raises(ConfigError, match="fsdp"):
+        compile_backbones(model, "fsdp")

@@ -101,6 +101,8 @@ def wrap_model(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.dev
     in place by FSDP2, or untouched for ``"none"``). Build the optimizer *after* this:
     FSDP2 replaces the parameters by sharded ones.
     """
+    if cfg.compute.compile:
+        compile_backbones(model, mode)
     if mode == NONE:
         return model
     if mode == DDP:
@@ -116,6 +118,20 @@ def wrap_model(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.dev
     if mode == FSDP:
         return _fully_shard(model, cfg, device)
     raise ConfigError(f"unknown parallel mode '{mode}'")
+
+
+def compile_backbones(model: SSLMetaArch, mode: str) -> None:
+    """``torch.compile`` the student and teacher backbones in place (``compute.compile``).
+
+    ``nn.Module.compile`` keeps parameter names, so checkpoints are unchanged. Only the
+    backbones are compiled: their input shapes are fixed per run, while the heads see a
+    varying number of masked patches. Not combined with FSDP2 here (per-block compile
+    under ``fully_shard`` needs its own ordering and is not measured yet).
+    """
+    if mode == FSDP:
+        raise ConfigError("compute.compile=true is not supported with compute.parallel=fsdp yet; use ddp")
+    for which in (model.student, model.teacher):
+        which["backbone"].compile()
 
 
 def _fully_shard(model: SSLMetaArch, cfg: DictConfig, device: torch.device) -> SSLMetaArch:
