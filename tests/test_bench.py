@@ -68,3 +68,27 @@ def test_mfu_fields_are_consistent(tmp_path, tiny_overrides):
     assert r["flops_per_step"] > 0 and r["peak_tflops"] == 2.0 and r["peak_source"] == "given"
     assert r["tflops_per_s"] == r["flops_per_step"] / r["step_s_median"] / 1e12
     assert r["mfu"] == r["flops_per_step"] / r["step_s_median"] / 2.0e12
+
+
+def test_report_renders_measured_json_into_the_doc(tmp_path):
+    from bench.report import BEGIN, END, update_doc
+
+    results = tmp_path / "perf"
+    results.mkdir()
+    step = {
+        "arch": "vit_large", "supervised": ["hierce"], "device": "NVIDIA H200", "torch": "2.11", "dtype": "bf16",
+        "batch_size": 64, "crop": 224, "world_size": 2, "parallel": "ddp", "images_per_s": 408.27,
+        "step_s_median": 0.3130, "peak_mem_gib": 41.77, "peak_mem_gib_per_rank": [41.77, 41.5], "mfu": 0.2755,
+        "compile": False, "speedup_vs_eager_fp32": 1.9235, "eager_fp32": {"images_per_s": 109.71},
+    }
+    (results / "l.json").write_text(json.dumps(step))
+    (results / "w.json").write_text(json.dumps(
+        {"workers": 16, "batch_size": 128, "crop": 224, "images_per_s": 557.36, "source": "1610 images"}))
+    doc = tmp_path / "perf.md"
+    doc.write_text(f"# title\n{BEGIN}\nold\n{END}\nfooter\n")
+    update_doc(doc, results)
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("# title\n") and text.endswith("footer\n")
+    assert ("| l.json | NVIDIA H200 | 2.11 | vit_large | hierce | 2 (ddp) | no | 64 | 408.3 | 0.313 | 27.6% "
+            "| 41.8 | 1.92x (109.7 img/s fp32) |") in text
+    assert "| w.json | 16 | 128 | 224 | 557.4 | 1610 images |" in text

@@ -254,3 +254,13 @@ def test_run_probes_rejects_inconsistent_input():
         run_probes(X, y, ["a", "b", "c"], [KNNProbe(1), KNNProbe(1)], (np.arange(6), np.arange(6, 12)))
     with pytest.raises(EvalDataError, match="overlap"):
         run_probes(X, y, ["a", "b", "c"], [KNNProbe(1)], (np.arange(7), np.arange(6, 12)))
+
+
+def test_auto_backend_keeps_sklearn_for_small_sets_and_on_cpu(monkeypatch):
+    from eval import probes
+
+    probe = probes.LogRegProbe(backend="auto", device="cuda")
+    assert probe._resolve_backend(probes.AUTO_TORCH_MIN_SAMPLES - 1) == ("sklearn", None)
+    assert probe._resolve_backend(probes.AUTO_TORCH_MIN_SAMPLES)[0] == "torch"
+    cpu = probes.LogRegProbe(backend="auto", device="cpu")
+    assert cpu._resolve_backend(10**6) == ("sklearn", None)
