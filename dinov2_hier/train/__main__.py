@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             # SIGUSR1/SIGUSR2/SIGTERM (SLURM time limit, preemption) only set a flag; the loop
             # checkpoints after the current iteration, agreed over the ranks, and returns (exit 0).
             with stop_on_signals() as stop:
-                trainer.run(stop_at=args.stop_at, should_stop=stop)
-            logging.getLogger("dinov2_hier.train").info("done: %s", args.output_dir)
+                state = trainer.run(stop_at=args.stop_at, should_stop=stop)
+            log = logging.getLogger("dinov2_hier.train")
+            if state.interrupted:
+                log.info("stopped by signal at iteration %d; rerun the same command to resume: %s",
+                         state.iteration, args.output_dir)
+            else:
+                log.info("done: %s", args.output_dir)
         finally:
             destroy_distributed()
 
