@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense bf16 peak of the device (default: 989 for H100/H200, nominal 1.0 on CPU)")
     parser.add_argument("--compare-eager-fp32", action="store_true",
                         help="also time the plain eager fp32 path of the same step and report the ratio")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after timing, profile 3 steps with torch.profiler and write the op table here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     info = distributed.init_distributed()
@@ -116,6 +118,24 @@ def count_step_flops(step) -> int:
     return counter.get_total_flops()
 
 
+def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) -> str:
+    """torch.profiler op table of ``steps`` calls of ``step()``, sorted by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        return averages.table(sort_by=key, row_limit=rows)
+    except (AttributeError, KeyError, ValueError):  # older torch names it self_cuda_time_total
+        return averages.table(sort_by="self_cuda_time_total" if device.type == "cuda" else key, row_limit=rows)
+
+
 def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
     cfg = load_config(args.config, overrides)
     device, precision = resolve_compute(cfg)
@@ -149,6 +169,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     # torch.compile the counter sees the eager graph's FLOPs, which is the right numerator.
     flops = count_step_flops(step)
     peak_value, peak_source = peak_tflops(device, args.peak_tflops)
+    if args.profile is not None and info.is_main and "compute.dtype=fp32" not in overrides:
+        args.profile.write_text(profile_table(step, device))
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -92,3 +92,10 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     assert ("| l.json | NVIDIA H200 | 2.11 | vit_large | hierce | 2 (ddp) | no | 64 | 408.3 | 0.313 | 27.6% "
             "| 41.8 | 1.92x (109.7 img/s fp32) |") in text
     assert "| w.json | 16 | 128 | 224 | 557.4 | 1610 images |" in text
+
+
+def test_profile_writes_an_op_table(tmp_path, tiny_overrides):
+    table = tmp_path / "profile.txt"
+    assert bench_main(["--steps", "1", "--warmup", "1", "--profile", str(table), *tiny_overrides]) == 0
+    text = table.read_text()
+    assert "Name" in text and "aten::" in text and "# of Calls" in text
