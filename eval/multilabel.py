@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import json
 import logging
 import sys
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from eval.report import REPORT_CSS
+from eval.report import escape_html as _esc
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -572,10 +574,6 @@ def _scatter_points(prob: np.ndarray, unc: np.ndarray, dec: np.ndarray, truth: n
     return {"confidence": conf[idx], "uncertainty": u[idx], "correct": correct[idx], "n_total": int(conf.size)}
 
 
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _diverging(v: float, vmax: float) -> str:
     """Blue (negative) - white (0) - red (positive), saturating at ``|v| = vmax``."""
     t = max(-1.0, min(1.0, v / vmax)) if vmax > 0 else 0.0
@@ -703,16 +701,6 @@ def svg_uncertainty_scatter(confidence: Any, uncertainty: Any, correct: Any, tit
     return "".join(parts)
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
-.note{background:#fff8e1;border:1px solid #f0d48a;padding:6px 10px;display:inline-block}
-"""
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["<table><tr>", *(f"<th>{_esc(h)}</th>" for h in header), "</tr>"]
     out += ["<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows]
@@ -737,7 +725,7 @@ def render_multilabel_report(metrics: Mapping[str, Any], scatter: Mapping[str, A
     ckpt = metrics.get("checkpoint") or {}
     title = f"Constrained multi-label evaluation: {ckpt.get('name', 'checkpoint')}"
     parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"]
+             f"<title>{_esc(title)}</title><style>{REPORT_CSS}</style></head><body><h1>{_esc(title)}</h1>"]
     split = metrics.get("split") or {}
     info = [("checkpoint", ckpt.get("path")), ("architecture", ckpt.get("arch")), ("data", (metrics.get("data") or {}).get("path")),
             ("split", json.dumps(split)), ("tested images", metrics.get("n_samples")),

@@ -394,8 +394,12 @@ def _palette(n: int) -> list[str]:
     return colours
 
 
-def _esc(text: Any) -> str:
+def escape_html(text: Any) -> str:
+    """``text`` as HTML-safe text (quotes escaped too, for attribute values)."""
     return html.escape(str(text), quote=True)
+
+
+_esc = escape_html
 
 
 def _blues(t: float) -> str:
@@ -582,7 +586,7 @@ def _embedding_section(features: np.ndarray | None, y_true: Sequence[str], hiera
 
 # --------------------------------------------------------------------------- report.html
 
-_CSS = """
+REPORT_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
@@ -624,7 +628,7 @@ def render_report_html(
     ckpt_name = ckpt.get("name") if isinstance(ckpt, Mapping) else ckpt
     title = title or f"Evaluation report: {ckpt_name or 'checkpoint'}"
     parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-             f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
+             f"<title>{_esc(title)}</title><style>{REPORT_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
 
     # -- what was evaluated
     info: list[tuple[str, str]] = []

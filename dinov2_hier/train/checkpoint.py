@@ -60,9 +60,9 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict, source: Path) -> None:
-    """Strict load that names the first missing, unexpected or mis-shaped key."""
-    own = model.state_dict()
+def check_state_dict_matches(own: dict, state_dict: dict, source: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped key
+    of ``state_dict`` against the model's own ``own`` state dict."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
@@ -72,8 +72,13 @@ def load_model_state(model: torch.nn.Module, state_dict: dict, source: Path) -> 
             f"{len(unexpected)} unexpected). Was it written with a different config?"
         )
     for key, value in state_dict.items():
-        if own[key].shape != value.shape:
+        if tuple(own[key].shape) != tuple(value.shape):
             raise CheckpointError(
                 f"{source}: shape mismatch at '{key}': checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
             )
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, source: Path) -> None:
+    """Strict load that names the first missing, unexpected or mis-shaped key."""
+    check_state_dict_matches(model.state_dict(), state_dict, source)
     model.load_state_dict(state_dict)

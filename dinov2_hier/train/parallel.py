@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError
-from .checkpoint import CheckpointError, load_model_state
+from .checkpoint import CheckpointError, check_state_dict_matches, load_model_state
 from .meta_arch import SSLMetaArch
 
 logger = logging.getLogger("dinov2_hier.train")
@@ -246,20 +246,8 @@ def load_model_state_any(model: nn.Module, state_dict: dict, source) -> None:
     if not is_sharded(model):
         load_model_state(unwrap(model), state_dict, source)
         return
-    own = model.state_dict()  # DTensor values report their global shapes
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        first = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
-        raise CheckpointError(
-            f"{source}: checkpoint does not match the model ({first}; {len(missing)} missing, "
-            f"{len(unexpected)} unexpected). Was it written with a different config?"
-        )
-    for key, value in state_dict.items():
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{source}: shape mismatch at '{key}': checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-            )
+    # DTensor values report their global shapes, so the full dict is checked as it is.
+    check_state_dict_matches(model.state_dict(), state_dict, source)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
