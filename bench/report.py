@@ -19,6 +19,15 @@ def _fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _compile_mode(value) -> str:
+    """Older result files stored compute.compile as a bool (true meant the backbones)."""
+    if value is True:
+        return "backbone"
+    if value in (False, None):
+        return "none"
+    return str(value)
+
+
 def _train_rows(results: dict[str, dict]) -> list[str]:
     rows = [
         "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 |",
@@ -30,7 +39,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x ({_fmt(eager['images_per_s'])} img/s fp32)"
         rows.append(
             f"| {name} | {r['device']} | {r['torch']} | {r['arch']} | {', '.join(r['supervised']) or 'none'} "
-            f"| {r['world_size']} ({r['parallel']}) | {'yes' if r.get('compile') else 'no'} | {r['batch_size']} "
+            f"| {r['world_size']} ({r['parallel']}) | {_compile_mode(r.get('compile'))} | {r['batch_size']} "
             f"| {_fmt(r['images_per_s'])} | {r['step_s_median']:.3f} | {100 * r['mfu']:.1f}% "
             f"| {_fmt(max(m for m in r['peak_mem_gib_per_rank'] if m is not None) if r['peak_mem_gib'] is not None else None)} "
             f"| {ratio_text} |"

@@ -8,7 +8,7 @@ step counted with ``torch.utils.flop_counter`` (matmuls, convolutions and attent
 forward and backward, student and teacher) divided by the step time and the device's
 dense bf16 peak (``--peak-tflops``; 989 for H100/H200, a nominal 1.0 on CPU, labelled).
 ``--compare-eager-fp32`` times the same step again with ``compute.dtype=fp32`` and
-``compute.compile=false`` and reports the speed-up as a ratio.
+``compute.compile=none`` and reports the speed-up as a ratio.
 
 Under ``torchrun --nproc_per_node=N -m bench.train_step ...`` every rank times the same
 step wrapped as training wraps it (``compute.parallel``: DDP or FSDP2) on its own random
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _measure(args, info, args.overrides)
         if args.compare_eager_fp32:
-            eager = _measure(args, info, [*args.overrides, "compute.dtype=fp32", "compute.compile=false"])
+            eager = _measure(args, info, [*args.overrides, "compute.dtype=fp32", "compute.compile=none"])
             result["eager_fp32"] = {k: eager[k] for k in ("images_per_s", "step_s_median", "peak_mem_gib", "mfu")}
             result["speedup_vs_eager_fp32"] = result["images_per_s"] / eager["images_per_s"]
     finally:
@@ -186,7 +186,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         "flops_per_step": flops,
         "tflops_per_s": flops / med / 1e12,
         "mfu": flops / med / (peak_value * 1e12),
-        "peak_tflops": peak_value, "peak_source": peak_source, "compile": bool(cfg.compute.compile),
+        "peak_tflops": peak_value, "peak_source": peak_source,
+        "compile": str(cfg.compute.compile),
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

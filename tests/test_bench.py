@@ -90,7 +90,7 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.startswith("# title\n") and text.endswith("footer\n")
     assert ("| l.json | NVIDIA H200 | 2.11 | vit_large | hierce | 2 (ddp) | no | 64 | 408.3 | 0.313 | 27.6% "
-            "| 41.8 | 1.92x (109.7 img/s fp32) |") in text
+            "| 41.8 | 1.92x (109.7 img/s fp32) |").replace("| no |", "| none |") in text
     assert "| w.json | 16 | 128 | 224 | 557.4 | 1610 images |" in text
 
 

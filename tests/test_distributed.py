@@ -508,18 +508,31 @@ def test_checkpoints_move_between_one_process_and_two_ranks(tmp_path):
         assert _losses(back)[4] == pytest.approx(losses[4], rel=1e-5), mode
 
 
-def test_compile_flag_compiles_both_backbones_in_place(monkeypatch, tiny_overrides):
+def test_compile_modes(monkeypatch, tiny_overrides):
     from dinov2_hier.config import ConfigError, load_config
     from dinov2_hier.train.meta_arch import SSLMetaArch
-    from dinov2_hier.train.parallel import compile_backbones, wrap_model
+    from dinov2_hier.train.parallel import check_compile_mode, wrap_model
 
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
-    cfg = load_config(None, tiny_overrides + ["compute.compile=true"])
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((self, k)))
+    cfg = load_config(None, tiny_overrides + ["compute.compile=backbone"])
     model = SSLMetaArch(cfg)
     keys_before = list(model.state_dict())
     assert wrap_model(model, "none", cfg, torch.device("cpu")) is model
-    assert compiled == [model.student["backbone"], model.teacher["backbone"]]
+    assert [m for m, _ in compiled] == [model.student["backbone"], model.teacher["backbone"]]
     assert list(model.state_dict()) == keys_before
+
+    compiled.clear()
+    cfg = load_config(None, tiny_overrides + ["compute.compile=forward"])
+    model = SSLMetaArch(cfg)
+    assert wrap_model(model, "none", cfg, torch.device("cpu")) is model
+    assert compiled == [(model, {"dynamic": True})]  # the whole step's forward, dynamic shapes
+
+    compiled.clear()
+    cfg = load_config(None, tiny_overrides)
+    wrap_model(SSLMetaArch(cfg), "none", cfg, torch.device("cpu"))
+    assert compiled == []  # default: none
     with pytest.raises(ConfigError, match="fsdp"):
-        compile_backbones(model, "fsdp")
+        check_compile_mode("forward", "fsdp")
+    with pytest.raises(ConfigError, match="none, backbone, forward"):
+        check_compile_mode(True, "none")

@@ -101,8 +101,18 @@ def wrap_model(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.dev
     in place by FSDP2, or untouched for ``"none"``). Build the optimizer *after* this:
     FSDP2 replaces the parameters by sharded ones.
     """
-    if cfg.compute.compile:
-        compile_backbones(model, mode)
+    how = check_compile_mode(cfg.compute.compile, mode)
+    if how == "backbone":
+        compile_backbones(model)
+    engine = _wrap(model, mode, cfg, device)
+    if how == "forward":
+        # The whole step's forward (backbones, heads, losses, Sinkhorn-Knopp): the number of
+        # masked patches changes every step, hence dynamic shapes.
+        engine.compile(dynamic=True)
+    return engine
+
+
+def _wrap(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.device) -> nn.Module:
     if mode == NONE:
         return model
     if mode == DDP:
@@ -120,16 +130,23 @@ def wrap_model(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.dev
     raise ConfigError(f"unknown parallel mode '{mode}'")
 
 
-def compile_backbones(model: SSLMetaArch, mode: str) -> None:
-    """``torch.compile`` the student and teacher backbones in place (``compute.compile``).
+COMPILE_MODES = ("none", "backbone", "forward")
 
-    ``nn.Module.compile`` keeps parameter names, so checkpoints are unchanged. Only the
-    backbones are compiled: their input shapes are fixed per run, while the heads see a
-    varying number of masked patches. Not combined with FSDP2 here (per-block compile
-    under ``fully_shard`` needs its own ordering and is not measured yet).
-    """
-    if mode == FSDP:
-        raise ConfigError("compute.compile=true is not supported with compute.parallel=fsdp yet; use ddp")
+
+def check_compile_mode(how: object, mode: str) -> str:
+    """Validate ``compute.compile``: ``none``, ``backbone`` (student and teacher backbones,
+    fixed shapes) or ``forward`` (the whole forward of a step, dynamic shapes). Neither is
+    combined with FSDP2 yet (per-block compile under ``fully_shard`` is not measured)."""
+    if how not in COMPILE_MODES:
+        raise ConfigError(f"compute.compile must be one of {', '.join(COMPILE_MODES)}, got {how!r}")
+    if how != "none" and mode == FSDP:
+        raise ConfigError(f"compute.compile={how} is not supported with compute.parallel=fsdp yet; use ddp")
+    return str(how)
+
+
+def compile_backbones(model: SSLMetaArch) -> None:
+    """``torch.compile`` the student and teacher backbones in place; ``nn.Module.compile``
+    keeps parameter names, so checkpoints are unchanged."""
     for which in (model.student, model.teacher):
         which["backbone"].compile()
 
