@@ -53,6 +53,7 @@ __all__ = [
     "build_parser",
     "build_probes",
     "default_cache_dir",
+    "feature_cache_dir",
     "evaluate",
     "format_results",
     "resolve_device",
@@ -86,6 +87,13 @@ def default_cache_dir() -> Path:
     if root:
         return Path(root).expanduser() / "features"
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dinov2_hier" / "features"
+
+
+def feature_cache_dir(args: argparse.Namespace) -> Path | None:
+    """Where extracted features are cached: ``--cache-dir``, the default, or None (``--no-cache``)."""
+    if not args.cache:
+        return None
+    return Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -309,9 +317,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     t_start = time.perf_counter()
     backbone = load_eval_backbone(ckpt, arch=args.arch, device=device, seed=args.seed)
     t_loaded = time.perf_counter()
-    cache_dir = None
-    if args.cache:
-        cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
+    cache_dir = feature_cache_dir(args)
     extract = dict(crop_size=args.crop_size, resize_mode=args.resize_mode, batch_size=args.batch_size,
                    num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress)
     fs = extract_features(backbone, data.paths, **extract)

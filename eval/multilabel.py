@@ -333,7 +333,7 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     from dinov2_hier.heads.constrained import impossible_mask
     from dinov2_hier.paths import resolve_resource
 
-    from .cli_common import EvalUsageError, MAX_LISTED_UNREADABLE, default_cache_dir, resolve_device
+    from .cli_common import EvalUsageError, MAX_LISTED_UNREADABLE, feature_cache_dir, resolve_device
     from .features import load_eval_backbone
     from .report import json_safe, summarize, write_metrics_json, write_predictions_csv
 
@@ -364,9 +364,7 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
 
     backbone = load_eval_backbone(ckpt, arch=args.arch, device=device, seed=args.seed)
     t_loaded = time.perf_counter()
-    cache_dir = None
-    if args.cache:
-        cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
+    cache_dir = feature_cache_dir(args)
     extract = dict(crop_size=args.crop_size, resize_mode=args.resize_mode, batch_size=args.batch_size_features,
                    num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress)
     fs = extract_pooled_features(backbone, data.paths, args.pool, **extract)
