@@ -10,6 +10,7 @@ from dinov2_hier.data import (
     CollateError,
     GlobalCropsCollator,
     MaskingConfigError,
+    masked_patch_budget,
     sample_masks,
 )
 
@@ -101,9 +102,11 @@ def test_collate_shapes_indices_and_weights():
     counts = masks.sum(dim=1).tolist()
     assert sum(c > 0 for c in counts) == 3  # int(6 * 0.5)
     flat = [i * 16 + j for i in range(6) for j in range(16) if masks[i, j]]
-    assert batch["mask_indices"].dtype == torch.long and batch["mask_indices"].tolist() == flat
+    # Padded to the fixed budget: int(16 * 0.2333) + int(16 * 0.3667) + int(16 * 0.5) = 3 + 5 + 8.
+    padding = 16 - len(flat)
+    assert batch["mask_indices"].dtype == torch.long and batch["mask_indices"].tolist() == flat + [0] * padding
     assert batch["n_masked_patches"] == len(flat) == sum(counts)
-    assert batch["masks_weight"].tolist() == pytest.approx([1.0 / counts[f // 16] for f in flat])
+    assert batch["masks_weight"].tolist() == pytest.approx([1.0 / counts[f // 16] for f in flat] + [0.0] * padding)
     assert float(batch["masks_weight"].sum()) == pytest.approx(3.0)  # one per masked crop
 
     again = collator(items)
@@ -125,3 +128,17 @@ def test_collate_requires_draw_id():
     del broken["draw_id"]
     with pytest.raises(CollateError, match="img0.png.*draw_id"):
         GlobalCropsCollator((4, 4))([broken])
+
+
+def test_masked_patch_budget_by_hand_and_bounds_every_batch():
+    # 6 crops, 3 masked, strata tops 0.1 + 0.4 * (1, 2, 3) / 3 of 16 patches: 3 + 5 + 8.
+    assert masked_patch_budget(6, (4, 4), (0.1, 0.5), 0.5) == 16
+    assert masked_patch_budget(6, (4, 4), (0.1, 0.5), 0.0) == 0
+    # Full ratio: every masked crop may mask all patches.
+    assert masked_patch_budget(4, (2, 3), (1.0, 1.0), 1.0) == 24
+    # ViT-S/14 at 224 px, batch 128: 256 crops, 128 masked, 16 x 16 patches.
+    budget = masked_patch_budget(256, (16, 16), (0.1, 0.5), 0.5)
+    assert budget == sum(int(256 * (0.1 + 0.4 * (i + 1) / 128) + 1e-6) for i in range(128))
+    counts = [sample_masks(256, (16, 16), rng=np.random.default_rng(seed)).sum() for seed in range(20)]
+    assert max(counts) <= budget
+    assert budget - min(counts) < 0.02 * budget  # the strata keep the padding small

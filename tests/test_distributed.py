@@ -10,6 +10,7 @@ batch by design (DINOv2 does the same). Drop path is 0 and iBOT masks are explic
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -526,7 +527,7 @@ def test_compile_modes(monkeypatch, tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["compute.compile=forward"])
     model = SSLMetaArch(cfg)
     assert wrap_model(model, "none", cfg, torch.device("cpu")) is model
-    assert compiled == [(model, {"dynamic": True})]  # the whole step's forward, dynamic shapes
+    assert compiled == [(model, {})]  # the whole step's forward, fixed shapes
 
     compiled.clear()
     cfg = load_config(None, tiny_overrides)
@@ -536,3 +537,42 @@ def test_compile_modes(monkeypatch, tiny_overrides):
         check_compile_mode("forward", "fsdp")
     with pytest.raises(ConfigError, match="none, backbone, forward"):
         check_compile_mode(True, "none")
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
+    """compute.compile=forward pays off only if the whole forward is one graph: no host
+    synchronisation (e.g. on the masked-patch count) and no data-dependent shape. Dynamo's
+    fullgraph trace (backend "eager": no code generation) fails on any graph break."""
+    from bench.train_step import synthetic_batch
+    from dinov2_hier.config import load_config
+    from dinov2_hier.hierarchy import Hierarchy
+    from dinov2_hier.train.meta_arch import SSLMetaArch
+
+    cfg = load_config(None, tiny_overrides + [
+        "supervision.hierarchy=hierarchies/synthetic.json",
+        "supervision.losses=[{name: hierce, hidden_dim: 32}, {name: hiersupcon, projection_dim: 16, hidden_dim: 32}]",
+        f"dino.centering={centering}", f"ibot.centering={centering}",
+    ])
+    hierarchy = Hierarchy.from_json("hierarchies/synthetic.json")
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg, hierarchy)
+    batch = synthetic_batch(cfg, torch.device("cpu"), hierarchy.num_leaves)
+    assert batch["n_masked_patches"] < batch["mask_indices"].numel()  # padding is exercised
+    # A copy: softmax centring updates its centre on every forward.
+    reference = {k: v.item() for k, v in copy.deepcopy(model)(batch, 0.07).items()}
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
+    traced = compiled(batch, 0.07)
+    assert {k: v.item() for k, v in traced.items()} == pytest.approx(reference, rel=1e-5)
+    # The teacher temperature changes every iteration of its warm-up: after one recompile
+    # it is a graph input, so new values (and new batches of the same shape) reuse the graph.
+    for teacher_temp in (0.04, 0.05, 0.06):
+        compiled(synthetic_batch(cfg, torch.device("cpu"), hierarchy.num_leaves, rank=1), teacher_temp)
+    assert len(graphs) == 2

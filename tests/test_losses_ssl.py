@@ -193,16 +193,37 @@ def test_sinkhorn_converges_to_uniform_marginals() -> None:
     torch.testing.assert_close(out.sum(dim=0), torch.full((4,), 16 / 4), rtol=0, atol=1e-5)
 
 
-def test_sinkhorn_n_samples_only_scales_intermediates() -> None:
-    # Simulates this rank holding 6 of 12 (or 18) global samples: B_global only sets the
-    # 1/B column marginal of the intermediates and cancels in the output.
+def test_sinkhorn_padding_rows_change_nothing_and_get_zero_targets() -> None:
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))
-    default = sinkhorn_knopp(logits, 0.1)
-    for n_samples in (6, 12, torch.tensor(18)):
-        torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, n_samples=n_samples), default)
-    torch.testing.assert_close(default.sum(dim=1), torch.ones(6))
-    with pytest.raises(LossInputError, match="n_samples"):
-        sinkhorn_knopp(logits, 0.1, n_samples=3)
+    expected = sinkhorn_knopp(logits, 0.1)
+    torch.testing.assert_close(expected.sum(dim=1), torch.ones(6))
+    # Padding rows with huge logits (they would dominate the per-prototype maximum and the
+    # prototype sums) interleaved with the real rows.
+    padded = torch.cat([logits[:2], torch.full((2, 5), 80.0), logits[2:], torch.full((1, 5), -80.0)])
+    valid = torch.tensor([True, True, False, False, True, True, True, True, False])
+    out = sinkhorn_knopp(padded, 0.1, valid=valid)
+    torch.testing.assert_close(out[valid], expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out[~valid], torch.zeros(3, 5))
+    # No valid row at all: all-zero targets, no NaN.
+    assert torch.equal(sinkhorn_knopp(padded, 0.1, valid=torch.zeros(9, dtype=torch.bool)), torch.zeros(9, 5))
+    with pytest.raises(LossInputError, match="valid"):
+        sinkhorn_knopp(logits, 0.1, valid=torch.ones(5, dtype=torch.bool))
+
+
+def test_softmax_centering_and_ibot_loss_ignore_padding() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [50.0, 50.0, 50.0], [3.0, 4.0, 5.0]])
+    valid = torch.tensor([True, False, True])
+    loss = iBOTPatchLoss(3, centering="softmax", center_momentum=0.9)
+    probs = loss.teacher_probs(logits, 0.5, valid=valid)
+    torch.testing.assert_close(probs[0], torch.tensor(_softmax([2.0, 4.0, 6.0])))
+    assert torch.equal(probs[1], torch.zeros(3))
+    # Centre from the two valid rows only: 0.1 * mean([1,2,3],[3,4,5]).
+    torch.testing.assert_close(loss.softmax_centering.center, torch.tensor([[0.2, 0.3, 0.4]]))
+    # A padding row (weight 0, zero targets) adds exactly nothing to the loss.
+    student = torch.tensor([[0.2, -0.1, 0.4], [9.0, -9.0, 0.0], [0.0, 0.3, -0.2]])
+    padded = loss(student, probs, torch.tensor([0.5, 0.0, 0.5]), n_crops=2)
+    plain = loss(student[valid], probs[valid], torch.tensor([0.5, 0.5]), n_crops=2)
+    assert padded.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_sinkhorn_empty_and_bf16_inputs() -> None:
@@ -273,8 +294,8 @@ def test_koleo_bf16_input_gives_float32() -> None:
 
 # --------------------------------------------------------------------- two-rank (gloo)
 _SK_LOGITS_SHAPE = (6, 5)
-# (rows of rank 0, rows of rank 1, pass the global count as n_samples?)
-_SPLITS = ((3, 3, False), (0, 6, True), (2, 4, True))
+# (rows of rank 0, rows of rank 1, padding rows appended on each rank)
+_SPLITS = ((3, 3, 0), (0, 6, 2), (2, 4, 1))
 
 
 def _full_batch_logits() -> torch.Tensor:
@@ -293,10 +314,11 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         logits = _full_batch_logits()
         results: dict[str, torch.Tensor] = {}
-        for index, (rows_0, rows_1, pass_count) in enumerate(_SPLITS):
+        for index, (rows_0, rows_1, pad) in enumerate(_SPLITS):
             start, stop = (0, rows_0) if rank == 0 else (rows_0, rows_0 + rows_1)
-            n_samples = torch.tensor(rows_0 + rows_1) if pass_count else None
-            results[f"sk{index}"] = sinkhorn_knopp(logits[start:stop], 0.2, 3, n_samples=n_samples)
+            local = torch.cat([logits[start:stop], torch.full((pad, _SK_LOGITS_SHAPE[1]), 40.0)])
+            valid = torch.arange(len(local)) < stop - start
+            results[f"sk{index}"] = sinkhorn_knopp(local, 0.2, 3, valid=valid)[: stop - start]
         centering = SoftmaxCentering(_SK_LOGITS_SHAPE[1], momentum=0.5)
         centering.update(logits[:2] if rank == 0 else logits[2:])  # unequal counts
         results["center"] = centering.center.clone()

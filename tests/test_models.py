@@ -450,3 +450,23 @@ def test_dino_head_normalises_bottleneck_and_prototypes() -> None:
     with torch.no_grad():
         square.last_layer.weight.copy_(3 * torch.eye(8))
     torch.testing.assert_close(square(x).norm(dim=-1), torch.ones(5))
+
+
+def test_patch_embed_equals_the_strided_convolution_it_replaces() -> None:
+    """PatchEmbed runs a GEMM on flattened patches; it must equal Conv2d(stride=kernel),
+    values and weight gradients, also for a non-square input."""
+    from dinov2_hier.models.vision_transformer import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=7, in_chans=3, embed_dim=5).double()
+    x = torch.randn(2, 3, 14, 21, dtype=torch.float64)
+    tokens = embed(x)
+    reference = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=7).flatten(2).transpose(1, 2)
+    assert tokens.shape == (2, 6, 5)
+    torch.testing.assert_close(tokens, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(tokens)
+    (weight_grad,) = torch.autograd.grad((tokens * grad).sum(), embed.proj.weight)
+    (reference_grad,) = torch.autograd.grad((reference * grad).sum(), embed.proj.weight)
+    torch.testing.assert_close(weight_grad, reference_grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        embed(torch.zeros(1, 3, 14, 20, dtype=torch.float64))

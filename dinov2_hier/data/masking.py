@@ -119,8 +119,30 @@ def sample_masks(
         raise MaskingConfigError(f"mask_generator grid {(generator.height, generator.width)} != grid {grid}")
     n_patches = h * w
     masks = np.zeros((n_crops, n_patches), dtype=bool)
-    n_masked = int(n_crops * mask_probability)
-    for i in range(n_masked):
-        ratio = rng.uniform(lo + (hi - lo) * i / n_masked, lo + (hi - lo) * (i + 1) / n_masked)
-        masks[i] = generator(int(n_patches * ratio), rng).reshape(-1)
+    for i, (low, high) in enumerate(_ratio_strata(n_crops, lo, hi, mask_probability)):
+        masks[i] = generator(int(n_patches * rng.uniform(low, high)), rng).reshape(-1)
     return masks[rng.permutation(n_crops)]
+
+
+def _ratio_strata(n_crops: int, lo: float, hi: float, mask_probability: float) -> list[tuple[float, float]]:
+    """The mask-ratio interval of each masked crop (see :func:`sample_masks`)."""
+    n_masked = int(n_crops * mask_probability)
+    return [(lo + (hi - lo) * i / n_masked, lo + (hi - lo) * (i + 1) / n_masked) for i in range(n_masked)]
+
+
+def masked_patch_budget(
+    n_crops: int, grid: Sequence[int], mask_ratio: Sequence[float] = (0.1, 0.5), mask_probability: float = 0.5
+) -> int:
+    """The most patches :func:`sample_masks` can mask in a batch of ``n_crops`` crops.
+
+    Crop ``i`` masks at most ``int(h * w * high_i)`` patches, ``high_i`` the top of its
+    ratio stratum; the strata make the batch total nearly constant, so a buffer of this
+    size wastes about ``h * w * (hi - lo) / 2`` rows per batch. A fixed-size buffer of
+    masked patches gives the iBOT heads and losses the same shapes every step (no
+    recompilation, no host synchronisation on the count).
+    """
+    lo, hi = (float(r) for r in mask_ratio)
+    n_patches = int(grid[0]) * int(grid[1])
+    # The 1e-6 absorbs rounding in rng.uniform(low, high), which may return high itself.
+    strata = _ratio_strata(n_crops, lo, hi, mask_probability)
+    return sum(min(n_patches, math.floor(n_patches * high + 1e-6)) for _, high in strata)

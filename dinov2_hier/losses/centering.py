@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_max, all_reduce_sum, get_world_size
+from ..distributed import all_reduce_max, all_reduce_sum
 
 
 class LossInputError(ValueError):
@@ -45,70 +45,68 @@ def sinkhorn_knopp(
     teacher_logits: torch.Tensor,
     teacher_temp: float,
     n_iterations: int = 3,
-    n_samples: torch.Tensor | int | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sinkhorn-Knopp normalisation of teacher logits (DINOv2 / SwAV), in float32.
 
     Args:
         teacher_logits: ``[n, K]`` logits of this rank's ``n`` samples (any float dtype;
-            ``n`` may be 0 on a rank, e.g. no masked patch, the collectives still run).
+            ``n`` may be 0 on a rank, e.g. no masked patch: the collectives still run).
         teacher_temp: softmax temperature (> 0).
-        n_iterations: number of (row, column) normalisation rounds (>= 1).
-        n_samples: the number of samples over *all* ranks, ``B_global``. Default
-            ``n * world_size`` (equal split). Pass the all-reduced count when ranks hold
-            different numbers of rows (iBOT masked patches). Note that every step
-            normalises by actual sums, so ``B_global`` only sets the scale of the
-            intermediate column marginals (``1 / B_global``) and cancels in the output;
-            it is kept for parity with the reference algorithm.
+        n_iterations: number of (prototype, sample) normalisation rounds (>= 1).
+        valid: optional bool ``[n]``; False marks padding rows (a fixed-size buffer of
+            masked patches). Padding takes no prototype mass and gets an all-zero row.
 
     Returns:
-        ``[n, K]`` float32 target distributions: each row sums to 1 and, as the
-        iterations converge, each prototype receives ``n_global / K`` total mass.
+        ``[n, K]`` float32 target distributions: each valid row sums to 1 and, as the
+        iterations converge, each prototype receives ``n_valid_global / K`` total mass.
+
+    The reference algorithm rescales the whole ``[K, n]`` matrix ``Q = exp(logits / T)``
+    in place, alternately by prototype sums and by sample sums. Every such step only
+    multiplies rows or columns by positive factors, so ``Q_t = diag(a) Q_0 diag(b)``:
+    here only the two scale vectors are iterated (``a = 1 / (Q_0^T b)`` over the global
+    batch, ``b = 1 / (Q_0 a)``), each step one matrix-vector product that reads ``Q_0``
+    once instead of several read-write passes over it, and ``Q_0`` is scaled once at
+    the end. The reference's constant factors (``1/K``, ``1/B``, the initial total)
+    only rescale ``a`` and ``b`` by scalars, which cancel in the row-normalised output,
+    so no global sample count is needed.
     """
     _check_logits_2d("teacher_logits", teacher_logits)
     _check_positive("teacher_temp", teacher_temp)
     if n_iterations < 1:
         raise LossInputError(f"n_iterations must be >= 1, got {n_iterations!r}")
     n_local, n_prototypes = teacher_logits.shape
-    scaled = teacher_logits.float() / teacher_temp  # [n, K]
-
-    # Numerical stability: subtract, for every prototype k, the maximum of scaled
-    # logits over the *global* batch before exp. This multiplies row k of Q = [K, n]
-    # by a positive constant, which the first row normalisation below cancels exactly
-    # (a per-sample shift would scale columns, and columns are only normalised after
-    # the row step, so it would change finite-iteration results). The maximum must be
-    # the same on every rank (row sums are summed over ranks), hence the MAX reduce.
-    if n_local > 0:
-        row_max = scaled.amax(dim=0)  # [K]
-    else:  # an empty rank contributes nothing but must join the collective
-        row_max = torch.full((n_prototypes,), float("-inf"), device=scaled.device)
-    all_reduce_max(row_max)
-    q = torch.exp(scaled - row_max).t()  # [K, n], entries in [0, 1]
-
-    if n_samples is None:
-        b_global = torch.tensor(float(n_local * get_world_size()), device=q.device)
-    elif isinstance(n_samples, torch.Tensor):
-        # No positivity check here: it would force a device -> host sync.
-        b_global = n_samples.detach().to(device=q.device, dtype=torch.float32)
-    else:
-        if n_samples < 0 or n_samples < n_local:
-            raise LossInputError(
-                f"n_samples must be the global sample count (>= local n={n_local}), "
-                f"got {n_samples!r}"
-            )
-        b_global = torch.tensor(float(n_samples), device=q.device)
-
-    # Global sum: mathematically redundant after the row step (one scalar shared by all
-    # ranks), kept for the reference's scale. A per-rank sum would NOT be harmless.
-    q /= all_reduce_sum(q.sum())
-    for _ in range(n_iterations):
-        row_sums = all_reduce_sum(q.sum(dim=1, keepdim=True))  # [K, 1]
-        q /= row_sums
-        q /= n_prototypes  # every prototype gets total mass 1/K
-        q /= q.sum(dim=0, keepdim=True)  # [1, n]; columns are local to the rank
-        q /= b_global  # every sample gets mass 1/B_global
-    q *= b_global  # each sample's distribution sums to 1
-    return q.t()
+    if valid is not None and valid.shape != (n_local,):
+        raise LossInputError(f"valid must have shape [n]=({n_local},), got {tuple(valid.shape)}")
+    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):  # keep the products in float32
+        scaled = teacher_logits.float() / teacher_temp  # [n, K]
+        if valid is not None:
+            scaled = scaled.masked_fill(~valid[:, None], float("-inf"))
+        # Numerical stability: subtract, for every prototype k, the maximum of the scaled
+        # logits over the *global* batch before exp. This only rescales prototype k, which
+        # the first prototype step cancels (a per-sample shift would not be cancelled),
+        # and must be the same on every rank, hence the MAX reduce. A prototype with no
+        # valid row anywhere (no masked patch in the whole batch) gets shift 0, so its
+        # column stays exp(-inf) = 0 instead of NaN.
+        col_max = scaled.amax(dim=0) if n_local > 0 else scaled.new_full((n_prototypes,), float("-inf"))
+        all_reduce_max(col_max)
+        col_max = torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max))
+        q = torch.exp(scaled - col_max)  # [n, K], entries in [0, 1]; padding rows are 0
+        sample_scale = torch.ones(n_local, device=q.device)  # b
+        for _ in range(n_iterations):
+            proto_mass = all_reduce_sum(q.t() @ sample_scale)  # [K], over the global batch
+            # Zero mass only when no rank has a valid row: those prototypes stay at 0.
+            proto_scale = torch.where(proto_mass > 0, proto_mass.reciprocal(), torch.zeros_like(proto_mass))  # a
+            # The scales drift by a constant factor per round (the reference's 1/K and 1/B
+            # are left out); rescaling a to max 1 keeps them in range over many rounds.
+            # a is the same on every rank, so this scalar is too, and it cancels below.
+            proto_scale = proto_scale / proto_scale.amax().clamp_min(torch.finfo(torch.float32).tiny)
+            sample_scale = (q @ proto_scale).reciprocal()  # [n]; rows are local to the rank
+            if valid is not None:
+                sample_scale = torch.where(valid, sample_scale, torch.zeros_like(sample_scale))
+        q *= proto_scale
+        q *= sample_scale[:, None]  # each valid row sums to 1
+    return q
 
 
 class SoftmaxCentering(nn.Module):
@@ -141,18 +139,23 @@ class SoftmaxCentering(nn.Module):
         return torch.softmax(centred / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: torch.Tensor) -> None:
+    def update(self, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """EMA update ``center <- m * center + (1 - m) * mean`` from ``[n, K]`` logits.
 
-        The mean is over the rows of all ranks (sum and count are all-reduced together,
-        so ranks may hold different ``n``). If the global batch is empty the centre is
-        left unchanged (decided on device, no host sync).
+        The mean is over the valid rows (``valid`` bool ``[n]``, default all) of all ranks
+        (sum and count are all-reduced together, so ranks may hold different ``n``). If
+        the global batch has no valid row the centre is left unchanged (decided on
+        device, no host sync).
         """
         _check_logits_2d("teacher_logits", teacher_logits, self.out_dim)
         logits = teacher_logits.float()
         sum_and_count = torch.empty(self.out_dim + 1, device=logits.device)
-        sum_and_count[:-1] = logits.sum(dim=0)
-        sum_and_count[-1] = logits.shape[0]
+        if valid is None:
+            sum_and_count[:-1] = logits.sum(dim=0)
+            sum_and_count[-1] = logits.shape[0]
+        else:
+            sum_and_count[:-1] = torch.where(valid[:, None], logits, torch.zeros_like(logits)).sum(dim=0)
+            sum_and_count[-1] = valid.sum()
         all_reduce_sum(sum_and_count)
         count = sum_and_count[-1]
         batch_mean = (sum_and_count[:-1] / count.clamp(min=1.0)).unsqueeze(0)  # [1, K]

@@ -117,7 +117,9 @@ def check_targets(name: str, targets: torch.Tensor, n_rows: int, num_nodes: int 
     """Validate ``targets [n_rows]`` (integer node indices, ``-1`` unlabelled); return them as long.
 
     Shape and dtype are always checked; values (``>= -1`` and, unless ``num_nodes`` is
-    None, ``< num_nodes``) only on the CPU (see the module notes).
+    None, ``< num_nodes``) only on the CPU and outside ``torch.compile`` (reading them
+    would synchronise with the device or break the compiled graph; training targets come
+    from a label map that was validated against the hierarchy; see the module notes).
     """
     if not isinstance(targets, torch.Tensor):
         raise LossInputError(f"{name} must be a tensor of node indices, got {type(targets).__name__}")
@@ -126,7 +128,7 @@ def check_targets(name: str, targets: torch.Tensor, n_rows: int, num_nodes: int 
     if targets.dtype == torch.bool or targets.dtype.is_floating_point or targets.dtype.is_complex:
         raise LossInputError(f"{name} must hold integer node indices, got dtype {targets.dtype}")
     targets = targets.long()
-    if targets.device.type == "cpu" and targets.numel() > 0:
+    if targets.device.type == "cpu" and targets.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(targets.min()), int(targets.max())
         if low < -1 or (num_nodes is not None and high >= num_nodes):
             allowed = f"in [0, {num_nodes})" if num_nodes is not None else ">= 0"

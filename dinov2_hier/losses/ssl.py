@@ -72,16 +72,16 @@ class _TeacherNormalisation(nn.Module):
         self,
         teacher_logits: torch.Tensor,
         teacher_temp: float,
-        n_samples: torch.Tensor | int | None,
+        valid: torch.Tensor | None,
     ) -> torch.Tensor:
         _check_logits_2d("teacher_logits", teacher_logits, self.out_dim)
         if self.softmax_centering is None:
-            return sinkhorn_knopp(
-                teacher_logits, teacher_temp, n_iterations=self.sk_iterations, n_samples=n_samples
-            )
+            return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=self.sk_iterations, valid=valid)
         probs = self.softmax_centering.probs(teacher_logits, teacher_temp)
         # Update after computing the targets: this step uses the centre of past steps.
-        self.softmax_centering.update(teacher_logits)
+        self.softmax_centering.update(teacher_logits, valid)
+        if valid is not None:  # padding rows get all-zero targets, as with Sinkhorn-Knopp
+            probs = torch.where(valid[:, None], probs, torch.zeros_like(probs))
         return probs
 
 
@@ -109,7 +109,7 @@ class DINOLoss(_TeacherNormalisation):
 
         With softmax centring this also updates the centre (after computing the targets).
         """
-        return self._normalise(teacher_logits, teacher_temp, n_samples=None)
+        return self._normalise(teacher_logits, teacher_temp, valid=None)
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
         """Cross-view DINO loss.
@@ -161,15 +161,15 @@ class iBOTPatchLoss(_TeacherNormalisation):  # noqa: N801 (name used by DINOv2 /
         self,
         teacher_patch_logits: torch.Tensor,
         teacher_temp: float,
-        n_masked_patches: torch.Tensor | int | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[M, K]`` teacher logits of the masked patches -> ``[M, K]`` float32 targets.
 
-        ``n_masked_patches`` is the number of masked patches over all ranks (Sinkhorn-Knopp's
-        ``n_samples``); default ``M * world_size``. Ignored by softmax centring, whose
-        centre update counts rows over ranks itself.
+        ``valid`` (bool ``[M]``, default all True) marks the real masked patches of a
+        fixed-size, padded buffer: padding rows neither shape the normalisation nor the
+        softmax centre, and get all-zero targets.
         """
-        return self._normalise(teacher_patch_logits, teacher_temp, n_samples=n_masked_patches)
+        return self._normalise(teacher_patch_logits, teacher_temp, valid=valid)
 
     def forward(
         self,
@@ -184,7 +184,9 @@ class iBOTPatchLoss(_TeacherNormalisation):  # noqa: N801 (name used by DINOv2 /
             student_patch_logits: ``[M, K]`` student head outputs of the masked patches
                 gathered over all crops of this rank.
             teacher_probs: ``[M, K]`` targets for the same patches.
-            masks_weight: ``[M]``, ``1 / (number of masked patches of the patch's crop)``.
+            masks_weight: ``[M]``, ``1 / (number of masked patches of the patch's crop)``;
+                0 for padding rows of a fixed-size buffer (their targets are all-zero,
+                so they add exactly 0).
             n_crops: number of crops the patches were gathered from (``2B``), including
                 crops without any masked patch.
 

@@ -136,11 +136,16 @@ class SSLMetaArch(nn.Module):
         return which["ibot_head"] if self.separate_ibot_head else which["dino_head"]
 
     @torch.no_grad()
-    def teacher_targets(self, crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> TeacherTargets:
+    def teacher_targets(
+        self, crops: Tensor, mask_indices: Tensor, teacher_temp: float, mask_valid: Tensor | None = None
+    ) -> TeacherTargets:
         """Teacher outputs for ``crops [2B,3,S,S]`` (crop-major).
 
         The patch targets are taken at the flat positions ``mask_indices [M]`` of the
-        ``[2B, N]`` patch grid: the teacher sees the unmasked crop.
+        ``[2B, N]`` patch grid: the teacher sees the unmasked crop. ``mask_valid`` (bool
+        ``[M]``) marks the real masked patches of a padded buffer; padding gets zero
+        targets. No host synchronisation: a batch without any masked patch on any rank
+        gives all-zero targets from the normalisation itself.
         """
         out = self.teacher["backbone"](crops)
         cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
@@ -149,14 +154,7 @@ class SSLMetaArch(nn.Module):
         if self.ibot_enabled:
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
             patch_logits = self._ibot_head(self.teacher)(patches)
-            # Every rank joins this all-reduce and, since n_total is global, takes the same
-            # branch below; a rank without masked patches (M = 0) still joins the
-            # Sinkhorn-Knopp / centring collectives with an empty [0, K] block.
-            n_total = distributed.all_reduce_sum(torch.tensor(float(patches.shape[0]), device=crops.device))
-            if n_total.item() > 0:
-                patch_probs = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, n_masked_patches=n_total)
-            else:
-                patch_probs = patch_logits.new_zeros(patch_logits.shape)
+            patch_probs = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, valid=mask_valid)
         return TeacherTargets(cls_probs=cls_probs, patch_probs=patch_probs)
 
     def forward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
@@ -168,7 +166,8 @@ class SSLMetaArch(nn.Module):
 
         Args:
             batch: collated batch on the model's device: ``global_crops [2B,3,S,S]``,
-                ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]`` and,
+                ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]``
+                (0 on the padding of the fixed-size masked-patch buffer) and,
                 for supervised terms, ``targets long [B]`` (``-1`` = unlabelled).
             teacher_temp: teacher softmax temperature of this iteration.
         Returns:
@@ -178,7 +177,9 @@ class SSLMetaArch(nn.Module):
         crops = batch["global_crops"]
         n_crops = crops.shape[0]
         mask_indices = batch["mask_indices"]
-        targets = self.teacher_targets(crops, mask_indices, teacher_temp)
+        # Real masked patches have weight 1 / (masked patches of their crop) > 0, padding 0.
+        mask_valid = batch["masks_weight"] > 0
+        targets = self.teacher_targets(crops, mask_indices, teacher_temp, mask_valid)
 
         masks = batch["masks"] if self.ibot_enabled else None
         out = self.student["backbone"](crops, masks=masks)

@@ -106,9 +106,10 @@ def wrap_model(model: SSLMetaArch, mode: str, cfg: DictConfig, device: torch.dev
         compile_backbones(model)
     engine = _wrap(model, mode, cfg, device)
     if how == "forward":
-        # The whole step's forward (backbones, heads, losses, Sinkhorn-Knopp): the number of
-        # masked patches changes every step, hence dynamic shapes.
-        engine.compile(dynamic=True)
+        # The whole step's forward (backbones, heads, losses, Sinkhorn-Knopp). Its shapes
+        # are fixed (the masked patches sit in a buffer of fixed size), so it compiles
+        # once; a batch that lost unreadable images recompiles with dynamic sizes.
+        engine.compile()
     return engine
 
 
@@ -135,7 +136,7 @@ COMPILE_MODES = ("none", "backbone", "forward")
 
 def check_compile_mode(how: object, mode: str) -> str:
     """Validate ``compute.compile``: ``none``, ``backbone`` (student and teacher backbones,
-    fixed shapes) or ``forward`` (the whole forward of a step, dynamic shapes). Neither is
+    fixed shapes) or ``forward`` (the whole forward of a step, fixed shapes). Neither is
     combined with FSDP2 yet (per-block compile under ``fully_shard`` is not measured)."""
     if how not in COMPILE_MODES:
         raise ConfigError(f"compute.compile must be one of {', '.join(COMPILE_MODES)}, got {how!r}")
@@ -180,8 +181,9 @@ def _fully_shard(model: SSLMetaArch, cfg: DictConfig, device: torch.device) -> S
 # --------------------------------------------------------------------------------------
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """``clip_grad_norm_`` that also returns a plain float for sharded (DTensor) gradients.
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` returning the total norm as a plain (replicated) 0-d tensor,
+    also for sharded (DTensor) gradients; no host synchronisation.
 
     Under DDP the gradients are already averaged, so every rank computes the same norm;
     under FSDP the norm of the sharded gradients is reduced over the ranks.
@@ -189,16 +191,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
-
-
-def after_skipped_step(model: nn.Module) -> None:
-    """Free parameters FSDP2 left gathered by a forward that had no backward (the step
-    was skipped for a non-finite loss). No-op otherwise."""
-    if is_sharded(model):
-        for module in model.modules():
-            if is_sharded(module):
-                module.reshard()
+    return norm
 
 
 # --------------------------------------------------------------------------------------

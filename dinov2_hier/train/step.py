@@ -1,4 +1,4 @@
-"""One optimizer step: schedules -> forward -> finite check -> backward -> clip -> update -> EMA."""
+"""One optimizer step: schedules -> forward -> backward -> clip -> finite check -> update -> EMA."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import distributed
 from .optim import apply_schedule
-from .parallel import after_skipped_step, clip_grad_norm, unwrap
+from .parallel import clip_grad_norm, unwrap
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,6 +43,9 @@ class StepOutput:
     grad_norm: float | None
 
 
+GRAD_NORM = "grad_norm"
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -56,31 +59,35 @@ def train_step(
 
     ``model`` is an :class:`~dinov2_hier.train.meta_arch.SSLMetaArch` or what
     :func:`~dinov2_hier.train.parallel.wrap_model` made of it (DDP wrapper, FSDP2
-    module); its ``forward`` computes the losses. The logged losses are averaged over
-    the ranks in one all-reduce, which also makes the finite check collective.
+    module); its ``forward`` computes the losses.
 
-    A non-finite total loss skips backward and the update. A non-finite gradient norm
-    without fp16 loss scaling also skips the update (with fp16 the scaler skips it and
-    lowers its scale, which is its normal operation).
+    The step synchronises with the host once, after backward: the losses and the
+    gradient norm are averaged over the ranks in one all-reduce and read together, so
+    the CPU can queue the backward while the forward still runs, and the finite check
+    is collective (every rank takes the same decision). A non-finite total loss, or a
+    non-finite gradient norm without fp16 loss scaling, skips the update; the backward
+    of such a step is wasted work, which is cheaper than a synchronisation every step.
+    With fp16 the scaler skips non-finite gradients itself and lowers its scale, which
+    is its normal operation.
     """
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         losses = model(batch, schedule["teacher_temp"])
-    values = distributed.mean_over_ranks(losses)
-    if not math.isfinite(values["total"]):
-        after_skipped_step(model)
-        return StepOutput(losses=values, applied=False, grad_norm=None)
-
+    if GRAD_NORM in losses:
+        raise ValueError(f"a loss may not be named '{GRAD_NORM}'")
     scaler.scale(losses["total"]).backward()
-    grad_norm = None
+    scalars = dict(losses)
     if clip_grad > 0:
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_grad_norm(params, clip_grad)  # identical on every rank
-        if not scaler.is_enabled() and not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
+        scalars[GRAD_NORM] = clip_grad_norm(params, clip_grad)  # identical on every rank
+    values = distributed.mean_over_ranks(scalars)
+    grad_norm = values.pop(GRAD_NORM, None)
+    finite_grad = grad_norm is None or math.isfinite(grad_norm) or scaler.is_enabled()
+    if not (math.isfinite(values["total"]) and finite_grad):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
     scaler.step(optimizer)
     scaler.update()
     unwrap(model).update_teacher(schedule["momentum"])
