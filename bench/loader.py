@@ -4,7 +4,9 @@ Images/s that the training data pipeline delivers: decode + two global crops +
 augmentations + block masks + collate, through the same DataLoader the training loop
 builds (``dinov2_hier.train.data``), from the files named by ``data.train`` (real JPEGs,
 or the synthetic generator). Compare with ``bench.train_step`` to see whether the GPU or
-the CPUs limit training.
+the CPUs limit training. The result's ``photometric`` field says what the workers did:
+``loader`` = everything above; ``device`` (``crops.photometric=device``) = decode and
+geometry only, delivering uint8 crops whose photometric ops the training step applies.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def measure_loader(cfg, workers: int, batches: int, warmup: int) -> dict:
         "workers": workers, "batch_size": cfg.train.batch_size_per_gpu, "batches": batches,
         "crop": cfg.crops.global_crops_size, "images": images, "seconds": elapsed,
         "images_per_s": images / elapsed, "source": data.description,
+        "photometric": str(cfg.crops.photometric),
     }
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between options
     cfg = load_config(args.config, args.overrides)
     result = measure_loader(cfg, args.workers, args.batches, args.warmup)
     print("measured: " + json.dumps(result))

@@ -3,7 +3,9 @@
 Renders the JSON files that ``bench.train_step``, ``bench.loader`` and ``bench.probe``
 wrote with ``--json`` into the tables of ``docs/performance.md`` (between its
 ``BEGIN GENERATED`` and ``END GENERATED`` markers), so the published numbers are always
-the measured ones, never typed in.
+the measured ones, never typed in. The ``photometric`` column says where colour jitter,
+grey, blur and solarize ran: ``loader`` (in the loader workers; files written before the
+``crops.photometric`` option) or ``device`` (batched inside the timed step).
 """
 from __future__ import annotations
 
@@ -28,10 +30,15 @@ def _compile_mode(value) -> str:
     return str(value)
 
 
+def _photometric(r: dict) -> str:
+    """Where the photometric augmentations ran; files written before the option: the workers."""
+    return r.get("photometric", "loader")
+
+
 def _train_rows(results: dict[str, dict]) -> list[str]:
     rows = [
-        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         ratio = r.get("speedup_vs_eager_fp32")
@@ -42,15 +49,21 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
             f"| {r['world_size']} ({r['parallel']}) | {_compile_mode(r.get('compile'))} | {r['batch_size']} "
             f"| {_fmt(r['images_per_s'])} | {r['step_s_median']:.3f} | {100 * r['mfu']:.1f}% "
             f"| {_fmt(max(m for m in r['peak_mem_gib_per_rank'] if m is not None) if r['peak_mem_gib'] is not None else None)} "
-            f"| {ratio_text} |"
+            f"| {ratio_text} | {_photometric(r)} |"
         )
     return rows
 
 
 def _loader_rows(results: dict[str, dict]) -> list[str]:
-    rows = ["| file | workers | batch | crop | images/s | source |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| file | workers | batch | crop | images/s | source | photometric |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['workers']} | {r['batch_size']} | {r['crop']} | {_fmt(r['images_per_s'])} | {r['source']} |")
+        rows.append(
+            f"| {name} | {r['workers']} | {r['batch_size']} | {r['crop']} | {_fmt(r['images_per_s'])} | {r['source']} "
+            f"| {_photometric(r)} |"
+        )
     return rows
 
 

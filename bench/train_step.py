@@ -2,7 +2,10 @@
 
 Times the real training step (``dinov2_hier.train.step.train_step``: forward of student
 and teacher, DINO/iBOT/KoLeo and supervised losses, backward, clipping, AdamW, EMA) on
-synthetic tensors already on the device, so the data loader is out of the picture.
+synthetic tensors already on the device, so the data loader is out of the picture. With
+``crops.photometric=device`` the tensors are uint8 crops and the timed step includes the
+photometric augmentations (jitter, grey, blur, solarize, normalise) on the device, as in
+training; the result's ``photometric`` field says which mode was measured.
 Prints images/s, step time (median, min, max), peak GPU memory and MFU: the FLOPs of one
 step counted with ``torch.utils.flop_counter`` (matmuls, convolutions and attention of
 forward and backward, student and teacher) divided by the step time and the device's
@@ -29,10 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dinov2_hier import distributed
 from dinov2_hier.config import load_config
-from dinov2_hier.data import GlobalCropsCollator
+from dinov2_hier.data import GlobalCropsCollator, photometric_params
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.paths import resolve_resource
-from dinov2_hier.train.data import patch_grid
+from dinov2_hier.train.batch import batch_to_device
+from dinov2_hier.train.data import build_augmentation, patch_grid
 from dinov2_hier.train.loop import resolve_compute
 from dinov2_hier.train.meta_arch import SSLMetaArch
 from dinov2_hier.train.optim import build_optimizer, build_param_groups
@@ -41,20 +45,35 @@ from dinov2_hier.train.schedules import build_schedules
 from dinov2_hier.train.step import train_step
 
 
+def _synthetic_item(cfg, augmentation, gen: torch.Generator, draw_id: int) -> dict:
+    """Random crops as a loader worker would send them: normalised floats, or with
+    ``crops.photometric=device`` uint8 pixels plus parameters drawn as the augmentation draws them."""
+    s = cfg.crops.global_crops_size
+    item = {"label": None, "dataset": None, "path": "", "draw_id": draw_id}
+    if augmentation.photometric == "device":
+        crops = [torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=gen) for _ in range(2)]
+        params = photometric_params(augmentation.sample_params(s, s, draw_id))
+        return {**item, "global_crops": crops, "photometric": params}
+    return {**item, "global_crops": [torch.randn(3, s, s, generator=gen), torch.randn(3, s, s, generator=gen)]}
+
+
 def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0, rank: int = 0) -> dict:
-    """A collated batch of random crops with real iBOT masks, on ``device`` (each rank its own)."""
+    """A collated batch of random crops with real iBOT masks, on ``device`` (each rank its own).
+
+    With ``crops.photometric=device`` the crops are uint8 and ``photometric`` holds their
+    parameters on the CPU, as the loader delivers them; pass the batch through
+    :func:`~dinov2_hier.train.batch.batch_to_device` inside the timed step so the cost of
+    the photometric ops on the device is measured (on a batch already on the device the
+    function only applies them).
+    """
     b, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size
     collator = GlobalCropsCollator(
         patch_grid(cfg), tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
         seed=cfg.seed, crop_size=s,
     )
+    augmentation = build_augmentation(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
-    items = [
-        {"global_crops": [torch.randn(3, s, s, generator=gen), torch.randn(3, s, s, generator=gen)],
-         "label": None, "dataset": None, "path": "", "draw_id": rank * b + i}
-        for i in range(b)
-    ]
-    batch = collator(items)
+    batch = collator([_synthetic_item(cfg, augmentation, gen, rank * b + i) for i in range(b)])
     for key in ("global_crops", "masks", "mask_indices", "masks_weight"):
         batch[key] = batch[key].to(device)
     # Supervised terms see a random leaf per image (leaves come first in node-index order).
@@ -77,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="after timing, profile 3 steps with torch.profiler and write the op table here")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit between options
     info = distributed.init_distributed()
     try:
         result = _measure(args, info, args.overrides)
@@ -119,7 +138,9 @@ def count_step_flops(step) -> int:
 
 
 def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) -> str:
-    """torch.profiler op table of ``steps`` calls of ``step()``, sorted by self device time."""
+    """torch.profiler op tables of ``steps`` calls of ``step()``: sorted by self device time
+    (what the GPU spends its time on) and, on a GPU, also by total CPU time (what keeps the
+    host busy; a step whose CPU time exceeds its device time is bound by kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -129,11 +150,14 @@ def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) ->
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     averages = prof.key_averages()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    if device.type != "cuda":
+        return averages.table(sort_by="self_cpu_time_total", row_limit=rows)
     try:
-        return averages.table(sort_by=key, row_limit=rows)
+        by_device = averages.table(sort_by="self_device_time_total", row_limit=rows)
     except (AttributeError, KeyError, ValueError):  # older torch names it self_cuda_time_total
-        return averages.table(sort_by="self_cuda_time_total" if device.type == "cuda" else key, row_limit=rows)
+        by_device = averages.table(sort_by="self_cuda_time_total", row_limit=rows)
+    by_cpu = averages.table(sort_by="cpu_time_total", row_limit=rows)
+    return f"sorted by self device time\n{by_device}\n\nsorted by total CPU time\n{by_cpu}"
 
 
 def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
@@ -152,10 +176,13 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     scaler = precision.grad_scaler()
     schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
+    augmentation = build_augmentation(cfg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        train_step(engine, optimizer, scaler, batch, schedule, precision, cfg.optim.clip_grad)
+        # With crops.photometric=device this applies the photometric ops (part of the step's cost).
+        step_batch = batch_to_device(batch, device, augmentation)
+        train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad)
 
     times = []
     for i in range(args.warmup + args.steps):
@@ -165,12 +192,14 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    # Profiled before the FLOPs are counted: under the counter's dispatch mode a compiled
+    # step runs eagerly, and a profile taken after it showed eager kernels.
+    if args.profile is not None and info.is_main and "compute.dtype=fp32" not in overrides:
+        args.profile.write_text(profile_table(step, device))
     # Counted after timing: the counter's dispatch overhead must not enter the times. Under
     # torch.compile the counter sees the eager graph's FLOPs, which is the right numerator.
     flops = count_step_flops(step)
     peak_value, peak_source = peak_tflops(device, args.peak_tflops)
-    if args.profile is not None and info.is_main and "compute.dtype=fp32" not in overrides:
-        args.profile.write_text(profile_table(step, device))
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -188,6 +217,7 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         "mfu": flops / med / (peak_value * 1e12),
         "peak_tflops": peak_value, "peak_source": peak_source,
         "compile": str(cfg.compute.compile),
+        "photometric": str(cfg.crops.photometric),
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

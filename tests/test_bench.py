@@ -28,6 +28,26 @@ def test_loader_benchmark_counts_images(tiny_overrides, capsys):
     assert result["images_per_s"] == result["images"] / result["seconds"]
 
 
+def test_benchmarks_with_device_photometric(tmp_path, tiny_overrides, capsys):
+    import torch
+
+    from bench.loader import main as loader_main
+    from bench.train_step import synthetic_batch
+    from dinov2_hier.config import load_config
+
+    overrides = tiny_overrides + ["crops.photometric=device"]
+    batch = synthetic_batch(load_config(None, overrides), torch.device("cpu"))
+    assert batch["global_crops"].dtype == torch.uint8 and batch["global_crops"].shape == (16, 3, 32, 32)
+    assert batch["photometric"]["factors"].shape == (16, 4)  # the timed step applies them
+    out = tmp_path / "bench.json"
+    assert bench_main(["--steps", "1", "--warmup", "1", "--json", str(out), *overrides]) == 0
+    assert json.loads(out.read_text())["photometric"] == "device"
+    capsys.readouterr()
+    assert loader_main(["--workers", "0", "--batches", "2", "--warmup", "1", *overrides]) == 0
+    result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
+    assert result["photometric"] == "device" and result["images"] == 2 * 8
+
+
 def test_probe_benchmark_reports_both_backends(tmp_path, capsys, monkeypatch):
     import torch
 
@@ -92,6 +112,8 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     assert ("| l.json | NVIDIA H200 | 2.11 | vit_large | hierce | 2 (ddp) | no | 64 | 408.3 | 0.313 | 27.6% "
             "| 41.8 | 1.92x (109.7 img/s fp32) |").replace("| no |", "| none |") in text
     assert "| w.json | 16 | 128 | 224 | 557.4 | 1610 images |" in text
+    # Files written before crops.photometric existed ran the photometric ops in the workers.
+    assert "| 1.92x (109.7 img/s fp32) | loader |" in text and "| 1610 images | loader |" in text
 
 
 def test_profile_writes_an_op_table(tmp_path, tiny_overrides):

@@ -165,7 +165,9 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
 def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "dinov2_hier.train", "--output-dir", str(out), *tiny_overrides, "train.iterations=2"],
+        # Overrides before, between and after options (argparse's intermixed parsing).
+        [sys.executable, "-m", "dinov2_hier.train", *tiny_overrides[:2], "--output-dir", str(out),
+         *tiny_overrides[2:], "--stop-at", "2", "train.iterations=2"],
         capture_output=True, text=True, cwd=PROJECT_ROOT,
     )
     assert proc.returncode == 0, proc.stderr
@@ -242,3 +244,16 @@ def test_stop_request_checkpoints_and_next_start_resumes(tmp_path, tiny_override
     resumed = Trainer(load_config(None, tiny_overrides + ["train.checkpoint_every=100"]), tmp_path / "run")
     assert resumed.state.iteration == 2
     assert resumed.run().iteration == 6
+
+
+def test_device_photometric_trains_like_the_loader_path(tmp_path, tiny_overrides):
+    """crops.photometric=device on CPU: the loader sends uint8 crops, the loop applies the
+    photometric ops to the batch, and the losses equal those of the loader path."""
+    overrides = tiny_overrides + ["train.iterations=3", "train.checkpoint_every=100"]
+    _train(tmp_path, overrides, name="loader")
+    _train(tmp_path, overrides + ["crops.photometric=device"], name="device")
+    loader, device = _metrics(tmp_path / "loader"), _metrics(tmp_path / "device")
+    assert len(loader) == len(device) == 3
+    for a, b in zip(loader, device):
+        assert math.isfinite(b["loss_total"])
+        assert b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-4, abs=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PHOTOMETRIC_MODES,
     AugmentationConfigError,
     ColorJitterParams,
     CropParams,
@@ -22,7 +23,8 @@ from .datasets import (
     UnreadableImageError,
     load_image,
 )
-from .masking import BlockMaskGenerator, MaskingConfigError, sample_masks
+from .masking import BlockMaskGenerator, MaskingConfigError, masked_patch_budget, sample_masks
+from .photometric import apply_photometric, photometric_params, stack_photometric
 from .records import (
     IMAGE_EXTENSIONS,
     DataSourceError,
@@ -53,6 +55,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "PHOTOMETRIC_MODES",
     "AugmentationConfigError",
     "BlockMaskGenerator",
     "CellAttributes",
@@ -77,15 +80,19 @@ __all__ = [
     "SyntheticSpecError",
     "TooManyUnreadableImages",
     "UnreadableImageError",
+    "apply_photometric",
     "derive_seed",
     "epoch_permutation",
     "labelled_per_batch_from_fraction",
     "load_image",
+    "photometric_params",
     "read_manifest",
     "read_manifests",
     "records_from_source",
+    "masked_patch_budget",
     "sample_masks",
     "scan_image_folder",
+    "stack_photometric",
     "torch_generator",
     "write_synthetic_dataset",
 ]

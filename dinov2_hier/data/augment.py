@@ -2,9 +2,9 @@
 
 Randomness is a pure function of ``(seed, draw_id)``: every random parameter is drawn
 from a private ``torch.Generator`` and the ops are applied through torchvision's
-functional API with those parameters. torchvision's transform *classes* draw from the
-global torch RNG, whose state differs between loader workers and after a resume, so
-they are not used. The global RNG is never touched.
+functional API (geometry) and :mod:`.photometric` with those parameters. torchvision's
+transform *classes* draw from the global torch RNG, whose state differs between loader
+workers and after a resume, so they are not used. The global RNG is never touched.
 
 Pipeline per crop (crop ``i`` of 2; per-crop probabilities are pairs):
 
@@ -18,6 +18,12 @@ Pipeline per crop (crop ``i`` of 2; per-crop probabilities are pairs):
 4. Gaussian blur (``blur_p[i]``, sigma uniform in ``blur_sigma`` pixels);
 5. solarize at 128 (``solarize_p[i]``);
 6. to float in [0, 1], normalise with ``mean``/``std``.
+
+Steps 1-2 (geometry) always run in the loader worker, on PIL images and uint8 tensors.
+Steps 3-6 (photometric) run batched in float32 through
+:func:`~dinov2_hier.data.photometric.apply_photometric`, either in the worker on the
+image's two crops (``photometric="loader"``) or later on the training device on the
+whole batch (``photometric="device"``: the item carries uint8 crops and the parameters).
 """
 from __future__ import annotations
 
@@ -30,10 +36,14 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from .photometric import apply_photometric, photometric_params
 from .seeding import torch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Where the photometric ops run: in the loader worker, or on the training device.
+PHOTOMETRIC_MODES = ("loader", "device")
 
 
 class AugmentationConfigError(ValueError):
@@ -127,9 +137,20 @@ class _Draw:
 class GlobalCropsAugmentation:
     """Two augmented global crops of a PIL image, a pure function of ``(seed, draw_id)``.
 
+    With ``photometric="loader"`` (default):
     ``__call__(image, draw_id) -> {"global_crops": [Tensor[3,S,S], Tensor[3,S,S]]}``,
     float32, normalised with ``mean``/``std`` (so each channel c lies in
     ``[(0 - mean[c]) / std[c], (1 - mean[c]) / std[c]]``), ``S = crop_size``.
+
+    With ``photometric="device"``: ``{"global_crops": [uint8 [3,S,S] x 2], "photometric":
+    params}``, the crops after geometry only and their photometric parameters (rows
+    ``[2, ...]``, see :mod:`.photometric`); :meth:`photometric_batch` finishes a collated
+    batch of them on the training device, with the same result as the loader path.
+
+    The photometric ops used to run on uint8 tensors (rounding to integers after every
+    op); since both modes share the float32 implementation, loader-mode crops differ
+    slightly from those of earlier versions (before normalisation, on pbc_dev crops: a
+    mean of about 1 and at most about 5 of 255 grey levels).
     """
 
     n_crops = 2
@@ -156,6 +177,7 @@ class GlobalCropsAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str = "bicubic",
         seed: int = 0,
+        photometric: str = "loader",
     ) -> None:
         if crop_size < 1:
             raise AugmentationConfigError(f"crop_size must be >= 1, got {crop_size}")
@@ -187,6 +209,11 @@ class GlobalCropsAugmentation:
         self.std = [float(s) for s in std]
         self.interpolation = _interpolation(interpolation)
         self.seed = int(seed)
+        if photometric not in PHOTOMETRIC_MODES:
+            raise AugmentationConfigError(
+                f"photometric must be one of {', '.join(PHOTOMETRIC_MODES)}, got '{photometric}'"
+            )
+        self.photometric = photometric
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -244,8 +271,8 @@ class GlobalCropsAugmentation:
 
     # -- application --------------------------------------------------------------------
 
-    def apply(self, image: Image.Image, p: CropParams) -> torch.Tensor:
-        """One crop with fixed parameters: ``Tensor[3, S, S]`` float32, normalised."""
+    def geometry(self, image: Image.Image, p: CropParams) -> torch.Tensor:
+        """Resized crop, flips and quarter turns of one crop: uint8 ``[3, S, S]``."""
         size = [self.crop_size, self.crop_size]
         # Crop and resize in PIL (fast, antialiased), then work on uint8 tensors.
         cropped = TF.resized_crop(
@@ -258,30 +285,16 @@ class GlobalCropsAugmentation:
             x = x.flip(-2)
         if p.rot90_k:
             x = torch.rot90(x, p.rot90_k, dims=(-2, -1))
-        if p.jitter is not None:
-            x = self._color_jitter(x, p.jitter)
-        if p.grayscale:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
-        if p.blur_sigma is not None:
-            k = self.blur_kernel_size
-            x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
-        if p.solarize:
-            x = TF.solarize(x, 128)
-        x = x.to(torch.float32).div_(255.0)
-        return TF.normalize(x, self.mean, self.std)
-
-    @staticmethod
-    def _color_jitter(x: torch.Tensor, j: ColorJitterParams) -> torch.Tensor:
-        for op in j.order:
-            if op == 0:
-                x = TF.adjust_brightness(x, j.brightness)
-            elif op == 1:
-                x = TF.adjust_contrast(x, j.contrast)
-            elif op == 2:
-                x = TF.adjust_saturation(x, j.saturation)
-            else:
-                x = TF.adjust_hue(x, j.hue)
         return x
+
+    def photometric_batch(self, crops: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Photometric ops and normalisation of uint8 ``[N, 3, S, S]`` crops (any device)
+        with their parameter rows: float32 ``[N, 3, S, S]``."""
+        return apply_photometric(crops, params, self.mean, self.std, self.blur_kernel_size)
+
+    def apply(self, image: Image.Image, p: CropParams) -> torch.Tensor:
+        """One crop with fixed parameters: ``Tensor[3, S, S]`` float32, normalised."""
+        return self.photometric_batch(self.geometry(image, p).unsqueeze(0), photometric_params([p]))[0]
 
     def __call__(self, image: Image.Image, draw_id: int) -> dict:
         if not isinstance(image, Image.Image):
@@ -289,7 +302,11 @@ class GlobalCropsAugmentation:
         if image.mode != "RGB":
             image = image.convert("RGB")
         params = self.sample_params(image.width, image.height, draw_id)
-        return {"global_crops": [self.apply(image, p) for p in params]}
+        crops = torch.stack([self.geometry(image, p) for p in params])
+        photometric = photometric_params(params)
+        if self.photometric == "device":
+            return {"global_crops": list(crops.unbind(0)), "photometric": photometric}
+        return {"global_crops": list(self.photometric_batch(crops, photometric).unbind(0))}
 
 
 class EvalTransform:

@@ -6,11 +6,23 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .masking import BlockMaskGenerator, sample_masks
+from .masking import BlockMaskGenerator, masked_patch_budget, sample_masks
+from .photometric import stack_photometric
 
 
 class CollateError(ValueError):
     """An item lacks a field the collator needs or has crops of the wrong shape."""
+
+
+def _photometric_field(ok: Sequence[dict]) -> dict:
+    """``{"photometric": crop-major params}`` when the items carry photometric params
+    (``crops.photometric=device``), else ``{}``; a mix of both kinds is an error."""
+    carrying = sum("photometric" in item for item in ok)
+    if carrying == 0:
+        return {}
+    if carrying != len(ok):
+        raise CollateError(f"{carrying} of {len(ok)} items carry photometric params; all or none must")
+    return {"photometric": stack_photometric([item["photometric"] for item in ok])}
 
 
 class GlobalCropsCollator:
@@ -19,19 +31,26 @@ class GlobalCropsCollator:
     Output (``B`` readable items, ``N = h * w`` patches per crop, ``S`` crop side):
 
     - ``global_crops`` float ``[2B, 3, S, S]``, crop-major: crop 0 of every image, then crop 1;
+      with ``crops.photometric=device`` items (uint8 crops plus ``photometric`` params)
+      uint8, and ``photometric`` = their parameter rows stacked crop-major (``[2B, ...]``,
+      see :mod:`~dinov2_hier.data.photometric`), applied later on the training device;
     - ``labels`` ``list[str|None]``, ``datasets`` ``list[str|None]``, ``paths`` ``list[str]``,
       ``draw_ids`` ``list[int]`` (length B);
     - ``masks`` bool ``[2B, N]``; ``mask_indices`` long ``[M]`` = flat indices of the masked
-      patches in ``masks.flatten()`` (``2B * N`` positions); ``masks_weight`` float ``[M]``,
-      ``1 / (number of masked patches of that crop)`` so each masked crop weighs 1 in the
-      iBOT loss; ``n_masked_patches`` = M;
+      patches in ``masks.flatten()`` (``2B * N`` positions) followed by padding, so that
+      ``M`` = :func:`~dinov2_hier.data.masking.masked_patch_budget` for ``2B`` crops is
+      the same every step; ``masks_weight`` float ``[M]``, ``1 / (number of masked
+      patches of that crop)`` so each masked crop weighs 1 in the iBOT loss, and 0 on the
+      padding (whose index is 0, a real position, so gathers stay in range);
+      ``n_masked_patches`` = the number of real masked patches (``<= M``);
     - ``n_drawn`` items received (readable or not), ``skipped`` paths of unreadable items,
       ``skipped_errors`` their error messages.
 
     Masks are a pure function of ``(seed, draw_id of the first item received)``, so they do
     not depend on worker count or on which items of the batch were unreadable.
     An all-unreadable batch gives ``B = 0`` (``global_crops`` ``[0, 3, S, S]`` with
-    ``S = crop_size``, or 0 when ``crop_size`` is not given).
+    ``S = crop_size``, or 0 when ``crop_size`` is not given; float and without
+    ``photometric`` in either mode: there is nothing left to augment).
     """
 
     def __init__(
@@ -85,6 +104,12 @@ class GlobalCropsCollator:
         mask_indices = masks.flatten().nonzero().flatten()
         per_crop = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
         masks_weight = (1.0 / per_crop).expand_as(masks)[masks]
+        n_masked = int(mask_indices.numel())
+        budget = masked_patch_budget(len(global_crops), self.patch_grid, self.mask_ratio, self.mask_probability)
+        if n_masked > budget:  # cannot happen with sample_masks; guards a changed generator
+            raise CollateError(f"{n_masked} masked patches exceed the buffer of {budget}")
+        mask_indices = torch.cat([mask_indices, mask_indices.new_zeros(budget - n_masked)])
+        masks_weight = torch.cat([masks_weight, masks_weight.new_zeros(budget - n_masked)])
 
         return {
             "global_crops": global_crops,
@@ -95,8 +120,9 @@ class GlobalCropsCollator:
             "masks": masks,
             "mask_indices": mask_indices,
             "masks_weight": masks_weight,
-            "n_masked_patches": int(mask_indices.numel()),
+            "n_masked_patches": n_masked,
             "n_drawn": len(items),
             "skipped": [item.get("path") for item in bad],
             "skipped_errors": [str(item["error"]) for item in bad],
+            **_photometric_field(ok),
         }

@@ -5,6 +5,8 @@ An item is a dict (see docs/architecture.md)::
     {"global_crops": [Tensor[3,S,S], Tensor[3,S,S]], "label": str|None,
      "dataset": str|None, "path": str, "draw_id": int}
 
+(with ``crops.photometric=device``: uint8 crops and a ``"photometric"`` entry holding
+their augmentation parameters, see :class:`~dinov2_hier.data.augment.GlobalCropsAugmentation`)
 or, for a file that cannot be decoded, ``{"error": str, "path": str, "draw_id": int}``.
 Returning error items instead of raising keeps a single corrupt file from killing a
 long run; the collator drops them and the training loop feeds their paths to a

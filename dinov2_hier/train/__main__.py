@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint and exit after this iteration (the schedules still follow train.iterations)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.iterations=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may sit between options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
 from ..data import (
+    PHOTOMETRIC_MODES,
     GlobalCropsAugmentation,
     GlobalCropsCollator,
     ImageRecordDataset,
@@ -30,10 +31,16 @@ class TrainData:
     dataset: Dataset
     collator: GlobalCropsCollator
     description: str
+    augmentation: GlobalCropsAugmentation  # the dataset's; finishes device-side photometric ops
 
 
 def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
     c = cfg.crops
+    if c.photometric not in PHOTOMETRIC_MODES:
+        raise ConfigError(
+            f"crops.photometric must be one of {', '.join(PHOTOMETRIC_MODES)} (where colour jitter, grey, "
+            f"blur, solarize and normalisation run), got '{c.photometric}'"
+        )
     return GlobalCropsAugmentation(
         crop_size=c.global_crops_size,
         scale=tuple(c.global_crops_scale),
@@ -52,6 +59,7 @@ def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
         mean=tuple(c.mean),
         std=tuple(c.std),
         seed=cfg.seed,
+        photometric=c.photometric,
     )
 
 
@@ -94,7 +102,7 @@ def build_train_data(cfg: DictConfig) -> TrainData:
         seed=cfg.seed,
         crop_size=cfg.crops.global_crops_size,
     )
-    return TrainData(dataset=dataset, collator=collator, description=description)
+    return TrainData(dataset=dataset, collator=collator, description=description, augmentation=transform)
 
 
 def build_sampler(cfg: DictConfig, size: int, consumed: int, rank: int, world_size: int, supervision=None):

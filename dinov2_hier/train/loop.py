@@ -18,6 +18,7 @@ from ..data import SkipCounter
 from ..io import atomic_torch_save, atomic_write_text
 from ..models import load_backbone_weights
 from ..paths import resolve_resource
+from .batch import batch_to_device
 from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
@@ -278,13 +279,11 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
-        moved = dict(batch)
+        """The batch on the device, with supervision targets and (``crops.photometric=device``)
+        the photometric augmentations applied there."""
         if self.supervision is not None:
-            moved["targets"] = self.supervision.batch_targets(batch["labels"], batch["datasets"])
-        for key in ("global_crops", "masks", "mask_indices", "masks_weight", "targets"):
-            if key in moved and isinstance(moved[key], torch.Tensor):
-                moved[key] = moved[key].to(self.device, non_blocking=True)
-        return moved
+            batch = {**batch, "targets": self.supervision.batch_targets(batch["labels"], batch["datasets"])}
+        return batch_to_device(batch, self.device, self.data.augmentation)
 
     def run(self, stop_at: int | None = None, should_stop: Callable[[], bool] | None = None) -> RunState:
         """Train until ``train.iterations`` (or ``stop_at``, then checkpoint and return).
