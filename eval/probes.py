@@ -449,13 +449,13 @@ class _LinearModel:
         return self.classes[self.decision(X).argmax(dim=1).cpu().numpy()]
 
 
-# Below this many training samples "auto" keeps scikit-learn even on a GPU: full-batch
-# L-BFGS on a small problem is bound by kernel-launch latency. Measured on one H200
-# (torch 2.11) with the former torch path, 22 torch.optim.LBFGS runs one after another
-# (not yet re-measured with the batched solver): 1,288 x 384 features, 5 folds with the
-# C sweep, torch 180 s, while scikit-learn took 53 s on 2 CPU cores; 16,000 x 1,024,
-# torch 6.6 s vs 37 s (16 cores).
-AUTO_TORCH_MIN_SAMPLES = 5000
+# Below this many training samples "auto" keeps scikit-learn even on a GPU (a tiny
+# problem is bound by kernel-launch latency). Measured on one H200 (torch 2.11, 16 CPU
+# cores) with the batched solver: pbc_dev features of an untrained ViT-S (5 outer folds,
+# training folds of 1,288 x 384, 13 classes, the C sweep) took 14.8 s with torch, 44.4 s
+# with scikit-learn on one BLAS thread and over 170 s with its default threads (they
+# oversubscribe the cores); 16,000 x 1,024 planted features 0.57 s vs 10.9 s / 29.2 s.
+AUTO_TORCH_MIN_SAMPLES = 1000
 #: ``C`` used when the classes are too small for the inner cross-validation.
 _FALLBACK_C = 1.0
 
