@@ -40,7 +40,7 @@ def measure_loader(cfg, workers: int, batches: int, warmup: int) -> dict:
         "workers": workers, "batch_size": cfg.train.batch_size_per_gpu, "batches": batches,
         "crop": cfg.crops.global_crops_size, "images": images, "seconds": elapsed,
         "images_per_s": images / elapsed, "source": data.description,
-        "photometric": str(cfg.crops.photometric),
+        "photometric": str(cfg.crops.photometric), "reduced_decode": bool(cfg.crops.reduced_decode),
     }
 
 

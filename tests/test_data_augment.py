@@ -179,3 +179,49 @@ def test_eval_transform_pad_and_center_crop():
     assert torch.allclose(cropped[:, :, :10], red.view(3, 1, 1).expand(3, 20, 10), atol=1e-5)
     with pytest.raises(AugmentationConfigError, match="resize_mode"):
         EvalTransform(20, "stretch")
+
+
+def _smooth_rgb(size: int) -> Image.Image:
+    """A smooth colour image (gradients and a disc): JPEG keeps it nearly intact."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    disc = ((xx - 0.5) ** 2 + (yy - 0.4) ** 2 < 0.08).astype(float)
+    rgb = np.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy, 0.4 + 0.4 * disc], axis=-1)
+    return Image.fromarray((255 * rgb).round().astype(np.uint8))
+
+
+def test_reduced_decode_size_rule():
+    aug = GlobalCropsAugmentation(crop_size=64, scale=(0.5, 1.0), reduced_decode=True)
+    # Both crop boxes are at least sqrt(0.5 * 3/4) = 0.61 of a 1024 px side = 627 px, so
+    # the factor min(box sides) / 64 is >= 9.8 and the request is the full size / factor.
+    for draw_id in range(5):
+        boxes = aug.sample_params(1024, 1024, draw_id)
+        factor = min(min(p.height, p.width) for p in boxes) / 64
+        assert aug.decode_size(1024, 1024, draw_id) == (int(np.ceil(1024 / factor)),) * 2
+    # 100 px: no crop has 2 x 64 source pixels per side; and the option off never asks.
+    assert aug.decode_size(100, 100, 0) is None
+    assert GlobalCropsAugmentation(crop_size=64, reduced_decode=False).decode_size(1024, 1024, 0) is None
+    with pytest.raises(AugmentationConfigError, match="reduced_decode"):
+        GlobalCropsAugmentation(reduced_decode="yes")
+
+
+def test_reduced_decode_gives_nearly_the_full_decode_crops(tmp_path):
+    from dinov2_hier.data import ImageRecordDataset, Record, load_image_reduced
+
+    jpeg, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    _smooth_rgb(1024).save(jpeg, quality=95)
+    _smooth_rgb(1024).save(png)
+    common = dict(crop_size=64, scale=(0.5, 1.0), photometric="device")
+    full = ImageRecordDataset([Record(str(jpeg), None)], GlobalCropsAugmentation(**common))
+    reduced = ImageRecordDataset([Record(str(jpeg), None)], GlobalCropsAugmentation(**common, reduced_decode=True))
+    request = reduced.transform.decode_size(1024, 1024, 3)
+    image, size = load_image_reduced(str(jpeg), lambda w, h: request)
+    assert size == (1024, 1024) and image.width <= 1024 // 8  # decoded at 1/8 scale (factor >= 9.8)
+    a, b = full[(0, 3)], reduced[(0, 3)]
+    for x, y in zip(a["global_crops"], b["global_crops"]):
+        diff = (x.float() - y.float()).abs()
+        assert diff.mean() < 1.0 and diff.max() < 16  # grey levels of 255 (measured: <= 0.33 and 9)
+    assert all(torch.equal(a["photometric"][k], b["photometric"][k]) for k in a["photometric"])
+    # A format without reduced decoding (PNG) is decoded at full size: identical crops.
+    c = ImageRecordDataset([Record(str(png), None)], GlobalCropsAugmentation(**common, reduced_decode=True))[(0, 3)]
+    d = ImageRecordDataset([Record(str(png), None)], GlobalCropsAugmentation(**common))[(0, 3)]
+    assert all(torch.equal(x, y) for x, y in zip(c["global_crops"], d["global_crops"]))

@@ -22,6 +22,7 @@ from .datasets import (
     TooManyUnreadableImages,
     UnreadableImageError,
     load_image,
+    load_image_reduced,
 )
 from .masking import BlockMaskGenerator, MaskingConfigError, masked_patch_budget, sample_masks
 from .photometric import apply_photometric, photometric_params, stack_photometric
@@ -85,6 +86,7 @@ __all__ = [
     "epoch_permutation",
     "labelled_per_batch_from_fraction",
     "load_image",
+    "load_image_reduced",
     "photometric_params",
     "read_manifest",
     "read_manifests",

@@ -46,6 +46,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PHOTOMETRIC_MODES = ("loader", "device")
 
 
+_PIL_RESAMPLE = {
+    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+}
+
+
 class AugmentationConfigError(ValueError):
     """An augmentation parameter is out of range."""
 
@@ -109,11 +116,12 @@ def _check_range(value: Sequence[float], name: str, low: float) -> tuple[float, 
 
 def _interpolation(name: str) -> InterpolationMode:
     try:
-        return InterpolationMode(name.lower())
+        mode = InterpolationMode(name.lower())
     except ValueError:
-        raise AugmentationConfigError(
-            f"unknown interpolation '{name}'; use one of nearest, bilinear, bicubic"
-        ) from None
+        mode = None
+    if mode not in _PIL_RESAMPLE:
+        raise AugmentationConfigError(f"unknown interpolation '{name}'; use one of nearest, bilinear, bicubic")
+    return mode
 
 
 class _Draw:
@@ -178,6 +186,7 @@ class GlobalCropsAugmentation:
         interpolation: str = "bicubic",
         seed: int = 0,
         photometric: str = "loader",
+        reduced_decode: bool = False,
     ) -> None:
         if crop_size < 1:
             raise AugmentationConfigError(f"crop_size must be >= 1, got {crop_size}")
@@ -214,6 +223,9 @@ class GlobalCropsAugmentation:
                 f"photometric must be one of {', '.join(PHOTOMETRIC_MODES)}, got '{photometric}'"
             )
         self.photometric = photometric
+        if not isinstance(reduced_decode, bool):
+            raise AugmentationConfigError(f"reduced_decode must be true or false, got {reduced_decode!r}")
+        self.reduced_decode = reduced_decode
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -271,13 +283,39 @@ class GlobalCropsAugmentation:
 
     # -- application --------------------------------------------------------------------
 
-    def geometry(self, image: Image.Image, p: CropParams) -> torch.Tensor:
-        """Resized crop, flips and quarter turns of one crop: uint8 ``[3, S, S]``."""
+    def decode_size(self, width: int, height: int, draw_id: int) -> tuple[int, int] | None:
+        """The smallest decoded size of a ``width`` x ``height`` image that still gives both
+        crops of ``draw_id`` at least ``crop_size`` source pixels on each side, when that is
+        at most half the full size; None otherwise or when ``reduced_decode`` is off.
+
+        A JPEG decoder can scale by 1/2, 1/4 or 1/8 while decoding (``PIL.Image.draft``),
+        which is several times cheaper than decoding at full size and downscaling after.
+        The crop parameters stay those of the full-size image.
+        """
+        if not self.reduced_decode:
+            return None
+        factor = min(min(p.height, p.width) for p in self.sample_params(width, height, draw_id)) / self.crop_size
+        if factor < 2.0:
+            return None
+        return math.ceil(width / factor), math.ceil(height / factor)
+
+    def geometry(self, image: Image.Image, p: CropParams, source_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Resized crop, flips and quarter turns of one crop: uint8 ``[3, S, S]``.
+
+        ``source_size``: the full size the crop box ``p`` refers to, when ``image`` was
+        decoded at a reduced size (:meth:`decode_size`); the box is then scaled to it.
+        """
         size = [self.crop_size, self.crop_size]
-        # Crop and resize in PIL (fast, antialiased), then work on uint8 tensors.
-        cropped = TF.resized_crop(
-            image, p.top, p.left, p.height, p.width, size, interpolation=self.interpolation, antialias=True
-        )
+        if source_size is None or tuple(source_size) == image.size:
+            # Crop and resize in PIL (fast, antialiased), then work on uint8 tensors.
+            cropped = TF.resized_crop(
+                image, p.top, p.left, p.height, p.width, size, interpolation=self.interpolation, antialias=True
+            )
+        else:
+            sx, sy = image.width / source_size[0], image.height / source_size[1]
+            box = (p.left * sx, p.top * sy, (p.left + p.width) * sx, (p.top + p.height) * sy)
+            # PIL resamples a sub-pixel box directly (antialiased like the path above).
+            cropped = image.resize((self.crop_size, self.crop_size), _PIL_RESAMPLE[self.interpolation], box=box)
         x = TF.pil_to_tensor(cropped)  # uint8 [3, S, S]
         if p.hflip:
             x = x.flip(-1)
@@ -296,13 +334,15 @@ class GlobalCropsAugmentation:
         """One crop with fixed parameters: ``Tensor[3, S, S]`` float32, normalised."""
         return self.photometric_batch(self.geometry(image, p).unsqueeze(0), photometric_params([p]))[0]
 
-    def __call__(self, image: Image.Image, draw_id: int) -> dict:
+    def __call__(self, image: Image.Image, draw_id: int, source_size: tuple[int, int] | None = None) -> dict:
+        """``source_size``: the image's full size when it was decoded smaller (:meth:`decode_size`)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"GlobalCropsAugmentation expects a PIL image, got {type(image).__name__}")
         if image.mode != "RGB":
             image = image.convert("RGB")
-        params = self.sample_params(image.width, image.height, draw_id)
-        crops = torch.stack([self.geometry(image, p) for p in params])
+        width, height = source_size if source_size is not None else image.size
+        params = self.sample_params(width, height, draw_id)
+        crops = torch.stack([self.geometry(image, p, source_size) for p in params])
         photometric = photometric_params(params)
         if self.photometric == "device":
             return {"global_crops": list(crops.unbind(0)), "photometric": photometric}

@@ -46,10 +46,25 @@ def load_image(path: str) -> Image.Image:
     Raises:
         UnreadableImageError: missing, zero-byte, truncated or non-image file.
     """
+    return load_image_reduced(path, None)[0]
+
+
+def load_image_reduced(
+    path: str, decode_size: Callable[[int, int], tuple[int, int] | None] | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Like :func:`load_image`, but let ``decode_size(width, height)`` (the header's full
+    size) ask for a smaller decode: a JPEG is then decoded at the smallest of 1/2, 1/4 or
+    1/8 scale that is still at least the requested size (``PIL.Image.draft``); other
+    formats decode at full size. Returns the RGB image and the full size.
+    """
     try:
         with Image.open(path) as img:
+            full_size = img.size
+            requested = decode_size(*full_size) if decode_size is not None else None
+            if requested is not None:
+                img.draft("RGB", requested)
             img.load()
-            return img.convert("RGB")
+            return img.convert("RGB"), full_size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # OSError covers missing files, UnidentifiedImageError and truncation;
         # some decoders raise SyntaxError or ValueError on corrupt headers.
@@ -83,11 +98,18 @@ class ImageRecordDataset:
     def __getitem__(self, key: Any) -> dict:
         index, draw_id = _split_key(key)
         record = self.records[index]
+        # A transform that can use a smaller decode says how small (GlobalCropsAugmentation).
+        decode_size = getattr(self.transform, "decode_size", None)
         try:
-            image = load_image(record.path)
+            image, full_size = load_image_reduced(
+                record.path, None if decode_size is None else lambda w, h: decode_size(w, h, draw_id)
+            )
         except UnreadableImageError as e:
             return {"error": str(e), "path": record.path, "draw_id": draw_id}
-        item = dict(self.transform(image, draw_id))
+        if image.size != full_size:
+            item = dict(self.transform(image, draw_id, source_size=full_size))
+        else:
+            item = dict(self.transform(image, draw_id))
         item.update(label=record.label, dataset=record.dataset, path=record.path, draw_id=draw_id)
         return item
 

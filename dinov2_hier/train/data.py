@@ -41,6 +41,8 @@ def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
             f"crops.photometric must be one of {', '.join(PHOTOMETRIC_MODES)} (where colour jitter, grey, "
             f"blur, solarize and normalisation run), got '{c.photometric}'"
         )
+    if not isinstance(c.reduced_decode, bool):
+        raise ConfigError(f"crops.reduced_decode must be true or false, got {c.reduced_decode!r}")
     return GlobalCropsAugmentation(
         crop_size=c.global_crops_size,
         scale=tuple(c.global_crops_scale),
@@ -60,6 +62,7 @@ def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
         std=tuple(c.std),
         seed=cfg.seed,
         photometric=c.photometric,
+        reduced_decode=c.reduced_decode,
     )
 
 
