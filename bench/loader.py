@@ -11,13 +11,13 @@ geometry only, delivering uint8 crops whose photometric ops the training step ap
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.report import emit
 from dinov2_hier.config import load_config
 from dinov2_hier.train.data import build_train_data, build_train_loader
 
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may sit between options
     cfg = load_config(args.config, args.overrides)
     result = measure_loader(cfg, args.workers, args.batches, args.warmup)
-    print("measured: " + json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

@@ -8,13 +8,13 @@ With ``--ckpt`` and ``--data`` it also measures feature extraction images/s.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.report import emit
 from eval.probes import KNNProbe, LogRegProbe, balanced_accuracy
 
 
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         result["logreg_accuracy_gap_points"] = 100 * (t["balanced_accuracy"] - s["balanced_accuracy"])
     if args.ckpt and args.data:
         result["extraction"] = time_extraction(args.ckpt, args.data, args.device or "cpu", args.batch_size, args.workers)
-    print("measured: " + json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

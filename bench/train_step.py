@@ -21,7 +21,6 @@ batch of ``train.batch_size_per_gpu`` images; rank 0 prints per-rank and total i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.report import emit
 from dinov2_hier import distributed
 from dinov2_hier.config import load_config
 from dinov2_hier.data import GlobalCropsCollator, photometric_params
@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.destroy_distributed()
     if info.is_main:
-        print("measured: " + json.dumps(result))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+        emit(result, args.json)
     return 0
 
 
