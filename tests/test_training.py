@@ -257,3 +257,35 @@ def test_device_photometric_trains_like_the_loader_path(tmp_path, tiny_overrides
     for a, b in zip(loader, device):
         assert math.isfinite(b["loss_total"])
         assert b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-4, abs=1e-5)
+
+
+def test_step_skips_a_nonfinite_loss_with_an_enabled_loss_scaler():
+    """fp16 path: a NaN loss after the scaler unscaled the gradients skips the update and
+    lowers the scale; the next step runs normally (the scaler's state was reset)."""
+    from dinov2_hier.train.step import Precision, train_step
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.ema_updates = 0
+
+        def forward(self, batch, teacher_temp):
+            return {"total": (self.w * batch["x"]).sum()}
+
+        def update_teacher(self, momentum):
+            self.ema_updates += 1
+
+    model = Tiny()
+    optimizer = torch.optim.SGD([{"params": [model.w], "is_last_layer": False, "lr_mult": 1.0, "wd_mult": 0.0}], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True)
+    schedule = {"lr": 0.1, "last_layer_lr": 0.1, "wd": 0.0, "teacher_temp": 0.07, "momentum": 0.9}
+    precision = Precision(device_type="cpu", dtype="fp32")
+    out = train_step(model, optimizer, scaler, {"x": torch.tensor([1.0, float("nan"), 0.0])}, schedule, precision, 1.0)
+    assert not out.applied and torch.equal(model.w.detach(), torch.ones(3)) and model.ema_updates == 0
+    assert scaler.get_scale() == 4.0  # backoff 0.5 after the inf/NaN gradients
+    out = train_step(model, optimizer, scaler, {"x": torch.tensor([1.0, 2.0, 0.0])}, schedule, precision, 10.0)
+    assert out.applied and model.ema_updates == 1
+    # gradient [1, 2, 0] (norm sqrt 5 < 10, not clipped), SGD lr 0.1
+    torch.testing.assert_close(model.w.detach(), torch.tensor([0.9, 0.8, 1.0]))
+    assert out.grad_norm == pytest.approx(5 ** 0.5)

@@ -87,6 +87,10 @@ def train_step(
     finite_grad = grad_norm is None or math.isfinite(grad_norm) or scaler.is_enabled()
     if not (math.isfinite(values["total"]) and finite_grad):
         optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled() and clip_grad > 0:
+            # The scaler unscaled this step's gradients: let it finish the step's bookkeeping
+            # (it lowers its scale when it found inf/NaN), or the next unscale_ refuses to run.
+            scaler.update()
         return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
     scaler.step(optimizer)
     scaler.update()
