@@ -192,6 +192,10 @@ def run_probes(
                     "fit_s": t1 - t0, "predict_s": t2 - t1}
             if getattr(probe, "chosen_C_", None) is not None:
                 info["chosen_C"] = float(probe.chosen_C_)
+            for attribute, key in (("backend_", "backend"), ("converged_", "converged")):
+                if hasattr(probe, attribute):  # logistic regression: which solver, and did it converge
+                    value = getattr(probe, attribute)
+                    info[key] = bool(value) if key == "converged" else str(value)
             fit_info[probe.name].append(info)
             logger.info("fold %d: %s fitted on %d, tested on %d in %.2f s", fold_id, probe.name,
                         train.size, test.size, t2 - t0)

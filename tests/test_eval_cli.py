@@ -108,6 +108,8 @@ def test_run_over_a_training_directory(setup, run_dir):
         assert m["split"] == {"kind": "cross_validation", "folds": 3, "seed": 0}
         assert m["settings"]["crop_size"] == 32 and m["settings"]["logreg"]["C"] == 1.0
         assert [f["chosen_C"] for f in m["fit_info"]["logreg"]] == [1.0, 1.0, 1.0]
+        # CPU run: the auto backend is scikit-learn; convergence is recorded per fold.
+        assert {(f["backend"], type(f["converged"])) for f in m["fit_info"]["logreg"]} == {("sklearn", bool)}
         cm = m["confusion_matrix"]["logreg"]
         assert sum(map(sum, cm)) == setup["n"] and [sum(r) for r in cm] == [N_PER_CLASS] * 11
         rows = _rows(out / name)
