@@ -225,3 +225,22 @@ def test_reduced_decode_gives_nearly_the_full_decode_crops(tmp_path):
     c = ImageRecordDataset([Record(str(png), None)], GlobalCropsAugmentation(**common, reduced_decode=True))[(0, 3)]
     d = ImageRecordDataset([Record(str(png), None)], GlobalCropsAugmentation(**common))[(0, 3)]
     assert all(torch.equal(x, y) for x, y in zip(c["global_crops"], d["global_crops"]))
+
+
+def test_reduced_decode_draws_the_crop_parameters_once_per_item(tmp_path):
+    from dinov2_hier.data import ImageRecordDataset, Record
+
+    path = tmp_path / "big.jpg"
+    _smooth_rgb(512).save(path, quality=95)
+    aug = GlobalCropsAugmentation(crop_size=64, reduced_decode=True)
+    calls = []
+    original = aug.sample_params
+    aug.sample_params = lambda *args: calls.append(args) or original(*args)
+    dataset = ImageRecordDataset([Record(str(path), None)], aug)
+    first = dataset[(0, 7)]
+    assert calls == [(512, 512, 7)]  # decode_size and the crops shared one draw
+    dataset[(0, 8)]
+    assert calls == [(512, 512, 7), (512, 512, 8)]
+    # The memo changes nothing: a fresh augmentation gives the same crops for draw 7.
+    fresh = ImageRecordDataset([Record(str(path), None)], GlobalCropsAugmentation(crop_size=64, reduced_decode=True))
+    assert all(torch.equal(a, b) for a, b in zip(first["global_crops"], fresh[(0, 7)]["global_crops"]))

@@ -226,6 +226,9 @@ class GlobalCropsAugmentation:
         if not isinstance(reduced_decode, bool):
             raise AugmentationConfigError(f"reduced_decode must be true or false, got {reduced_decode!r}")
         self.reduced_decode = reduced_decode
+        # (width, height, draw_id) -> parameters of the last image: decode_size and
+        # __call__ of one item need the same draws (a pure function, memoised once).
+        self._last_params: tuple[tuple[int, int, int], list[CropParams]] | None = None
 
     # -- parameters ---------------------------------------------------------------------
 
@@ -281,6 +284,13 @@ class GlobalCropsAugmentation:
             )
         return params
 
+    def _params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
+        """:meth:`sample_params`, computed once per image when :meth:`decode_size` asked first."""
+        key = (int(width), int(height), int(draw_id))
+        if self._last_params is None or self._last_params[0] != key:
+            self._last_params = (key, self.sample_params(*key))
+        return self._last_params[1]
+
     # -- application --------------------------------------------------------------------
 
     def decode_size(self, width: int, height: int, draw_id: int) -> tuple[int, int] | None:
@@ -294,7 +304,7 @@ class GlobalCropsAugmentation:
         """
         if not self.reduced_decode:
             return None
-        factor = min(min(p.height, p.width) for p in self.sample_params(width, height, draw_id)) / self.crop_size
+        factor = min(min(p.height, p.width) for p in self._params(width, height, draw_id)) / self.crop_size
         if factor < 2.0:
             return None
         return math.ceil(width / factor), math.ceil(height / factor)
@@ -341,7 +351,7 @@ class GlobalCropsAugmentation:
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = source_size if source_size is not None else image.size
-        params = self.sample_params(width, height, draw_id)
+        params = self._params(width, height, draw_id)
         crops = torch.stack([self.geometry(image, p, source_size) for p in params])
         photometric = photometric_params(params)
         if self.photometric == "device":
