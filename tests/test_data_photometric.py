@@ -175,6 +175,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ConfigError, match="crops.photometric must be one of loader, device"):
         build_augmentation(load_config(None, ["crops.photometric=gpu"]))
     assert build_augmentation(load_config(None, ["crops.photometric=device"])).photometric == "device"
+    with pytest.raises(ConfigError, match="crops.reduced_decode must be true or false, got 'sometimes'"):
+        build_augmentation(load_config(None, ["crops.reduced_decode=sometimes"]))
+    assert build_augmentation(load_config(None, ["crops.reduced_decode=true"])).reduced_decode is True
 
 
 def image(seed: int, width: int = 30, height: int = 26) -> Image.Image:

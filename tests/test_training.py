@@ -289,3 +289,7 @@ def test_step_skips_a_nonfinite_loss_with_an_enabled_loss_scaler():
     # gradient [1, 2, 0] (norm sqrt 5 < 10, not clipped), SGD lr 0.1
     torch.testing.assert_close(model.w.detach(), torch.tensor([0.9, 0.8, 1.0]))
     assert out.grad_norm == pytest.approx(5 ** 0.5)
+    # The gradient norm travels with the losses under a reserved name.
+    model.forward = lambda batch, teacher_temp: {"total": model.w.sum(), "grad_norm": model.w.sum()}
+    with pytest.raises(ValueError, match="grad_norm"):
+        train_step(model, optimizer, scaler, {}, schedule, precision, 1.0)
