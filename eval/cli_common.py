@@ -486,14 +486,18 @@ def format_results(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_face(argv: Sequence[str] | None, prog: str, description: str, families: Sequence[str]) -> int:
-    """Parse ``argv``, log to stderr and ``OUTPUT_DIR/log.txt``, run :func:`evaluate`, print the results."""
-    args = build_parser(prog, description, families).parse_args(argv)
+def run_evaluation(args: argparse.Namespace, run, fmt) -> int:
+    """Create ``args.output_dir``, log to stderr and ``OUTPUT_DIR/log.txt``, print
+    ``fmt(run(args))``; exit codes from :func:`dinov2_hier.cli.run_cli` (2 = user error)."""
 
     def job() -> None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(args.output_dir / "log.txt")
-        result = evaluate(args)
-        print(format_results(result), end="")
+        print(fmt(run(args)), end="")
 
     return run_cli(job)
+
+
+def run_face(argv: Sequence[str] | None, prog: str, description: str, families: Sequence[str]) -> int:
+    """Parse ``argv`` and run :func:`evaluate` through :func:`run_evaluation`."""
+    return run_evaluation(build_parser(prog, description, families).parse_args(argv), evaluate, format_results)

@@ -39,6 +39,7 @@ import numpy as np
 
 from eval.report import REPORT_CSS
 from eval.report import escape_html as _esc
+from eval.report import svg_legend_and_ticks
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -633,14 +634,7 @@ def svg_threshold_bars(thresholds: Mapping[str, Mapping[str, Any]], classes: Seq
     width, height = left + plot_w + 60, top + group * len(classes) + 30
     parts = [f'<svg class="threshold-bars" width="{width:.0f}" height="{height:.0f}" '
              f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="thresholds">']
-    for i, v in enumerate(variants):
-        y = 8 + 16 * i
-        parts.append(f'<rect x="{left:.1f}" y="{y}" width="12" height="10" fill="{colours[v]}"/>'
-                     f'<text x="{left + 16:.1f}" y="{y + 9}" font-size="11">{_esc(v)}</text>')
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + tick * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4:.1f}" x2="{x:.1f}" y2="{height - 24:.1f}" stroke="#e5e5e5"/>'
-                     f'<text x="{x:.1f}" y="{height - 10:.1f}" font-size="10" text-anchor="middle">{tick:g}</text>')
+    parts += svg_legend_and_ticks(variants, colours, left, top, plot_w, height)
     xb = left + min(max(t_base, 0.0), 1.0) * plot_w
     parts.append(f'<line x1="{xb:.1f}" y1="{top - 4:.1f}" x2="{xb:.1f}" y2="{height - 24:.1f}" stroke="#555" '
                  f'stroke-dasharray="4 3"><title>t_base {t_base:g}</title></line>')
@@ -878,23 +872,15 @@ def _format(metrics: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dinov2_hier.cli import register_user_errors, run_cli, setup_logging
+    from dinov2_hier.cli import register_user_errors
     from dinov2_hier.constraints import ConstraintError
     from dinov2_hier.heads.constrained import ConstrainedHeadError
 
-    from .cli_common import EvalUsageError
+    from .cli_common import EvalUsageError, run_evaluation
     from .crossval import EvalDataError
 
     register_user_errors(MultiLabelDataError, ConstraintError, ConstrainedHeadError, EvalUsageError, EvalDataError)
-    args = build_parser().parse_args(argv)
-
-    def job() -> None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(args.output_dir / "log.txt")
-        metrics = evaluate_multilabel(args)
-        print(_format(metrics), end="")
-
-    return run_cli(job)
+    return run_evaluation(build_parser().parse_args(argv), evaluate_multilabel, _format)
 
 
 if __name__ == "__main__":

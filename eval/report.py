@@ -394,6 +394,24 @@ def _palette(n: int) -> list[str]:
     return colours
 
 
+def svg_legend_and_ticks(
+    names: Sequence[str], colours: Mapping[str, str], left: float, top: float, plot_w: float, height: float
+) -> list[str]:
+    """SVG pieces shared by the horizontal bar charts on a [0, 1] axis: one legend row
+    per name (16 px apart from y = 8) and grid lines with labels at 0, 0.25, ..., 1 from
+    ``left`` to ``left + plot_w`` (pixels), between ``top - 4`` and ``height - 24``."""
+    parts = []
+    for i, name in enumerate(names):
+        y = 8 + 16 * i
+        parts.append(f'<rect x="{left:.1f}" y="{y}" width="12" height="10" fill="{colours[name]}"/>'
+                     f'<text x="{left + 16:.1f}" y="{y + 9}" font-size="11">{escape_html(name)}</text>')
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = left + tick * plot_w
+        parts.append(f'<line x1="{x:.1f}" y1="{top - 4:.1f}" x2="{x:.1f}" y2="{height - 24:.1f}" stroke="#e5e5e5"/>'
+                     f'<text x="{x:.1f}" y="{height - 10:.1f}" font-size="10" text-anchor="middle">{tick:g}</text>')
+    return parts
+
+
 def escape_html(text: Any) -> str:
     """``text`` as HTML-safe text (quotes escaped too, for attribute values)."""
     return html.escape(str(text), quote=True)
@@ -472,14 +490,7 @@ def svg_per_class_bars(per_class: Mapping[str, Mapping[str, Mapping[str, Any]]],
     height = margin_top + group * len(labels) + 30
     parts = [f'<svg class="f1-bars" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
              f'role="img" aria-label="per-class {metric}">']
-    for p, probe in enumerate(probes):  # legend
-        y = 8 + 16 * p
-        parts.append(f'<rect x="{margin_left:.1f}" y="{y}" width="12" height="10" fill="{colours[probe]}"/>'
-                     f'<text x="{margin_left + 16:.1f}" y="{y + 9}" font-size="11">{_esc(probe)}</text>')
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = margin_left + tick * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{margin_top - 4:.1f}" x2="{x:.1f}" y2="{height - 24:.1f}" stroke="#e5e5e5"/>'
-                     f'<text x="{x:.1f}" y="{height - 10:.1f}" font-size="10" text-anchor="middle">{tick:g}</text>')
+    parts += svg_legend_and_ticks(probes, colours, margin_left, margin_top, plot_w, height)
     for i, label in enumerate(labels):
         y0 = margin_top + i * group
         parts.append(f'<text x="{margin_left - 4:.1f}" y="{y0 + bar * len(probes) / 2 + 4:.1f}" '
