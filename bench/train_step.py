@@ -6,10 +6,14 @@ synthetic tensors already on the device, so the data loader is out of the pictur
 ``crops.photometric=device`` the tensors are uint8 crops and the timed step includes the
 photometric augmentations (jitter, grey, blur, solarize, normalise) on the device, as in
 training; the result's ``photometric`` field says which mode was measured.
-Prints images/s, step time (median, min, max), peak GPU memory and MFU: the FLOPs of one
-step counted with ``torch.utils.flop_counter`` (matmuls, convolutions and attention of
-forward and backward, student and teacher) divided by the step time and the device's
-dense bf16 peak (``--peak-tflops``; 989 for H100/H200, a nominal 1.0 on CPU, labelled).
+The steps run back to back as in training (each step's report is read after the next
+one is queued; no synchronisation between steps). Prints images/s over the ``--steps``
+timed steps (``seconds``: their wall time), step time (median, min, max; intervals of
+CUDA events on the GPU), the host synchronisations inside one step, peak GPU memory and
+MFU: the FLOPs of one step counted with ``torch.utils.flop_counter`` (matmuls,
+convolutions and attention of forward and backward, student and teacher) times the steps
+per second, divided by the device's dense bf16 peak (``--peak-tflops``; 989 for
+H100/H200, a nominal 1.0 on CPU, labelled).
 ``--compare-eager-fp32`` times the same step again with ``compute.dtype=fp32`` and
 ``compute.compile=none`` and reports the speed-up as a ratio.
 
@@ -24,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -158,6 +163,57 @@ def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) ->
     return f"sorted by self device time\n{by_device}\n\nsorted by total CPU time\n{by_cpu}"
 
 
+def time_steps(step, device: torch.device, n: int) -> tuple[list[float], float]:
+    """Run ``step()`` ``n`` times as the training loop does: each step's report is read
+    after the next step is queued. Returns the per-step times (s) and the wall time of all
+    ``n`` steps (s), from which images/s is computed.
+
+    On a GPU the steps are not separated by synchronisations (which would add an idle gap
+    per step that training does not have): per-step times are the intervals between CUDA
+    events recorded at each step's start and after the last one, on the GPU's timeline.
+    """
+    cuda = device.type == "cuda"
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)] if cuda else []
+    host_times = []
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    previous = None
+    for i in range(n):
+        t0 = time.perf_counter()
+        if cuda:
+            marks[i].record()
+        pending = step()
+        if previous is not None:
+            previous.read()
+        previous = pending
+        host_times.append(time.perf_counter() - t0)
+    previous.read()
+    if cuda:
+        marks[n].record()
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    if not cuda:  # every step ran to completion before step() returned
+        return host_times, wall
+    return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(n)], wall
+
+
+def count_host_syncs(step, device: torch.device) -> int | None:
+    """How many operations of one ``step()`` made the host wait for the GPU (CUDA's sync
+    debug mode; reading the step's report afterwards is not counted). None on CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pending = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    pending.read()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
     cfg = load_config(args.config, overrides)
     device, precision = resolve_compute(cfg)
@@ -175,21 +231,16 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
     augmentation = build_augmentation(cfg)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step() -> None:
+    def step():
         # With crops.photometric=device this applies the photometric ops (part of the step's cost).
         step_batch = batch_to_device(batch, device, augmentation)
-        train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad)
+        return train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad)
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    for _ in range(args.warmup):
+        step().read()
+    syncs = count_host_syncs(step, device)
+    times, wall = time_steps(step, device, args.steps)
     # Profiled before the FLOPs are counted: under the counter's dispatch mode a compiled
     # step runs eagerly, and a profile taken after it showed eager kernels.
     if args.profile is not None and info.is_main and "compute.dtype=fp32" not in overrides:
@@ -201,18 +252,19 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     b = cfg.train.batch_size_per_gpu
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    per_rank = distributed.all_gather_objects({"images_per_s": b / med, "peak_mem_gib": peak})
+    per_rank = distributed.all_gather_objects({"images_per_s": b * args.steps / wall, "peak_mem_gib": peak})
     return {
         "arch": cfg.student.arch, "supervised": sorted(model.supervised.keys()), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": precision.dtype, "batch_size": b, "crop": cfg.crops.global_crops_size,
         "world_size": info.world_size, "parallel": mode,
         # Total over ranks (the DDP/FSDP collectives keep the ranks in step); rank 0's step times.
-        "images_per_s": sum(r["images_per_s"] for r in per_rank), "step_s_median": med,
-        "step_s_min": min(times), "step_s_max": max(times),
+        "images_per_s": sum(r["images_per_s"] for r in per_rank), "steps": args.steps, "seconds": wall,
+        "step_s_median": med,
+        "step_s_min": min(times), "step_s_max": max(times), "host_syncs_per_step": syncs,
         "peak_mem_gib": peak,
         "flops_per_step": flops,
-        "tflops_per_s": flops / med / 1e12,
-        "mfu": flops / med / (peak_value * 1e12),
+        "tflops_per_s": flops * args.steps / wall / 1e12,
+        "mfu": flops * args.steps / wall / (peak_value * 1e12),
         "peak_tflops": peak_value, "peak_source": peak_source,
         "compile": str(cfg.compute.compile),
         "photometric": str(cfg.crops.photometric),

@@ -330,21 +330,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Scalar tensors -> their mean over ranks as Python floats, in one all-reduce.
+def mean_over_ranks_tensor(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar tensors -> ``float32 [len(values)]`` on their device: their means over ranks,
+    in one all-reduce, in the order of ``values``. No host synchronisation.
 
     Every rank must pass the same keys in the same order. A non-finite value on any
     rank makes the mean non-finite on every rank, so a decision taken on the result
-    (skip a step) is the same everywhere. Host-synchronising.
+    (skip a step) is the same everywhere.
     """
-    keys = list(values)
-    if not keys:
-        return {}
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
     if _multi():
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         stacked /= get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    return stacked
+
+
+def mean_over_ranks(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`mean_over_ranks_tensor` read as Python floats (host-synchronising)."""
+    if not values:
+        return {}
+    return dict(zip(values, mean_over_ranks_tensor(values).tolist()))
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.train_step import main as bench_main
 
 
@@ -15,7 +17,8 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     assert printed.startswith("measured: ")
     result = json.loads(out.read_text())
     assert result["batch_size"] == 8 and result["crop"] == 32 and result["supervised"] == ["hierce"]
-    assert result["images_per_s"] == 8 / result["step_s_median"]
+    assert result["images_per_s"] == pytest.approx(8 * 2 / result["seconds"], rel=1e-12) and result["steps"] == 2
+    assert result["host_syncs_per_step"] is None  # counted on a GPU only
     assert result["step_s_min"] <= result["step_s_median"] <= result["step_s_max"]
 
 
@@ -86,8 +89,9 @@ def test_mfu_fields_are_consistent(tmp_path, tiny_overrides):
     assert bench_main(["--steps", "2", "--warmup", "1", "--peak-tflops", "2.0", "--json", str(out), *tiny_overrides]) == 0
     r = json.loads(out.read_text())
     assert r["flops_per_step"] > 0 and r["peak_tflops"] == 2.0 and r["peak_source"] == "given"
-    assert r["tflops_per_s"] == r["flops_per_step"] / r["step_s_median"] / 1e12
-    assert r["mfu"] == r["flops_per_step"] / r["step_s_median"] / 2.0e12
+    per_s = r["steps"] / r["seconds"]
+    assert r["tflops_per_s"] == pytest.approx(r["flops_per_step"] * per_s / 1e12, rel=1e-12)
+    assert r["mfu"] == pytest.approx(r["flops_per_step"] * per_s / 2.0e12, rel=1e-12)
 
 
 def test_report_renders_measured_json_into_the_doc(tmp_path):

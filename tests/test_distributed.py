@@ -295,17 +295,22 @@ def _build(cfg):
     return model
 
 
-def _optimizer(cfg, model):
-    """The training AdamW, with eps 1e-4 instead of 1e-8: AdamW's first steps move each
+def _optimizer(cfg, model, fused: bool = False):
+    """The training AdamW (``fused``: the kernel that skips non-finite steps on the device), with eps 1e-4 instead of 1e-8: AdamW's first steps move each
     weight by ``lr * g / (|g| + eps)``, so an element whose gradient is near a tiny eps turns
     float noise of 1e-7 (batch 8 vs 16 matmuls) into weight differences of ~1e-2 * lr. A
     larger eps keeps the update smooth in ``g``, so the comparison measures the distributed
     reductions rather than AdamW's conditioning; gradients themselves agree to ~1e-6."""
     groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), fused=False)
+    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), fused=fused)
     for group in optimizer.param_groups:
         group["eps"] = 1e-4
     return optimizer
+
+
+# DDP and FSDP2 with the host-side skip; FSDP2 with the fused AdamW, whose skip of the
+# NaN step is taken on the device on sharded (DTensor) parameters.
+EQUIV_RUNS = ("ddp", "fsdp", "fsdp_fused")
 
 
 def _run_steps(engine, optimizer, batches: list[dict]) -> list[dict]:
@@ -313,7 +318,7 @@ def _run_steps(engine, optimizer, batches: list[dict]) -> list[dict]:
     scaler = precision.grad_scaler()
     outs = []
     for batch, schedule in zip(batches, SCHEDULES):
-        out = train_step(engine, optimizer, scaler, batch, schedule, precision, CLIP_GRAD)
+        out = train_step(engine, optimizer, scaler, batch, schedule, precision, CLIP_GRAD).read()
         outs.append({"losses": out.losses, "applied": out.applied, "grad_norm": out.grad_norm})
     return outs
 
@@ -333,20 +338,21 @@ def _equivalence_worker(rank: int, port: int, steps_file: str, out_dir: str) -> 
         cfg = _equivalence_cfg()
         cfg.compute.dtype = "fp32"  # as resolve_compute leaves it on CPU
         report = {}
-        for mode in ("ddp", "fsdp"):
+        for name in EQUIV_RUNS:
+            mode = name.split("_")[0]
             cfg.compute.parallel = mode
             assert resolve_parallel(cfg, 2) == mode
             model = _build(cfg)
             engine = wrap_model(model, mode, cfg, torch.device("cpu"))
-            optimizer = _optimizer(cfg, model)
+            optimizer = _optimizer(cfg, model, fused=name.endswith("_fused"))
             outs = _run_steps(engine, optimizer, [s[rank] for s in steps])
             model_state = gather_model_state(engine)
             optimizer_state = gather_optimizer_state(engine, optimizer)
             teacher_param = dict(model.named_parameters())["teacher.backbone.blocks.0.mlp.fc1.weight"]
             sharded_rows = tuple(teacher_param.to_local().shape) if hasattr(teacher_param, "to_local") else None
-            report[mode] = {"outs": outs, "teacher_local_shape": sharded_rows}
+            report[name] = {"outs": outs, "teacher_local_shape": sharded_rows}
             if rank == 0:
-                torch.save({"model": model_state, "optimizer": optimizer_state}, Path(out_dir) / f"{mode}.pt")
+                torch.save({"model": model_state, "optimizer": optimizer_state}, Path(out_dir) / f"{name}.pt")
         (Path(out_dir) / f"report_{rank}.json").write_text(json.dumps(report))
     finally:
         distributed.destroy_distributed()
@@ -375,7 +381,7 @@ def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     ref_optimizer = optimizer.state_dict()
 
     reports = [json.loads((tmp_path / f"report_{r}.json").read_text()) for r in range(2)]
-    for mode in ("ddp", "fsdp"):
+    for mode in EQUIV_RUNS:
         saved = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
         # Student, teacher (EMA) and loss buffers after the three steps.
         _assert_states_close(saved["model"], expected, f"{mode} weights")

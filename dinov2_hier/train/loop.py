@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from .parallel import (
 from .supervision import build_supervision
 from .optim import build_optimizer, build_param_groups
 from .schedules import build_schedules
-from .step import Precision, train_step
+from .step import PendingStep, Precision, StepOutput, train_step
 
 logger = logging.getLogger("dinov2_hier.train")
 
@@ -135,6 +135,28 @@ def _truncate_metrics(path: Path, last_iteration: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+@dataclass
+class _Launched:
+    """A queued step: its iteration, schedule values, report (None: skipped on the host
+    because a rank had no readable image) and images over all ranks."""
+
+    iteration: int
+    schedule: dict
+    out: PendingStep | None
+    n_images: int
+
+
+@dataclass
+class _RateWindow:
+    """Images and time since the last log line, for images/s and the ETA."""
+
+    start_iteration: int
+    end: int
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    run_start: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
     """Builds everything from a resolved config and runs the iterations.
 
@@ -174,6 +196,7 @@ class Trainer:
         self.schedules = build_schedules(cfg, self.world_size)
         self.skips = SkipCounter()
         self.state = RunState()
+        self._pending: list[_Launched] = []  # queued steps whose report is not read yet
         if resume:
             self._maybe_resume()
         elif list_checkpoints(self.output_dir):
@@ -310,9 +333,10 @@ class Trainer:
         )
         batches = iter(loader)
         self.engine.train()
-        window_start, window_images = time.perf_counter(), 0
-        start_iteration = self.state.iteration
-        run_start = time.perf_counter()
+        self._window = _RateWindow(start_iteration=self.state.iteration, end=end)
+        # Each step's report is read after the next step is queued (at most one stays
+        # pending), so the GPU is never idle while the host reads, logs and loads data.
+        self._pending = []
 
         while self.state.iteration < end:
             it = self.state.iteration
@@ -327,8 +351,7 @@ class Trainer:
             self.skips.n_drawn += counts["drawn"] - batch["n_drawn"]
             self.skips.check(cfg.data.max_unreadable_fraction, cfg.data.min_draws_before_check)
             schedule = self.schedules.values(it)
-            n_global, any_empty = counts["images"], counts["empty"] > 0
-            if any_empty:
+            if counts["empty"] > 0:
                 logger.warning("iteration %d: every image of a rank's batch was unreadable; step skipped", it)
                 out = None
             else:
@@ -336,44 +359,65 @@ class Trainer:
                     self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
                     self.precision, cfg.optim.clip_grad,
                 )
-                self._track_nonfinite(it, out)
             self.state.iteration = it + 1
-            window_images += n_global
+            self._pending.append(_Launched(it, schedule, out, counts["images"]))
+            self._finish_pending(keep_last=True)
 
             done = self.state.iteration
-            if out is not None and (done % cfg.train.log_every == 0 or done == end):
-                elapsed = time.perf_counter() - window_start
-                ips = window_images / elapsed if elapsed > 0 else float("nan")
-                per_it = (time.perf_counter() - run_start) / max(done - start_iteration, 1)
-                record = {
-                    "iteration": done,
-                    **{f"loss_{k}": v for k, v in out.losses.items()},
-                    **{k: v for k, v in schedule.items()},
-                    "grad_norm": out.grad_norm,
-                    "applied": out.applied,
-                    "images_per_s": ips,
-                    "eta_s": per_it * (total - done),
-                    "skipped_images": self.skips.n_skipped,
-                    "max_memory_gib": self._peak_memory_gib(),
-                }
-                self._append_metrics(record)
-                losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())
-                logger.info(
-                    "it %d/%d %s lr=%.2e wd=%.3f mom=%.4f T=%.3f %.1f img/s eta %s",
-                    done, total, losses, schedule["lr"], schedule["wd"], schedule["momentum"],
-                    schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]),
-                )
-                window_start, window_images = time.perf_counter(), 0
             saved = done % cfg.train.checkpoint_every == 0 or done == end
             if saved:
+                self._finish_pending(keep_last=False)
                 self.save()
             if done < end and should_stop is not None and distributed.any_rank(bool(should_stop()), self.device):
                 logger.warning("stop requested at iteration %d: checkpointing", done)
                 if not saved:
+                    self._finish_pending(keep_last=False)
                     self.save()
                 self.state.interrupted = True
                 break
+        self._finish_pending(keep_last=False)
         return self.state
+
+    def _finish_pending(self, keep_last: bool) -> None:
+        """Read the reports of the queued steps (all, or all but the newest): track
+        non-finite steps (raises after too many in a row) and log."""
+        while len(self._pending) > (1 if keep_last else 0):
+            launched = self._pending.pop(0)
+            out = launched.out.read() if launched.out is not None else None
+            if out is not None:
+                self._track_nonfinite(launched.iteration, out)
+            self._log(launched, out)
+
+    def _log(self, launched: _Launched, out: StepOutput | None) -> None:
+        cfg, total = self.cfg, self.cfg.train.iterations
+        done = launched.iteration + 1
+        window = self._window
+        window.images += launched.n_images
+        if out is None or not (done % cfg.train.log_every == 0 or done == window.end):
+            return
+        now = time.perf_counter()
+        ips = window.images / (now - window.start) if now > window.start else float("nan")
+        per_it = (now - window.run_start) / max(done - window.start_iteration, 1)
+        schedule = launched.schedule
+        record = {
+            "iteration": done,
+            **{f"loss_{k}": v for k, v in out.losses.items()},
+            **{k: v for k, v in schedule.items()},
+            "grad_norm": out.grad_norm,
+            "applied": out.applied,
+            "images_per_s": ips,
+            "eta_s": per_it * (total - done),
+            "skipped_images": self.skips.n_skipped,
+            "max_memory_gib": self._peak_memory_gib(),
+        }
+        self._append_metrics(record)
+        losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())
+        logger.info(
+            "it %d/%d %s lr=%.2e wd=%.3f mom=%.4f T=%.3f %.1f img/s eta %s",
+            done, total, losses, schedule["lr"], schedule["wd"], schedule["momentum"],
+            schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]),
+        )
+        window.start, window.images = now, 0
 
     def _global_counts(self, n_images: int, n_skipped: int, n_drawn: int) -> dict[str, int]:
         """This batch's readable images, ranks with none, unreadable and drawn items, summed
@@ -391,7 +435,7 @@ class Trainer:
         peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
         return float(distributed.all_reduce_max(peak).item())
 
-    def _track_nonfinite(self, it: int, out) -> None:
+    def _track_nonfinite(self, it: int, out: StepOutput) -> None:
         if out.applied:
             self.state.nonfinite_streak = 0
             return

@@ -1,8 +1,8 @@
-"""One optimizer step: schedules -> forward -> backward -> clip -> finite check -> update -> EMA."""
+"""One optimizer step: schedules -> forward -> backward -> clip -> finite check -> update -> EMA,
+queued without waiting for the GPU where the optimizer allows it."""
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +34,75 @@ class Precision:
 
 @dataclass
 class StepOutput:
-    """What a step reports. ``losses`` holds Python floats, averaged over the ranks;
-    ``applied`` is False when the step was skipped because the loss or the gradient was
-    not finite (on any rank: the decision is the same on every rank)."""
+    """What a step reports, on the host. ``losses`` holds Python floats, averaged over the
+    ranks; ``applied`` is False when the update was skipped because the loss or the
+    gradient was not finite (on any rank: the decision is the same on every rank)."""
 
     losses: dict[str, float]
     applied: bool
     grad_norm: float | None
 
 
+class PendingStep:
+    """A launched step's report while it may still be computed on the device.
+
+    ``values``: ``float32 [k]`` on the step's device, the rank-averaged losses in the
+    order of ``names`` followed by the gradient norm when ``with_grad_norm``; ``applied``:
+    a 0-d bool tensor or a bool. On a CUDA device the copy to pinned host memory is
+    queued at construction, behind the step's kernels, so :meth:`read` after the next
+    step was queued waits for nothing but this step: the training loop reads each step
+    one step late and never leaves the GPU idle for the host.
+    """
+
+    def __init__(self, names: list[str], values: torch.Tensor, applied: torch.Tensor | bool, with_grad_norm: bool):
+        self.names = list(names)
+        self.with_grad_norm = with_grad_norm
+        flag = applied if isinstance(applied, torch.Tensor) else torch.tensor(bool(applied), device=values.device)
+        packed = torch.cat([values.detach().float(), flag.to(values.device, torch.float32).reshape(1)])
+        self._event = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+        self._read: StepOutput | None = None
+
+    def read(self) -> StepOutput:
+        """Wait for the step (a host synchronisation unless it is done) and return its report."""
+        if self._read is None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._host.tolist()
+            applied = values.pop() > 0.5
+            grad_norm = values.pop() if self.with_grad_norm else None
+            self._read = StepOutput(losses=dict(zip(self.names, values)), applied=applied, grad_norm=grad_norm)
+        return self._read
+
+
 GRAD_NORM = "grad_norm"
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Whether ``optimizer`` can skip a non-finite step on the device, without a host sync.
+
+    True for the fused Adam/AdamW kernels (``optim.fused``), which accept a ``found_inf``
+    flag tensor: when it is 1 they leave parameters, moments and step count unchanged.
+    That is the protocol ``torch.amp.GradScaler`` drives them with; with an enabled
+    (fp16) scaler the scaler owns the flag, so the step decides on the host instead.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not scaler.is_enabled()
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()`` that does nothing, on the device, where ``found_inf`` (a 0-d
+    float32 tensor on the parameters' device) is 1. Needs :func:`skips_on_device`."""
+    optimizer.found_inf, optimizer.grad_scale = found_inf, None
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale
 
 
 def train_step(
@@ -54,21 +113,24 @@ def train_step(
     schedule: dict[str, float],
     precision: Precision,
     clip_grad: float,
-) -> StepOutput:
-    """Run one training step on ``batch`` (already on the model's device).
+) -> PendingStep:
+    """Queue one training step on ``batch`` (already on the model's device); read the
+    report with ``.read()``.
 
     ``model`` is an :class:`~dinov2_hier.train.meta_arch.SSLMetaArch` or what
     :func:`~dinov2_hier.train.parallel.wrap_model` made of it (DDP wrapper, FSDP2
     module); its ``forward`` computes the losses.
 
-    The step synchronises with the host once, after backward: the losses and the
-    gradient norm are averaged over the ranks in one all-reduce and read together, so
-    the CPU can queue the backward while the forward still runs, and the finite check
-    is collective (every rank takes the same decision). A non-finite total loss, or a
-    non-finite gradient norm without fp16 loss scaling, skips the update; the backward
-    of such a step is wasted work, which is cheaper than a synchronisation every step.
-    With fp16 the scaler skips non-finite gradients itself and lowers its scale, which
-    is its normal operation.
+    A non-finite total loss, or a non-finite gradient norm without fp16 loss scaling,
+    skips the update of the student (weights, AdamW moments and step count unchanged);
+    the teacher's EMA step runs in every step (towards the unchanged student after a
+    skip), so the result does not depend on how the skip is taken. The decision uses the
+    losses and gradient norm averaged over the ranks (one all-reduce), so every rank takes
+    the same one. With a fused AdamW (:func:`skips_on_device`) it is taken on the device
+    and the step never waits for the GPU: the host can queue the next step while this
+    one runs. Otherwise the step reads the flag after backward (one host sync). With
+    fp16 the scaler also skips non-finite gradients itself and lowers its scale, which
+    is its normal operation and is not reported as a skip.
     """
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
@@ -82,17 +144,22 @@ def train_step(
         scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         scalars[GRAD_NORM] = clip_grad_norm(params, clip_grad)  # identical on every rank
-    values = distributed.mean_over_ranks(scalars)
-    grad_norm = values.pop(GRAD_NORM, None)
-    finite_grad = grad_norm is None or math.isfinite(grad_norm) or scaler.is_enabled()
-    if not (math.isfinite(values["total"]) and finite_grad):
-        optimizer.zero_grad(set_to_none=True)
-        if scaler.is_enabled() and clip_grad > 0:
+    names = list(losses)
+    values = distributed.mean_over_ranks_tensor(scalars)
+    finite = torch.isfinite(values[names.index("total")])
+    if clip_grad > 0 and not scaler.is_enabled():
+        finite = finite & torch.isfinite(values[-1])
+    if skips_on_device(optimizer, scaler):
+        step_unless(optimizer, (~finite).float())
+        applied: torch.Tensor | bool = finite
+    else:
+        applied = bool(finite)  # host sync
+        if applied:
+            scaler.step(optimizer)
+            scaler.update()
+        elif scaler.is_enabled() and clip_grad > 0:
             # The scaler unscaled this step's gradients: let it finish the step's bookkeeping
             # (it lowers its scale when it found inf/NaN), or the next unscale_ refuses to run.
             scaler.update()
-        return StepOutput(losses=values, applied=False, grad_norm=grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
     unwrap(model).update_teacher(schedule["momentum"])
-    return StepOutput(losses=values, applied=True, grad_norm=grad_norm)
+    return PendingStep(names, values, applied, with_grad_norm=clip_grad > 0)
