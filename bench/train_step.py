@@ -28,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -198,20 +199,35 @@ def time_steps(step, device: torch.device, n: int) -> tuple[list[float], float]:
     return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(n)], wall
 
 
-def count_host_syncs(step, device: torch.device) -> int | None:
-    """How many operations of one ``step()`` made the host wait for the GPU (CUDA's sync
-    debug mode; reading the step's report afterwards is not counted). None on CPU."""
+def find_host_syncs(step, device: torch.device) -> list[str] | None:
+    """Where the operations of one ``step()`` that made the host wait for the GPU were
+    called (CUDA's sync debug mode; reading the step's report afterwards is not counted):
+    for each, ``file:line`` of the innermost project frame and of the warning's own site.
+    None on CPU."""
     if device.type != "cuda":
         return None
-    with warnings.catch_warnings(record=True) as caught:
+    sites, inside = [], [False]
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        # Only warnings raised by the step (switching the mode on warns by itself).
+        if not inside[0] or "synchroniz" not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack() if "dinov2_hier" in f.filename or "bench" in f.filename]
+        where = f"{ours[-2].filename}:{ours[-2].lineno}" if len(ours) > 1 else "?"  # [-1] is this hook
+        sites.append(f"{where} ({filename}:{lineno})")
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
+        inside[0] = True
         try:
             pending = step()
         finally:
+            inside[0] = False
             torch.cuda.set_sync_debug_mode("default")
     pending.read()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sites
 
 
 def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
@@ -239,7 +255,7 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
 
     for _ in range(args.warmup):
         step().read()
-    syncs = count_host_syncs(step, device)
+    sync_sites = find_host_syncs(step, device)
     times, wall = time_steps(step, device, args.steps)
     # Profiled before the FLOPs are counted: under the counter's dispatch mode a compiled
     # step runs eagerly, and a profile taken after it showed eager kernels.
@@ -260,7 +276,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         # Total over ranks (the DDP/FSDP collectives keep the ranks in step); rank 0's step times.
         "images_per_s": sum(r["images_per_s"] for r in per_rank), "steps": args.steps, "seconds": wall,
         "step_s_median": med,
-        "step_s_min": min(times), "step_s_max": max(times), "host_syncs_per_step": syncs,
+        "step_s_min": min(times), "step_s_max": max(times), "host_syncs_per_step": None if sync_sites is None else len(sync_sites),
+        "host_sync_sites": sync_sites,
         "peak_mem_gib": peak,
         "flops_per_step": flops,
         "tflops_per_s": flops * args.steps / wall / 1e12,

@@ -310,11 +310,29 @@ def _multi() -> bool:
     return is_enabled() and get_world_size() > 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over all ranks (no-op on one process) and return it."""
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks (no-op on one process) and return it.
+    ``group``: e.g. :func:`new_host_group` for a CPU tensor; default: the default group."""
     if _multi():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def new_host_group() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for small collectives of host values (image counts,
+    stop flags) that the training loop needs every iteration.
+
+    With NCCL such a value would travel as a CUDA tensor, and reading the result on the
+    host waits for every kernel queued before it: the host could not queue the next step
+    while the GPU runs this one. A gloo all-reduce of a CPU tensor does not touch the GPU.
+    Collective (every rank calls it at the same point). None on one process; the default
+    group when that is gloo already.
+    """
+    if not _multi():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
@@ -352,13 +370,14 @@ def mean_over_ranks(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, mean_over_ranks_tensor(values).tolist()))
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+def any_rank(flag: bool, device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None) -> bool:
     """True on every rank if ``flag`` is True on at least one (e.g. a stop request that
-    only some ranks received). ``device`` must suit the backend (CUDA for NCCL)."""
+    only some ranks received). ``device`` must suit the group's backend (CUDA for NCCL,
+    CPU for gloo, e.g. :func:`new_host_group`)."""
     if not _multi():
         return bool(flag)
     value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item() > 0)
 
 

@@ -160,6 +160,8 @@ def test_init_distributed_single_process_reads_os_environ(monkeypatch):
     x = torch.arange(6.0).reshape(3, 2)
     assert distributed.all_gather_rows(x)[0] is x
     assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.new_host_group() is None
+    assert torch.equal(distributed.mean_over_ranks_tensor({"a": torch.tensor(2.5), "b": torch.tensor(1)}), torch.tensor([2.5, 1.0]))
 
 
 def test_resolve_parallel_validates_and_ignores_one_process():
@@ -334,6 +336,11 @@ def _equivalence_worker(rank: int, port: int, steps_file: str, out_dir: str) -> 
     info = init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
     assert info == DistInfo(rank, 2, rank, "gloo", "slurm"), info
     try:
+        # Host values agree over a gloo group; on a gloo job that is the default group.
+        host = distributed.new_host_group()
+        assert host is torch.distributed.group.WORLD
+        assert distributed.all_reduce_sum(torch.tensor([rank + 1, 10]), host).tolist() == [3, 20]
+        assert distributed.any_rank(rank == 1, "cpu", host)
         steps = torch.load(steps_file, weights_only=True)
         cfg = _equivalence_cfg()
         cfg.compute.dtype = "fp32"  # as resolve_compute leaves it on CPU

@@ -175,6 +175,9 @@ class Trainer:
         self.device, self.precision = resolve_compute(cfg)
 
         self.parallel = resolve_parallel(cfg, self.world_size)
+        # Per-iteration counts and stop flags agree over the ranks on the CPU, so that the
+        # host never waits for the GPU between steps (None on one process).
+        self.host_group = distributed.new_host_group()
 
         self.data = build_train_data(cfg)
         self.supervision = build_supervision(cfg, self.data.dataset)
@@ -368,7 +371,7 @@ class Trainer:
             if saved:
                 self._finish_pending(keep_last=False)
                 self.save()
-            if done < end and should_stop is not None and distributed.any_rank(bool(should_stop()), self.device):
+            if done < end and should_stop is not None and distributed.any_rank(bool(should_stop()), "cpu", self.host_group):
                 logger.warning("stop requested at iteration %d: checkpointing", done)
                 if not saved:
                     self._finish_pending(keep_last=False)
@@ -424,7 +427,7 @@ class Trainer:
         over the ranks (one small all-reduce; nothing on one process)."""
         values = [n_images, int(n_images == 0), n_skipped, n_drawn]
         if self.world_size > 1:
-            summed = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.long, device=self.device))
+            summed = distributed.all_reduce_sum(torch.tensor(values, dtype=torch.long), self.host_group)
             values = [int(v) for v in summed.tolist()]
         return dict(zip(("images", "empty", "skipped", "drawn"), values))
 
