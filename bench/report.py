@@ -5,7 +5,10 @@ wrote with ``--json`` into the tables of ``docs/performance.md`` (between its
 ``BEGIN GENERATED`` and ``END GENERATED`` markers), so the published numbers are always
 the measured ones, never typed in. The ``photometric`` column says where colour jitter,
 grey, blur and solarize ran: ``loader`` (in the loader workers; files written before the
-``crops.photometric`` option) or ``device`` (batched inside the timed step).
+``crops.photometric`` option) or ``device`` (batched inside the timed step). The
+``timing`` column says how the steps were timed: ``back to back`` as training runs them,
+or ``sync per step`` (files from before the step stopped waiting for the GPU, whose
+images/s include an idle gap per step that training no longer has).
 """
 from __future__ import annotations
 
@@ -42,10 +45,16 @@ def _photometric(r: dict) -> str:
     return r.get("photometric", "loader")
 
 
+def _timing(r: dict) -> str:
+    """How the steps were timed: back to back as in training (files with ``seconds``), or
+    each step between two synchronisations (files written before the sync-free step)."""
+    return "back to back" if "seconds" in r else "sync per step"
+
+
 def _train_rows(results: dict[str, dict]) -> list[str]:
     rows = [
-        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric | timing |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         ratio = r.get("speedup_vs_eager_fp32")
@@ -56,7 +65,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
             f"| {r['world_size']} ({r['parallel']}) | {_compile_mode(r.get('compile'))} | {r['batch_size']} "
             f"| {_fmt(r['images_per_s'])} | {r['step_s_median']:.3f} | {100 * r['mfu']:.1f}% "
             f"| {_fmt(max(m for m in r['peak_mem_gib_per_rank'] if m is not None) if r['peak_mem_gib'] is not None else None)} "
-            f"| {ratio_text} | {_photometric(r)} |"
+            f"| {ratio_text} | {_photometric(r)} | {_timing(r)} |"
         )
     return rows
 

@@ -106,6 +106,7 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
         "compile": False, "speedup_vs_eager_fp32": 1.9235, "eager_fp32": {"images_per_s": 109.71},
     }
     (results / "l.json").write_text(json.dumps(step))
+    (results / "m.json").write_text(json.dumps({**step, "steps": 15, "seconds": 2.35, "photometric": "device"}))
     (results / "w.json").write_text(json.dumps(
         {"workers": 16, "batch_size": 128, "crop": 224, "images_per_s": 557.36, "source": "1610 images"}))
     doc = tmp_path / "perf.md"
@@ -117,7 +118,9 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
             "| 41.8 | 1.92x (109.7 img/s fp32) |").replace("| no |", "| none |") in text
     assert "| w.json | 16 | 128 | 224 | 557.4 | 1610 images |" in text
     # Files written before crops.photometric existed ran the photometric ops in the workers.
-    assert "| 1.92x (109.7 img/s fp32) | loader |" in text and "| 1610 images | loader |" in text
+    assert "| 1.92x (109.7 img/s fp32) | loader | sync per step |" in text and "| 1610 images | loader |" in text
+    # Files with the wall time of back-to-back steps are labelled so.
+    assert "| m.json |" in text and "| 1.92x (109.7 img/s fp32) | device | back to back |" in text
 
 
 def test_profile_writes_an_op_table(tmp_path, tiny_overrides):
