@@ -128,3 +128,15 @@ def test_profile_writes_an_op_table(tmp_path, tiny_overrides):
     assert bench_main(["--steps", "1", "--warmup", "1", "--profile", str(table), *tiny_overrides]) == 0
     text = table.read_text()
     assert "Name" in text and "aten::" in text and "# of Calls" in text
+
+
+def test_attention_benchmark_reports_each_shape_token_count_and_backend(capsys):
+    from bench.attention import main as attention_main
+
+    assert attention_main(["--small", "--repeats", "2", "--tokens", "8", "9"]) == 0
+    result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
+    rows = result["rows"]
+    assert [(r["shape"], r["tokens"], r["backend"]) for r in rows] == [("tiny", 8, "default"), ("tiny", 9, "default")]
+    for r in rows:  # tiny shape: 2 crops, 2 heads, head size 16; forward + backward = 3x forward
+        flops = 4 * 2 * 2 * r["tokens"] ** 2 * 16 * 3
+        assert r["tflops_per_s"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12, rel=1e-9)

@@ -1,0 +1,78 @@
+"""``python -m bench.attention [--tokens 256 257 264] [--json FILE]``
+
+Forward + backward time of ``F.scaled_dot_product_attention`` on the attention shapes of a
+ViT-S/14 and a ViT-L/14 training step (two 224 px crops per image: 256 patch tokens + the
+CLS token = 257), at several token counts and with the default and the FlashAttention
+backend, in bf16 on a GPU. It shows what the odd 257th token costs: attention kernels
+work on tiles of 64-128 rows, and 257 tokens fill one more tile than 256.
+
+On a CPU it runs the same loop in fp32 on a small shape (``--small``), to check the script.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.report import emit
+
+# (rows of q = crops per step, heads, head size) of one block's attention
+SHAPES = {"vit_small_b128": (256, 6, 64), "vit_large_b64": (128, 16, 64)}
+SMALL_SHAPES = {"tiny": (2, 2, 16)}
+
+
+def time_attention(n: int, heads: int, tokens: int, head_dim: int, device: torch.device, backend, repeats: int) -> float:
+    """Median seconds of one forward + backward of SDPA on ``[n, heads, tokens, head_dim]``."""
+    from torch.nn.attention import sdpa_kernel
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(n, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+        for i in range(repeats + 3):
+            sync()
+            t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v).backward(grad)
+            sync()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 257, 264])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="a tiny shape (for a CPU check of the script)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    backends = {"default": None}
+    if device.type == "cuda":
+        backends["flash"] = SDPBackend.FLASH_ATTENTION
+    rows = []
+    for name, (n, heads, head_dim) in (SMALL_SHAPES if args.small else SHAPES).items():
+        for tokens in args.tokens:
+            for backend_name, backend in backends.items():
+                seconds = time_attention(n, heads, tokens, head_dim, device, backend, args.repeats)
+                flops = 4 * n * heads * tokens * tokens * head_dim * 3  # QK^T and PV; backward counted as 2x forward
+                rows.append({
+                    "shape": name, "tokens": tokens, "backend": backend_name, "ms": seconds * 1e3,
+                    "tflops_per_s": flops / seconds / 1e12,
+                })
+    emit({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+          "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
