@@ -27,23 +27,24 @@ SMALL_SHAPES = {"tiny": (2, 2, 16)}
 
 
 def time_attention(n: int, heads: int, tokens: int, head_dim: int, device: torch.device, backend, repeats: int) -> float:
-    """Median seconds of one forward + backward of SDPA on ``[n, heads, tokens, head_dim]``."""
+    """Mean seconds of one forward + backward of SDPA on ``[n, heads, tokens, head_dim]``,
+    over ``repeats`` calls queued back to back (after 3 warm-up calls): the kernels' time,
+    not the launch latency of a single call."""
     from torch.nn.attention import sdpa_kernel
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(n, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-        for i in range(repeats + 3):
-            sync()
-            t0 = time.perf_counter()
+        for _ in range(3):
             F.scaled_dot_product_attention(q, k, v).backward(grad)
-            sync()
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            F.scaled_dot_product_attention(q, k, v).backward(grad)
+        sync()
+    return (time.perf_counter() - t0) / repeats
 
 
 def main(argv: list[str] | None = None) -> int:
