@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), TFLOP/s
 NOMINAL_CPU_TFLOPS = 1.0
 
@@ -199,6 +200,16 @@ def time_steps(step, device: torch.device, n: int) -> tuple[list[float], float]:
     return [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(n)], wall
 
 
+def _short_path(path: str) -> str:
+    """``path`` without the machine's prefix: relative to the project or to site-packages."""
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def find_host_syncs(step, device: torch.device) -> list[str] | None:
     """Where the operations of one ``step()`` that made the host wait for the GPU were
     called (CUDA's sync debug mode; reading the step's report afterwards is not counted):
@@ -213,8 +224,8 @@ def find_host_syncs(step, device: torch.device) -> list[str] | None:
         if not inside[0] or "synchroniz" not in str(message):
             return
         ours = [f for f in traceback.extract_stack() if "dinov2_hier" in f.filename or "bench" in f.filename]
-        where = f"{ours[-2].filename}:{ours[-2].lineno}" if len(ours) > 1 else "?"  # [-1] is this hook
-        sites.append(f"{where} ({filename}:{lineno})")
+        where = f"{_short_path(ours[-2].filename)}:{ours[-2].lineno}" if len(ours) > 1 else "?"  # [-1]: this hook
+        sites.append(f"{where} ({_short_path(filename)}:{lineno})")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -140,3 +140,11 @@ def test_attention_benchmark_reports_each_shape_token_count_and_backend(capsys):
     for r in rows:  # tiny shape: 2 crops, 2 heads, head size 16; forward + backward = 3x forward
         flops = 4 * 2 * 2 * r["tokens"] ** 2 * 16 * 3
         assert r["tflops_per_s"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12, rel=1e-9)
+
+
+def test_host_sync_sites_are_written_without_machine_prefixes():
+    from bench.train_step import PROJECT_ROOT, _short_path
+
+    assert _short_path(str(PROJECT_ROOT / "bench" / "train_step.py")) == "bench/train_step.py"
+    assert _short_path("/opt/x/.venv/lib/python3.12/site-packages/torch/cuda/__init__.py") == "torch/cuda/__init__.py"
+    assert _short_path("/elsewhere/tool.py") == "tool.py"
