@@ -200,6 +200,25 @@ def test_job_pickles_without_runtime_state_and_checkpoint_returns_equal_job():
     assert clone == job and clone._run is None
 
 
+def _usr2_at_second_poll():
+    """A ``StopFlag.__call__`` that gates the loop's stop poll after iteration 2 (the loop
+    polls after iterations 1, 2, ...): it raises SIGUSR2 there and waits until the handler
+    (main thread) has set the flag, so the stop lands exactly there. Returns it and the
+    list of what each poll returned."""
+    polls = []
+
+    def gated_poll(flag: StopFlag) -> bool:
+        if len(polls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            deadline = time.monotonic() + 30
+            while not flag.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        polls.append(flag.is_set())
+        return polls[-1]
+
+    return gated_poll, polls
+
+
 def test_preemption_signal_checkpoints_then_the_requeued_job_resumes(tmp_path, monkeypatch, single_process):
     """The cluster's path, in one process: submitit's own signal handler (installed as in a
     SLURM task, with the debug job environment whose requeue is a no-op) receives USR2 while
@@ -213,19 +232,7 @@ def test_preemption_signal_checkpoints_then_the_requeued_job_resumes(tmp_path, m
     run = tmp_path / "run"
     job = TrainingJob(config=DEMO, output_dir=str(run), overrides=TINY_OVERRIDES, stop_timeout_s=60)
 
-    # Gate the loop's stop poll after iteration 2: raise the signal, then wait until the
-    # handler (main thread) has set the flag, so the stop lands exactly there.
-    polls = []
-
-    def gated_poll(flag: StopFlag) -> bool:
-        if len(polls) == 1:  # the loop polls after iterations 1, 2, ...: this is after 2
-            os.kill(os.getpid(), signal.SIGUSR2)
-            deadline = time.monotonic() + 30
-            while not flag.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        polls.append(flag.is_set())
-        return polls[-1]
-
+    gated_poll, polls = _usr2_at_second_poll()
     monkeypatch.setattr(StopFlag, "__call__", gated_poll)
     monkeypatch.setenv("SUBMITIT_DEBUG_JOB_ID", "4242")
     (tmp_path / "submitit").mkdir()  # exists in a real job: the submitted pickle lives there
@@ -513,18 +520,8 @@ def _preempted_rank(rank: int, port: int, run_dir: str, submitit_dir: str, resul
     if rank == 1:
         results[1] = (job(), job.stop_flag.reason)
         return
-    polls = []
-
-    def gated_poll(flag: StopFlag) -> bool:  # this child exits afterwards: no need to undo
-        if len(polls) == 1:
-            os.kill(os.getpid(), signal.SIGUSR2)
-            deadline = time.monotonic() + 30
-            while not flag.is_set() and time.monotonic() < deadline:
-                time.sleep(0.01)
-        polls.append(flag.is_set())
-        return polls[-1]
-
-    StopFlag.__call__ = gated_poll
+    gated_poll, _ = _usr2_at_second_poll()
+    StopFlag.__call__ = gated_poll  # this child exits afterwards: no need to undo
     os.environ.update(SUBMITIT_DEBUG_JOB_ID="4343", SUBMITIT_FOLDER=submitit_dir)
     submitit.JobEnvironment.USR_SIG = "USR2"
     env = submitit.JobEnvironment()
