@@ -8,7 +8,8 @@ grey, blur and solarize ran: ``loader`` (in the loader workers; files written be
 ``crops.photometric`` option) or ``device`` (batched inside the timed step). The
 ``timing`` column says how the steps were timed: ``back to back`` as training runs them,
 or ``sync per step`` (files from before the step stopped waiting for the GPU, whose
-images/s include an idle gap per step that training no longer has).
+images/s include an idle gap per step that training no longer has). The ``residual``
+column is ``compute.residual_stream`` (``fp32`` for files written before the option).
 """
 from __future__ import annotations
 
@@ -51,10 +52,15 @@ def _timing(r: dict) -> str:
     return "back to back" if "seconds" in r else "sync per step"
 
 
+def _residual(r: dict) -> str:
+    """The ViT's residual stream dtype setting; files written before the option: fp32."""
+    return r.get("residual_stream", "fp32")
+
+
 def _train_rows(results: dict[str, dict]) -> list[str]:
     rows = [
-        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric | timing |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric | timing | residual |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         ratio = r.get("speedup_vs_eager_fp32")
@@ -65,7 +71,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
             f"| {r['world_size']} ({r['parallel']}) | {_compile_mode(r.get('compile'))} | {r['batch_size']} "
             f"| {_fmt(r['images_per_s'])} | {r['step_s_median']:.3f} | {100 * r['mfu']:.1f}% "
             f"| {_fmt(max(m for m in r['peak_mem_gib_per_rank'] if m is not None) if r['peak_mem_gib'] is not None else None)} "
-            f"| {ratio_text} | {_photometric(r)} | {_timing(r)} |"
+            f"| {ratio_text} | {_photometric(r)} | {_timing(r)} | {_residual(r)} |"
         )
     return rows
 

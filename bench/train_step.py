@@ -296,6 +296,7 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         "peak_tflops": peak_value, "peak_source": peak_source,
         "compile": str(cfg.compute.compile),
         "photometric": str(cfg.crops.photometric),
+        "residual_stream": str(cfg.compute.residual_stream),
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

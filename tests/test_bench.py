@@ -11,6 +11,7 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     out = tmp_path / "bench.json"
     overrides = tiny_overrides + [
         "supervision.hierarchy=hierarchies/synthetic.json", "supervision.losses=[{name: hierce}]",
+        "compute.residual_stream=autocast",
     ]
     assert bench_main(["--steps", "2", "--warmup", "1", "--json", str(out), *overrides]) == 0
     printed = capsys.readouterr().out
@@ -19,6 +20,7 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     assert result["batch_size"] == 8 and result["crop"] == 32 and result["supervised"] == ["hierce"]
     assert result["images_per_s"] == pytest.approx(8 * 2 / result["seconds"], rel=1e-12) and result["steps"] == 2
     assert result["host_syncs_per_step"] is None  # counted on a GPU only
+    assert result["residual_stream"] == "autocast" and result["dtype"] == "fp32"  # CPU: no autocast, fp32 stream
     assert result["step_s_min"] <= result["step_s_median"] <= result["step_s_max"]
 
 
@@ -106,7 +108,8 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
         "compile": False, "speedup_vs_eager_fp32": 1.9235, "eager_fp32": {"images_per_s": 109.71},
     }
     (results / "l.json").write_text(json.dumps(step))
-    (results / "m.json").write_text(json.dumps({**step, "steps": 15, "seconds": 2.35, "photometric": "device"}))
+    (results / "m.json").write_text(json.dumps(
+        {**step, "steps": 15, "seconds": 2.35, "photometric": "device", "residual_stream": "autocast"}))
     (results / "w.json").write_text(json.dumps(
         {"workers": 16, "batch_size": 128, "crop": 224, "images_per_s": 557.36, "source": "1610 images"}))
     doc = tmp_path / "perf.md"
@@ -120,7 +123,9 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     # Files written before crops.photometric existed ran the photometric ops in the workers.
     assert "| 1.92x (109.7 img/s fp32) | loader | sync per step |" in text and "| 1610 images | loader |" in text
     # Files with the wall time of back-to-back steps are labelled so.
-    assert "| m.json |" in text and "| 1.92x (109.7 img/s fp32) | device | back to back |" in text
+    assert "| m.json |" in text and "| 1.92x (109.7 img/s fp32) | device | back to back | autocast |" in text
+    # Files written before compute.residual_stream existed ran a float32 stream.
+    assert "| loader | sync per step | fp32 |" in text
 
 
 def test_profile_writes_an_op_table(tmp_path, tiny_overrides):

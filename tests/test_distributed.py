@@ -589,3 +589,32 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
     for teacher_temp in (0.04, 0.05, 0.06):
         compiled(synthetic_batch(cfg, torch.device("cpu"), hierarchy.num_leaves, rank=1), teacher_temp)
     assert len(graphs) == 2
+
+
+def test_residual_stream_setting_reaches_both_backbones_and_traces_as_one_graph(tiny_overrides):
+    """compute.residual_stream=autocast: student and teacher keep bf16 tokens between blocks
+    under autocast (checked here with CPU bf16 autocast), in one fullgraph trace."""
+    from bench.train_step import synthetic_batch
+    from dinov2_hier.config import ConfigError, load_config
+    from dinov2_hier.train.meta_arch import SSLMetaArch
+
+    cfg = load_config(None, tiny_overrides + ["compute.residual_stream=autocast"])
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg)
+    assert model.student["backbone"].residual_stream == model.teacher["backbone"].residual_stream == "autocast"
+    batch = synthetic_batch(cfg, torch.device("cpu"), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.student["backbone"](batch["global_crops"])["x_prenorm"].dtype == torch.bfloat16
+        reference = {k: v.item() for k, v in model(batch, 0.07).items()}
+        torch._dynamo.reset()
+        graphs = []
+
+        def counting_backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        traced = torch.compile(model, backend=counting_backend, fullgraph=True)(batch, 0.07)
+    assert len(graphs) == 1
+    assert {k: v.item() for k, v in traced.items()} == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(ConfigError, match="compute.residual_stream must be one of fp32, autocast, got 'bf16'"):
+        SSLMetaArch(load_config(None, tiny_overrides + ["compute.residual_stream=bf16"]))

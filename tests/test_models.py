@@ -286,6 +286,42 @@ def test_gradient_checkpointing_same_output_and_gradients() -> None:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_residual_stream_autocast_adds_each_branch_once_in_the_autocast_dtype() -> None:
+    model = tiny().eval()
+    x = images(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        wide = model(x)["x_prenorm"]
+        model.residual_stream = "autocast"
+        narrow = model(x)["x_prenorm"]
+        # The same blocks written out: tokens cast once after the embeddings, and each
+        # branch (float32 after LayerScale) rounded to bf16 before the add.
+        t = model.prepare_tokens(x).to(torch.bfloat16)
+        for blk in model.blocks:
+            t = t + blk.ls1(blk.attn(blk.norm1(t))).to(torch.bfloat16)
+            t = t + blk.ls2(blk.mlp(blk.norm2(t))).to(torch.bfloat16)
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow, t)
+    # Against the float32 stream: the tokens reach |x| = 1.96 here, where one bf16 step is
+    # 2**-6 = 0.0156; four rounded adds (two blocks) stay within two steps.
+    diff = (narrow.float() - wide).abs().max().item()
+    assert wide.abs().max().item() < 2.0 and 0 < diff <= 2 * 2**-6
+
+
+def test_residual_stream_changes_nothing_without_autocast() -> None:
+    model = tiny().eval()
+    x = images(2)
+    with torch.no_grad():
+        wide = model(x)
+        model.residual_stream = "autocast"
+        same = model(x)
+    assert all(torch.equal(wide[k], same[k]) for k in ("x_prenorm", "x_norm_clstoken", "x_norm_patchtokens"))
+
+
+def test_residual_stream_rejects_unknown_values() -> None:
+    with pytest.raises(ValueError, match="residual_stream must be one of fp32, autocast, got 'fp16'"):
+        tiny(residual_stream="fp16")
+
+
 # ----------------------------------------------------------------------------- weights
 
 

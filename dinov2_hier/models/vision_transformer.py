@@ -211,8 +211,17 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        # Each branch is added in the stream's dtype: a no-op for a float32 stream; for a
+        # bf16/fp16 stream (``residual_stream="autocast"``) the float32 LayerScale product
+        # is rounded once, in the fused add, instead of promoting the stream to float32.
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x)))).to(x.dtype)
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x)))).to(x.dtype)
+
+
+#: dtypes of the residual stream between blocks: ``fp32`` (what type promotion gives with
+#: float32 parameters, also under autocast) or ``autocast`` (the autocast dtype when autocast
+#: is on, as with DINOv2's half-precision FSDP parameters; float32 otherwise).
+RESIDUAL_STREAMS = ("fp32", "autocast")
 
 
 class VisionTransformer(nn.Module):
@@ -221,6 +230,13 @@ class VisionTransformer(nn.Module):
     ``img_size`` (pixels) only fixes the stored position-embedding grid
     ``img_size // patch_size`` squared; other input sizes (multiples of ``patch_size``)
     interpolate it on the fly.
+
+    ``residual_stream`` (one of :data:`RESIDUAL_STREAMS`, default ``fp32``) sets the dtype
+    of the tokens between blocks. Under bf16 autocast with float32 parameters the stream
+    is float32 (the float32 position embedding and LayerScale promote it), so every layer
+    norm and residual add moves float32 activations; ``autocast`` keeps it in bf16, as
+    DINOv2's FSDP mixed precision (half-precision parameters) does, at half the bytes.
+    Layer norms still compute in float32 either way (autocast runs them in float32).
     """
 
     def __init__(
@@ -239,8 +255,11 @@ class VisionTransformer(nn.Module):
         num_register_tokens: int = 0,
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
+        residual_stream: str = "fp32",
     ) -> None:
         super().__init__()
+        if residual_stream not in RESIDUAL_STREAMS:
+            raise ValueError(f"residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, got {residual_stream!r}")
         if ffn_layer not in _FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; valid: {sorted(_FFN_LAYERS)}")
         if embed_dim % num_heads:
@@ -262,6 +281,7 @@ class VisionTransformer(nn.Module):
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         self.grad_checkpointing = False
+        self.residual_stream = residual_stream
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -332,6 +352,9 @@ class VisionTransformer(nn.Module):
         ``x_norm_clstoken [n, D]``, ``x_norm_regtokens [n, R, D]``,
         ``x_norm_patchtokens [n, N, D]``, ``x_prenorm [n, 1 + R + N, D]`` and ``masks``."""
         tokens = self.prepare_tokens(x, masks)
+        device_type = tokens.device.type
+        if self.residual_stream == "autocast" and torch.is_autocast_enabled(device_type):
+            tokens = tokens.to(torch.get_autocast_dtype(device_type))
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant checkpointing restores the RNG state, so drop path draws the

@@ -16,7 +16,9 @@ from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
 from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
+from ..config import ConfigError
 from ..models import DINOHead, build_backbone
+from ..models.vision_transformer import RESIDUAL_STREAMS
 from .supervision import build_supervised_heads
 
 #: Supervised terms that contrast samples with each other: with
@@ -81,6 +83,14 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         backbone = build_backbone_from_config(cfg)
         backbone.grad_checkpointing = bool(cfg.student.grad_checkpointing)
+        # A training-time setting (not a property of the weights): evaluation builds its
+        # backbone from the checkpoint's config with the default float32 stream.
+        if cfg.compute.residual_stream not in RESIDUAL_STREAMS:
+            raise ConfigError(
+                f"compute.residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, "
+                f"got {cfg.compute.residual_stream!r}"
+            )
+        backbone.residual_stream = str(cfg.compute.residual_stream)
         embed_dim = backbone.embed_dim
         student = {"backbone": backbone, "dino_head": _build_head(cfg.dino, embed_dim)}
         self.ibot_enabled = cfg.ibot.loss_weight > 0
