@@ -25,8 +25,10 @@ batch of ``train.batch_size_per_gpu`` images; rank 0 prints per-rank and total i
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -36,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.report import emit
+from bench.timeline import summarize
 from dinov2_hier import distributed
 from dinov2_hier.config import load_config
 from dinov2_hier.data import GlobalCropsCollator, photometric_params
@@ -145,7 +148,9 @@ def count_step_flops(step) -> int:
 def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) -> str:
     """torch.profiler op tables of ``steps`` calls of ``step()``: sorted by self device time
     (what the GPU spends its time on) and, on a GPU, also by total CPU time (what keeps the
-    host busy; a step whose CPU time exceeds its device time is bound by kernel launches)."""
+    host busy; a step whose CPU time exceeds its device time is bound by kernel launches),
+    headed on a GPU by the device's busy and idle time and its kernels by kind
+    (:mod:`bench.timeline`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -162,7 +167,12 @@ def profile_table(step, device: torch.device, steps: int = 3, rows: int = 30) ->
     except (AttributeError, KeyError, ValueError):  # older torch names it self_cuda_time_total
         by_device = averages.table(sort_by="self_cuda_time_total", row_limit=rows)
     by_cpu = averages.table(sort_by="cpu_time_total", row_limit=rows)
-    return f"sorted by self device time\n{by_device}\n\nsorted by total CPU time\n{by_cpu}"
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return f"{summarize(events, steps)}\n\nsorted by self device time\n{by_device}\n\nsorted by total CPU time\n{by_cpu}"
 
 
 def time_steps(step, device: torch.device, n: int) -> tuple[list[float], float]:

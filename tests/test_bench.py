@@ -153,3 +153,26 @@ def test_host_sync_sites_are_written_without_machine_prefixes():
     assert _short_path(str(PROJECT_ROOT / "bench" / "train_step.py")) == "bench/train_step.py"
     assert _short_path("/opt/x/.venv/lib/python3.12/site-packages/torch/cuda/__init__.py") == "torch/cuda/__init__.py"
     assert _short_path("/elsewhere/tool.py") == "tool.py"
+
+
+def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
+    from bench.timeline import summarize, timeline
+
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},  # host side: ignored
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_192x192", "ts": 0, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_gelu_view_1", "ts": 12, "dur": 8},  # 2 us gap
+        {"ph": "X", "cat": "kernel", "name": "void at::native::multi_tensor_apply_kernel", "ts": 50, "dur": 10},  # 30 us gap
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 55, "dur": 10},  # overlaps by 5 us
+    ]
+    t = timeline(events, steps=2)
+    # Span 65 us, busy 10 + 8 + 10 + 5 = 33 us, idle 32 us of which 30 in the gap over 20 us; per step: / 2.
+    assert (t.span_ms, t.busy_ms, t.idle_ms, t.gaps_over_20us_ms, t.kernels) == pytest.approx(
+        (0.0325, 0.0165, 0.016, 0.015, 2.0))
+    assert t.by_kind_ms == pytest.approx(
+        {"matmul": 0.005, "optimizer / EMA (foreach)": 0.005, "memset": 0.005, "gelu": 0.004})
+    assert list(t.by_kind_ms)[-1] == "gelu"  # largest first
+    text = summarize(events, steps=2)
+    assert text.splitlines()[0].endswith("(0.0 ms in gaps over 20 us), 2 kernels")
+    assert "gelu" in text.splitlines()[-1]
+    assert timeline(events[:1], steps=1) is None and summarize([], 1) == "GPU timeline: no device activity in the trace"
