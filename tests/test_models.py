@@ -293,16 +293,16 @@ def test_residual_stream_autocast_adds_each_branch_once_in_the_autocast_dtype() 
         wide = model(x)["x_prenorm"]
         model.residual_stream = "autocast"
         narrow = model(x)["x_prenorm"]
-        # The same blocks written out: tokens cast once after the embeddings, and each
-        # branch (float32 after LayerScale) rounded to bf16 before the add.
+        # The same blocks written out: tokens cast once after the embeddings, each branch
+        # scaled by its LayerScale in bf16 and added to the bf16 stream.
         t = model.prepare_tokens(x).to(torch.bfloat16)
         for blk in model.blocks:
-            t = t + blk.ls1(blk.attn(blk.norm1(t))).to(torch.bfloat16)
-            t = t + blk.ls2(blk.mlp(blk.norm2(t))).to(torch.bfloat16)
+            t = t + blk.attn(blk.norm1(t)) * blk.ls1.gamma.to(torch.bfloat16)
+            t = t + blk.mlp(blk.norm2(t)) * blk.ls2.gamma.to(torch.bfloat16)
     assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
     assert torch.equal(narrow, t)
     # Against the float32 stream: the tokens reach |x| = 1.96 here, where one bf16 step is
-    # 2**-6 = 0.0156; four rounded adds (two blocks) stay within two steps.
+    # 2**-6 = 0.0156; the rounded products and adds of two blocks stay within two steps.
     diff = (narrow.float() - wide).abs().max().item()
     assert wide.abs().max().item() < 2.0 and 0 < diff <= 2 * 2**-6
 
@@ -317,9 +317,14 @@ def test_residual_stream_changes_nothing_without_autocast() -> None:
     assert all(torch.equal(wide[k], same[k]) for k in ("x_prenorm", "x_norm_clstoken", "x_norm_patchtokens"))
 
 
-def test_residual_stream_rejects_unknown_values() -> None:
+def test_residual_stream_rejects_unknown_values_and_sets_every_layerscale() -> None:
     with pytest.raises(ValueError, match="residual_stream must be one of fp32, autocast, got 'fp16'"):
         tiny(residual_stream="fp16")
+    model = tiny(residual_stream="autocast")
+    scales = [m for m in model.modules() if type(m).__name__ == "LayerScale"]
+    assert len(scales) == 2 * DEPTH and all(m.in_input_dtype for m in scales)
+    model.residual_stream = "fp32"
+    assert not any(m.in_input_dtype for m in scales)
 
 
 # ----------------------------------------------------------------------------- weights

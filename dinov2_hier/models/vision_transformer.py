@@ -90,14 +90,20 @@ class DropPath(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel learnable scale ``gamma [D]`` on a residual branch (CaiT / DINOv2)."""
+    """Per-channel learnable scale ``gamma [D]`` on a residual branch (CaiT / DINOv2).
+
+    ``in_input_dtype`` (set by the backbone's ``residual_stream``): multiply in the
+    branch's dtype (bf16 under autocast, as with DINOv2's half-precision parameters)
+    instead of promoting it to float32.
+    """
 
     def __init__(self, dim: int, init_value: float) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+        self.in_input_dtype = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+        return x * (self.gamma.to(x.dtype) if self.in_input_dtype else self.gamma)
 
 
 class PatchEmbed(nn.Module):
@@ -211,11 +217,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Each branch is added in the stream's dtype: a no-op for a float32 stream; for a
-        # bf16/fp16 stream (``residual_stream="autocast"``) the float32 LayerScale product
-        # is rounded once, in the fused add, instead of promoting the stream to float32.
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x)))).to(x.dtype)
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x)))).to(x.dtype)
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 #: dtypes of the residual stream between blocks: ``fp32`` (what type promotion gives with
@@ -236,7 +239,8 @@ class VisionTransformer(nn.Module):
     is float32 (the float32 position embedding and LayerScale promote it), so every layer
     norm and residual add moves float32 activations; ``autocast`` keeps it in bf16, as
     DINOv2's FSDP mixed precision (half-precision parameters) does, at half the bytes.
-    Layer norms still compute in float32 either way (autocast runs them in float32).
+    Layer norms still compute in float32 either way (autocast runs them in float32); with
+    ``autocast`` the LayerScale products are taken in the branch's (autocast) dtype too.
     """
 
     def __init__(
@@ -258,8 +262,6 @@ class VisionTransformer(nn.Module):
         residual_stream: str = "fp32",
     ) -> None:
         super().__init__()
-        if residual_stream not in RESIDUAL_STREAMS:
-            raise ValueError(f"residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, got {residual_stream!r}")
         if ffn_layer not in _FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; valid: {sorted(_FFN_LAYERS)}")
         if embed_dim % num_heads:
@@ -281,7 +283,6 @@ class VisionTransformer(nn.Module):
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
         self.grad_checkpointing = False
-        self.residual_stream = residual_stream
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -299,7 +300,22 @@ class VisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.residual_stream = residual_stream
         self.init_weights()
+
+    @property
+    def residual_stream(self) -> str:
+        """One of :data:`RESIDUAL_STREAMS`; setting it also sets the LayerScales' dtype."""
+        return self._residual_stream
+
+    @residual_stream.setter
+    def residual_stream(self, value: str) -> None:
+        if value not in RESIDUAL_STREAMS:
+            raise ValueError(f"residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, got {value!r}")
+        self._residual_stream = value
+        for module in self.modules():
+            if isinstance(module, LayerScale):
+                module.in_input_dtype = value == "autocast"
 
     def init_weights(self) -> None:
         """DINOv2 init: trunc-normal(0.02) pos_embed and Linear weights, zero Linear biases,
