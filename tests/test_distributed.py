@@ -14,9 +14,7 @@ import copy
 import datetime
 import json
 import os
-import random
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from dinov2_hier.distributed import (
 )
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.paths import PROJECT_ROOT
+from tests.ports import free_ports
 from dinov2_hier.train.__main__ import main as train_main
 from dinov2_hier.train.checkpoint import TEACHER_FILE, list_checkpoints, load_checkpoint
 from dinov2_hier.train.loop import METRICS_FILE, Trainer
@@ -184,24 +183,6 @@ def test_resolve_parallel_validates_and_ignores_one_process():
 # ------------------------------------------------------------------------------------------
 # Process helpers
 # ------------------------------------------------------------------------------------------
-
-
-def _port_in_job_range() -> int:
-    """A free local port in [10000, 30000), the range of ports derived from SLURM job ids."""
-    for candidate in random.Random(os.getpid()).sample(range(10000, 30000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    raise RuntimeError("no free port in [10000, 30000)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(fn, args: tuple) -> None:
@@ -374,7 +355,7 @@ def _assert_states_close(actual: dict, expected: dict, what: str) -> None:
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     steps = _make_steps()
     torch.save(steps, tmp_path / "steps.pt")
-    _spawn(_equivalence_worker, (_port_in_job_range(), str(tmp_path / "steps.pt"), str(tmp_path)))
+    _spawn(_equivalence_worker, (free_ports(1)[0], str(tmp_path / "steps.pt"), str(tmp_path)))
 
     # Reference: one process, batch 2B = the ranks' batches combined crop-major.
     cfg = _equivalence_cfg()
@@ -478,7 +459,7 @@ def test_checkpoints_move_between_one_process_and_two_ranks(tmp_path):
     # One process, batch 2B, stops at iteration 2.
     assert train_main(["--output-dir", str(tmp_path / "one"), *ONE_PROCESS, "--stop-at", "2"]) == 0
     runs = [(str(_copy_run(tmp_path / "one", tmp_path / mode, 2)), mode) for mode in ("ddp", "fsdp")]
-    ports = [_free_port() for _ in range(4)]
+    ports = free_ports(4)
     _spawn(_cli_worker, (ports, runs, str(tmp_path)))
     # The one-process continuation on the same images.
     straight = _copy_run(tmp_path / "one", tmp_path / "straight", 2)

@@ -6,7 +6,6 @@ the torch code under test) or from literals derived by hand in the comments.
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from dinov2_hier.losses import (
     iBOTPatchLoss,
     sinkhorn_knopp,
 )
+from tests.ports import free_ports
 
 LN2 = math.log(2.0)
 
@@ -327,15 +327,9 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_sinkhorn_and_centre_over_two_gloo_ranks_equal_full_batch(tmp_path: Path) -> None:
-    mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, free_ports(1)[0], str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     logits = _full_batch_logits()
     expected_sk = sinkhorn_knopp(logits, 0.2, 3)
