@@ -57,11 +57,16 @@ def _residual(r: dict) -> str:
     return r.get("residual_stream", "fp32")
 
 
+def _header(*columns: str) -> list[str]:
+    """The first two lines of a markdown table with these column titles."""
+    return ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+
+
 def _train_rows(results: dict[str, dict]) -> list[str]:
-    rows = [
-        "| file | device | torch | model | supervised | GPUs (mode) | compile | batch/GPU | images/s | step median (s) | MFU | peak memory (GiB) | vs eager fp32 | photometric | timing | residual |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = _header(
+        "file", "device", "torch", "model", "supervised", "GPUs (mode)", "compile", "batch/GPU", "images/s",
+        "step median (s)", "MFU", "peak memory (GiB)", "vs eager fp32", "photometric", "timing", "residual",
+    )
     for name, r in results.items():
         ratio = r.get("speedup_vs_eager_fp32")
         eager = r.get("eager_fp32")
@@ -77,10 +82,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
 
 
 def _loader_rows(results: dict[str, dict]) -> list[str]:
-    rows = [
-        "| file | workers | batch | crop | images/s | source | photometric |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = _header("file", "workers", "batch", "crop", "images/s", "source", "photometric")
     for name, r in results.items():
         rows.append(
             f"| {name} | {r['workers']} | {r['batch_size']} | {r['crop']} | {_fmt(r['images_per_s'])} | {r['source']} "
@@ -90,10 +92,7 @@ def _loader_rows(results: dict[str, dict]) -> list[str]:
 
 
 def _probe_rows(results: dict[str, dict]) -> list[str]:
-    rows = [
-        "| file | features | probe | fit (s) | predict (s) | balanced accuracy | chosen C |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = _header("file", "features", "probe", "fit (s)", "predict (s)", "balanced accuracy", "chosen C")
     for name, r in results.items():
         for probe in ("knn_k1", "knn_k20", "logreg_sklearn", "logreg_torch"):
             if probe in r:
