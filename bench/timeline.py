@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 
 #: Kernel kinds by name, first match wins; anything else is "other". The names are those
 #: of cuBLAS (nvjet, gemm), cuDNN / FlashAttention (sdpa, flash, fmha), Inductor's Triton
-#: kernels (named after the ops they fuse) and ATen's foreach/fused optimizer kernels.
+#: kernels and ATen's foreach/fused optimizer kernels. An Inductor kernel is named after
+#: the ops it fuses, so it counts under the first kind any of them matches: a layer norm
+#: fused with a residual add and a cast is "layer norm + residual", the Sinkhorn-Knopp
+#: matrix-vector products (``mv``) fused with casts are "softmax, Sinkhorn-Knopp".
 KERNEL_KINDS: tuple[tuple[str, str], ...] = (
     ("matmul", r"nvjet|gemm|cutlass|xmma|splitKreduce"),
     ("attention", r"sdpa|flash|fmha|attention|dot_do_o|convert_dq"),
     ("gelu", r"gelu"),
     ("layer norm + residual", r"layer_norm"),
-    ("softmax / log-softmax", r"softmax|logsumexp"),
+    ("softmax, Sinkhorn-Knopp", r"softmax|logsumexp|_mv_|_mv$|amax"),
     ("optimizer / EMA (foreach)", r"adam|multi_tensor|foreach|lerp"),
     ("dtype casts and copies", r"_to_copy|copy|clone|cat|Memcpy"),
     ("memset", r"[Mm]emset"),

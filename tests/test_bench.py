@@ -165,6 +165,14 @@ def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
         {"ph": "X", "cat": "kernel", "name": "void at::native::multi_tensor_apply_kernel", "ts": 50, "dur": 10},  # 30 us gap
         {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 55, "dur": 10},  # overlaps by 5 us
     ]
+    from bench.timeline import kernel_kind
+
+    # Inductor names a kernel after all the ops it fuses: the first matching kind counts.
+    assert kernel_kind("triton_red_fused__to_copy_bitwise_not_clamp_min_div_exp_gt_masked_fill_mv_sub") == (
+        "softmax, Sinkhorn-Knopp")
+    assert kernel_kind("triton_per_fused__to_copy_add_mul_native_layer_norm_view_46") == "layer norm + residual"
+    assert kernel_kind("triton_poi_fused__to_copy_37") == "dtype casts and copies"
+    assert kernel_kind("void at::native::reduce_kernel<128, 4>") == "other"
     t = timeline(events, steps=2)
     # Span 65 us, busy 10 + 8 + 10 + 5 = 33 us, idle 32 us of which 30 in the gap over 20 us; per step: / 2.
     assert (t.span_ms, t.busy_ms, t.idle_ms, t.gaps_over_20us_ms, t.kernels) == pytest.approx(
