@@ -307,6 +307,7 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         "compile": str(cfg.compute.compile),
         "photometric": str(cfg.crops.photometric),
         "residual_stream": str(cfg.compute.residual_stream),
+        "drop_path_mode": str(cfg.student.drop_path_mode),
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

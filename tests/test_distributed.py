@@ -572,21 +572,27 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
     assert len(graphs) == 2
 
 
-def test_residual_stream_setting_reaches_both_backbones_and_traces_as_one_graph(tiny_overrides):
+def test_residual_stream_and_subset_drop_path_reach_the_backbones_and_trace_as_one_graph(tiny_overrides):
     """compute.residual_stream=autocast: student and teacher keep bf16 tokens between blocks
-    under autocast (checked here with CPU bf16 autocast), in one fullgraph trace."""
+    under autocast (checked here with CPU bf16 autocast); student.drop_path_mode=subset:
+    the student's blocks draw their rows on the device. Both in one fullgraph trace."""
     from bench.train_step import synthetic_batch
     from dinov2_hier.config import ConfigError, load_config
     from dinov2_hier.train.meta_arch import SSLMetaArch
 
-    cfg = load_config(None, tiny_overrides + ["compute.residual_stream=autocast"])
+    cfg = load_config(None, tiny_overrides + [
+        "compute.residual_stream=autocast", "student.drop_path_mode=subset", "student.drop_path_rate=0.5",
+    ])
     torch.manual_seed(0)
     model = SSLMetaArch(cfg)
     assert model.student["backbone"].residual_stream == model.teacher["backbone"].residual_stream == "autocast"
+    assert model.student["backbone"].drop_path_mode == "subset" and model.training
     batch = synthetic_batch(cfg, torch.device("cpu"), 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.student["backbone"](batch["global_crops"])["x_prenorm"].dtype == torch.bfloat16
+        torch.manual_seed(1)  # the same rows in the eager and the traced run
         reference = {k: v.item() for k, v in model(batch, 0.07).items()}
+        torch.manual_seed(1)
         torch._dynamo.reset()
         graphs = []
 
@@ -599,3 +605,5 @@ def test_residual_stream_setting_reaches_both_backbones_and_traces_as_one_graph(
     assert {k: v.item() for k, v in traced.items()} == pytest.approx(reference, rel=1e-5)
     with pytest.raises(ConfigError, match="compute.residual_stream must be one of fp32, autocast, got 'bf16'"):
         SSLMetaArch(load_config(None, tiny_overrides + ["compute.residual_stream=bf16"]))
+    with pytest.raises(ConfigError, match="student.drop_path_mode must be one of sample, subset, got 'batch'"):
+        SSLMetaArch(load_config(None, tiny_overrides + ["student.drop_path_mode=batch"]))

@@ -327,6 +327,84 @@ def test_residual_stream_rejects_unknown_values_and_sets_every_layerscale() -> N
     assert not any(m.in_input_dtype for m in scales)
 
 
+def test_add_on_subset_runs_the_branch_on_the_kept_rows_and_scales_them() -> None:
+    from dinov2_hier.models.vision_transformer import add_on_subset
+
+    seen = []
+
+    def branch(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.shape[0])
+        return 3.0 * t
+
+    x = torch.arange(1.0, 11.0).reshape(10, 1).requires_grad_(True)
+    torch.manual_seed(0)
+    out = add_on_subset(x, branch, rate=0.3)  # floor(10 * 0.7) = 7 rows, scale 10 / 7
+    kept = (out != x).squeeze(1)
+    assert seen == [7] and int(kept.sum()) == 7
+    torch.testing.assert_close(out[kept], x[kept] * (1 + 3.0 * 10 / 7))
+    assert torch.equal(out[~kept], x[~kept])
+    out.sum().backward()
+    torch.testing.assert_close(x.grad[kept], torch.full((7, 1), 1 + 3.0 * 10 / 7))
+    assert torch.equal(x.grad[~kept], torch.ones(3, 1))
+    # At least one row keeps the branch, scaled by n.
+    assert int((add_on_subset(torch.zeros(4, 2), torch.ones_like, rate=0.99) == 4.0).all(dim=1).sum()) == 1
+
+
+def test_add_on_subset_has_the_expectation_of_the_full_branch() -> None:
+    from dinov2_hier.models.vision_transformer import add_on_subset
+
+    torch.manual_seed(0)
+    x = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    mean = torch.stack([add_on_subset(x, lambda t: 2.0 * t, rate=0.5) for _ in range(4000)]).mean(0)
+    # E = x + P(kept) * (4 / 2) * 2x = x + 2x; 4000 draws of a 0/1 choice: about 1% spread.
+    torch.testing.assert_close(mean, 3.0 * x, rtol=0.03, atol=0.0)
+
+
+def test_subset_drop_path_skips_the_dropped_rows_flops() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny(drop_path_rate=0.5).train()  # block rates 0 and 0.5
+    x = images(4)
+    tokens = model.prepare_tokens(x).detach()
+
+    def flops(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    full = flops(lambda: model(x))
+    model.drop_path_mode = "subset"
+    assert [b.drop_path_mode for b in model.blocks] == ["subset", "subset"]
+    subset = flops(lambda: model(x))
+    last = model.blocks[1]
+    branches = flops(lambda: (last.attn(last.norm1(tokens)), last.mlp(last.norm2(tokens))))
+    # Block 1 (rate 0.5) runs both branches on floor(4 * 0.5) = 2 of the 4 crops; block 0
+    # (rate 0) on all of them. Matmul and attention FLOPs are linear in the rows.
+    assert branches > 0 and full - subset == branches // 2
+    model.eval()
+    assert flops(lambda: model(x)) == full  # no drop path in eval mode
+    with pytest.raises(ValueError, match="drop_path_mode must be one of sample, subset, got 'batch'"):
+        model.drop_path_mode = "batch"
+
+
+def test_subset_drop_path_with_gradient_checkpointing_same_output_and_gradients() -> None:
+    model = tiny(drop_path_rate=0.5, drop_path_mode="subset").train()
+    x = images(4)
+
+    def run(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the recomputation restores the RNG: same rows drawn
+        out = model(x)["x_prenorm"]
+        (out**2).sum().backward()
+        return out.detach(), model.blocks[1].mlp.fc2.weight.grad.clone()
+
+    out_a, grad_a = run(False)
+    out_b, grad_b = run(True)
+    torch.testing.assert_close(out_b, out_a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- weights
 
 

@@ -75,6 +75,18 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask.div_(keep)
 
 
+def add_on_subset(x: Tensor, branch: Callable[[Tensor], Tensor], rate: float) -> Tensor:
+    """``x + branch(x)`` with stochastic depth by batch subset (DINOv2's
+    ``drop_add_residual_stochastic_depth``): ``branch`` runs only on ``max(floor(n * (1 -
+    rate)), 1)`` rows of ``x [n, ...]`` drawn without replacement, whose results are added
+    back scaled by ``n / kept``; the other rows skip the branch. The expectation equals
+    per-sample drop path's, and the branch costs ``kept / n`` of its FLOPs."""
+    n = x.shape[0]
+    kept = max(int(n * (1.0 - rate)), 1)
+    rows = torch.randperm(n, device=x.device)[:kept]
+    return torch.index_add(x, 0, rows, branch(x[rows]).to(x.dtype), alpha=n / kept)
+
+
 class DropPath(nn.Module):
     """Module wrapper of :func:`drop_path`; identity in eval mode."""
 
@@ -215,11 +227,21 @@ class Block(nn.Module):
         self.mlp = _FFN_LAYERS[ffn_layer](dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path = DropPath(drop_path_rate)
+        self.drop_path_mode = "sample"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.drop_path_mode == "subset" and self.training and self.drop_path.rate > 0:
+            x = add_on_subset(x, lambda t: self.ls1(self.attn(self.norm1(t))), self.drop_path.rate)
+            return add_on_subset(x, lambda t: self.ls2(self.mlp(self.norm2(t))), self.drop_path.rate)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
+
+#: How a training block drops its residual branches (stochastic depth): ``sample`` (each
+#: row's branch zeroed with probability ``rate``, kept ones scaled by ``1 / (1 - rate)``)
+#: or ``subset`` (the branch computed on a random ``1 - rate`` share of the rows only, see
+#: :func:`add_on_subset`; DINOv2 does this for rates above 0.1).
+DROP_PATH_MODES = ("sample", "subset")
 
 #: dtypes of the residual stream between blocks: ``fp32`` (what type promotion gives with
 #: float32 parameters, also under autocast) or ``autocast`` (the autocast dtype when autocast
@@ -241,6 +263,9 @@ class VisionTransformer(nn.Module):
     DINOv2's FSDP mixed precision (half-precision parameters) does, at half the bytes.
     Layer norms still compute in float32 either way (autocast runs them in float32); with
     ``autocast`` the LayerScale products are taken in the branch's (autocast) dtype too.
+
+    ``drop_path_mode`` (one of :data:`DROP_PATH_MODES`, default ``sample``) sets how the
+    training blocks apply their stochastic-depth rates.
     """
 
     def __init__(
@@ -260,6 +285,7 @@ class VisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
         residual_stream: str = "fp32",
+        drop_path_mode: str = "sample",
     ) -> None:
         super().__init__()
         if ffn_layer not in _FFN_LAYERS:
@@ -301,7 +327,21 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.residual_stream = residual_stream
+        self.drop_path_mode = drop_path_mode
         self.init_weights()
+
+    @property
+    def drop_path_mode(self) -> str:
+        """One of :data:`DROP_PATH_MODES`; setting it sets every block's."""
+        return self._drop_path_mode
+
+    @drop_path_mode.setter
+    def drop_path_mode(self, value: str) -> None:
+        if value not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, got {value!r}")
+        self._drop_path_mode = value
+        for block in self.blocks:
+            block.drop_path_mode = value
 
     @property
     def residual_stream(self) -> str:

@@ -9,7 +9,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from .. import distributed
@@ -18,7 +18,7 @@ from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..config import ConfigError
 from ..models import DINOHead, build_backbone
-from ..models.vision_transformer import RESIDUAL_STREAMS
+from ..models.vision_transformer import DROP_PATH_MODES, RESIDUAL_STREAMS
 from .supervision import build_supervised_heads
 
 #: Supervised terms that contrast samples with each other: with
@@ -52,6 +52,14 @@ def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = N
     )
 
 
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
+    """``cfg``'s value at dotted ``key``, which must be one of ``choices``."""
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
     return DINOHead(
         in_dim=in_dim,
@@ -83,14 +91,10 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         backbone = build_backbone_from_config(cfg)
         backbone.grad_checkpointing = bool(cfg.student.grad_checkpointing)
-        # A training-time setting (not a property of the weights): evaluation builds its
-        # backbone from the checkpoint's config with the default float32 stream.
-        if cfg.compute.residual_stream not in RESIDUAL_STREAMS:
-            raise ConfigError(
-                f"compute.residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, "
-                f"got {cfg.compute.residual_stream!r}"
-            )
-        backbone.residual_stream = str(cfg.compute.residual_stream)
+        # Training-time settings (not properties of the weights): evaluation builds its
+        # backbone from the checkpoint's config with the defaults.
+        backbone.residual_stream = _choice(cfg, "compute.residual_stream", RESIDUAL_STREAMS)
+        backbone.drop_path_mode = _choice(cfg, "student.drop_path_mode", DROP_PATH_MODES)
         embed_dim = backbone.embed_dim
         student = {"backbone": backbone, "dino_head": _build_head(cfg.dino, embed_dim)}
         self.ibot_enabled = cfg.ibot.loss_weight > 0
