@@ -249,6 +249,12 @@ DROP_PATH_MODES = ("sample", "subset")
 RESIDUAL_STREAMS = ("fp32", "autocast")
 
 
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone with class token, optional register tokens and iBOT mask token.
 
@@ -337,9 +343,7 @@ class VisionTransformer(nn.Module):
 
     @drop_path_mode.setter
     def drop_path_mode(self, value: str) -> None:
-        if value not in DROP_PATH_MODES:
-            raise ValueError(f"drop_path_mode must be one of {', '.join(DROP_PATH_MODES)}, got {value!r}")
-        self._drop_path_mode = value
+        self._drop_path_mode = _one_of("drop_path_mode", value, DROP_PATH_MODES)
         for block in self.blocks:
             block.drop_path_mode = value
 
@@ -350,9 +354,7 @@ class VisionTransformer(nn.Module):
 
     @residual_stream.setter
     def residual_stream(self, value: str) -> None:
-        if value not in RESIDUAL_STREAMS:
-            raise ValueError(f"residual_stream must be one of {', '.join(RESIDUAL_STREAMS)}, got {value!r}")
-        self._residual_stream = value
+        self._residual_stream = _one_of("residual_stream", value, RESIDUAL_STREAMS)
         for module in self.modules():
             if isinstance(module, LayerScale):
                 module.in_input_dtype = value == "autocast"
