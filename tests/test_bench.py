@@ -11,7 +11,7 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     out = tmp_path / "bench.json"
     overrides = tiny_overrides + [
         "supervision.hierarchy=hierarchies/synthetic.json", "supervision.losses=[{name: hierce}]",
-        "compute.residual_stream=autocast",
+        "compute.residual_stream=autocast", "student.drop_path_mode=subset",
     ]
     assert bench_main(["--steps", "2", "--warmup", "1", "--json", str(out), *overrides]) == 0
     printed = capsys.readouterr().out
@@ -21,6 +21,7 @@ def test_train_step_benchmark_reports_all_fields(tmp_path, tiny_overrides, capsy
     assert result["images_per_s"] == pytest.approx(8 * 2 / result["seconds"], rel=1e-12) and result["steps"] == 2
     assert result["host_syncs_per_step"] is None  # counted on a GPU only
     assert result["residual_stream"] == "autocast" and result["dtype"] == "fp32"  # CPU: no autocast, fp32 stream
+    assert result["drop_path_mode"] == "subset"
     assert result["step_s_min"] <= result["step_s_median"] <= result["step_s_max"]
 
 
