@@ -126,7 +126,9 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     # Files with the wall time of back-to-back steps are labelled so.
     assert "| m.json |" in text and "| 1.92x (109.7 img/s fp32) | device | back to back | autocast |" in text
     # Files written before compute.residual_stream existed ran a float32 stream.
-    assert "| loader | sync per step | fp32 |" in text
+    assert "| loader | sync per step | fp32 | - |" in text
+    # A non-default drop-path mode is named.
+    assert "| n.json |" in text and "| back to back | fp32 | drop path subset |" in text
 
 
 def test_profile_writes_an_op_table(tmp_path, tiny_overrides):
