@@ -9,7 +9,9 @@ grey, blur and solarize ran: ``loader`` (in the loader workers; files written be
 ``timing`` column says how the steps were timed: ``back to back`` as training runs them,
 or ``sync per step`` (files from before the step stopped waiting for the GPU, whose
 images/s include an idle gap per step that training no longer has). The ``residual``
-column is ``compute.residual_stream`` (``fp32`` for files written before the option).
+column is ``compute.residual_stream`` (``fp32`` for files written before the option); the
+``options`` column names other step settings that are not the default
+(``student.drop_path_mode``), ``-`` when none is.
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ def _residual(r: dict) -> str:
     return r.get("residual_stream", "fp32")
 
 
+def _options(r: dict) -> str:
+    """Non-default step settings; files written before an option ran its default."""
+    chosen = [
+        f"{name} {r[key]}" for key, name, default in (("drop_path_mode", "drop path", "sample"),)
+        if r.get(key, default) != default
+    ]
+    return ", ".join(chosen) or "-"
+
+
 def _header(*columns: str) -> list[str]:
     """The first two lines of a markdown table with these column titles."""
     return ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
@@ -66,6 +77,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
     rows = _header(
         "file", "device", "torch", "model", "supervised", "GPUs (mode)", "compile", "batch/GPU", "images/s",
         "step median (s)", "MFU", "peak memory (GiB)", "vs eager fp32", "photometric", "timing", "residual",
+        "options",
     )
     for name, r in results.items():
         ratio = r.get("speedup_vs_eager_fp32")
@@ -76,7 +88,7 @@ def _train_rows(results: dict[str, dict]) -> list[str]:
             f"| {r['world_size']} ({r['parallel']}) | {_compile_mode(r.get('compile'))} | {r['batch_size']} "
             f"| {_fmt(r['images_per_s'])} | {r['step_s_median']:.3f} | {100 * r['mfu']:.1f}% "
             f"| {_fmt(max(m for m in r['peak_mem_gib_per_rank'] if m is not None) if r['peak_mem_gib'] is not None else None)} "
-            f"| {ratio_text} | {_photometric(r)} | {_timing(r)} | {_residual(r)} |"
+            f"| {ratio_text} | {_photometric(r)} | {_timing(r)} | {_residual(r)} | {_options(r)} |"
         )
     return rows
 

@@ -111,6 +111,8 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     (results / "l.json").write_text(json.dumps(step))
     (results / "m.json").write_text(json.dumps(
         {**step, "steps": 15, "seconds": 2.35, "photometric": "device", "residual_stream": "autocast"}))
+    (results / "n.json").write_text(json.dumps(
+        {**step, "steps": 15, "seconds": 2.35, "drop_path_mode": "subset"}))
     (results / "w.json").write_text(json.dumps(
         {"workers": 16, "batch_size": 128, "crop": 224, "images_per_s": 557.36, "source": "1610 images"}))
     doc = tmp_path / "perf.md"
@@ -144,7 +146,9 @@ def test_attention_benchmark_reports_each_shape_token_count_and_backend(capsys):
     assert attention_main(["--small", "--repeats", "2", "--tokens", "8", "9"]) == 0
     result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
     rows = result["rows"]
-    assert [(r["shape"], r["tokens"], r["backend"]) for r in rows] == [("tiny", 8, "default"), ("tiny", 9, "default")]
+    assert [(r["shape"], r["tokens"], r["backend"]) for r in rows] == [
+        ("tiny", 8, "default"), ("tiny", 8, "lse_merge"), ("tiny", 9, "default"), ("tiny", 9, "lse_merge"),
+    ]
     for r in rows:  # tiny shape: 2 crops, 2 heads, head size 16; forward + backward = 3x forward
         flops = 4 * 2 * 2 * r["tokens"] ** 2 * 16 * 3
         assert r["tflops_per_s"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12, rel=1e-9)
