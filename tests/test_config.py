@@ -74,6 +74,11 @@ def test_base_chain_and_required_values(tmp_path):
         load_config(arm)  # the ViT-L recipe needs the user's data
     cfg = load_config(arm, ["data.train=[cells.csv]"])
     assert cfg.student.arch == "vit_large"  # from base: vitl14.yaml
+    # DINOv2 computes the branches of its ViT-L (drop-path rate 0.4 > 0.1) on a batch subset;
+    # ViT-S (0.1) keeps the per-crop draw.
+    assert (cfg.student.drop_path_rate, cfg.student.drop_path_mode) == (0.4, "subset")
+    small = load_config(PROJECT_ROOT / "configs" / "train" / "vits14.yaml", ["data.train=[cells.csv]"])
+    assert (small.student.drop_path_rate, small.student.drop_path_mode) == (0.1, "sample")
     assert cfg.supervision.losses[0].name == "hierce" and cfg.supervision.losses[0].alpha == 0.5
     assert list(cfg.data.train) == ["cells.csv"]
     loop = tmp_path / "a.yaml"
