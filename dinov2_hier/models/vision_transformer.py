@@ -83,8 +83,13 @@ def add_on_subset(x: Tensor, branch: Callable[[Tensor], Tensor], rate: float) ->
     per-sample drop path's, and the branch costs ``kept / n`` of its FLOPs."""
     n = x.shape[0]
     kept = max(int(n * (1.0 - rate)), 1)
-    rows = torch.randperm(n, device=x.device)[:kept]
-    return torch.index_add(x, 0, rows, branch(x[rows]).to(x.dtype), alpha=n / kept)
+    # A random permutation as the argsort of uniform draws: torch.compile generates both on
+    # the device, where randperm stays an ATen call with host-side work on every call.
+    rows = torch.rand(n, device=x.device).argsort()[:kept]
+    subset = x[rows]
+    # Writing distinct rows needs no atomics, so Inductor fuses this index_put; index_add
+    # on bf16 falls back to ATen's atomic kernel (10 ms of a ViT-L step on an H200).
+    return x.index_put((rows,), subset + branch(subset).to(x.dtype) * (n / kept))
 
 
 class DropPath(nn.Module):
