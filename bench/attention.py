@@ -2,11 +2,11 @@
 
 Forward + backward time of ``F.scaled_dot_product_attention`` on the attention shapes of a
 ViT-S/14 and a ViT-L/14 training step (two 224 px crops per image: 256 patch tokens + the
-CLS token = 257), at several token counts, with the default and the FlashAttention
-backend and with ``lse_merge`` (``bench/lse_merge.py``: the first token's key merged in
-apart, eager and compiled; an experiment the model does not use),
-in bf16 on a GPU. It shows what the odd 257th token costs: attention kernels work on
-tiles of 64-128 rows, and 257 tokens fill one more tile than 256.
+CLS token = 257), at several token counts, in bf16 on a GPU: SDPA with its default and
+with the FlashAttention backend, and ``lse_merge`` eager and compiled (``bench/lse_merge.py``,
+the first token's key merged in apart; an experiment the model does not use). It shows
+what the odd 257th token costs: attention kernels work on tiles of 64-128 rows, and 257
+tokens fill one more tile than 256.
 
 On a CPU it runs the same loop in fp32 on a small shape (``--small``), to check the script.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.report import emit
 from bench.lse_merge import lse_merge_attention
+from bench.report import emit
 
 # (rows of q = crops per step, heads, head size) of one block's attention
 SHAPES = {"vit_small_b128": (256, 6, 64), "vit_large_b64": (128, 16, 64)}

@@ -60,12 +60,9 @@ def _residual(r: dict) -> str:
 
 
 def _options(r: dict) -> str:
-    """Non-default step settings; files written before an option ran its default."""
-    chosen = [
-        f"{name} {r[key]}" for key, name, default in (("drop_path_mode", "drop path", "sample"),)
-        if r.get(key, default) != default
-    ]
-    return ", ".join(chosen) or "-"
+    """Non-default step settings; files written before ``drop_path_mode`` ran ``sample``."""
+    mode = r.get("drop_path_mode", "sample")
+    return "-" if mode == "sample" else f"drop path {mode}"
 
 
 def _header(*columns: str) -> list[str]:
