@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.report import emit
+from dinov2_hier.cli import run_cli
 from dinov2_hier.config import load_config
 from dinov2_hier.train.data import build_train_data, build_train_loader
 
@@ -53,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may sit between options
-    cfg = load_config(args.config, args.overrides)
-    result = measure_loader(cfg, args.workers, args.batches, args.warmup)
-    emit(result, args.json)
-    return 0
+
+    def run() -> None:
+        cfg = load_config(args.config, args.overrides)
+        emit(measure_loader(cfg, args.workers, args.batches, args.warmup), args.json)
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 Wall time of the evaluation probes on random features with a planted class structure:
 kNN (k = 1, 20) and logistic regression with the default C sweep, for each backend (its
 ``fit_s`` follows one small warm-up fit, ``warmup_s``, which pays for the device's start-up).
-With ``--ckpt`` and ``--data`` it also measures feature extraction images/s.
+With ``--ckpt`` and ``--data`` it also measures feature extraction images/s, and how many
+images/s the evaluation loader alone delivers with the same workers (decode, resize, pad,
+normalise, collate): when the two are close, the loader bounds the extraction, not the
+model. ``--ckpt none --arch vit_small`` times an untrained backbone; ``--skip-probes``
+measures the extraction only.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import emit
+from dinov2_hier.cli import register_user_errors, run_cli
+from eval.crossval import EvalDataError
 from eval.probes import KNNProbe, LogRegProbe, balanced_accuracy
 
 
@@ -38,17 +44,35 @@ def time_probe(probe, X_train, y_train, X_test, y_test) -> dict:
     return {"fit_s": fit_s, "predict_s": time.perf_counter() - t0, "balanced_accuracy": balanced_accuracy(y_test, pred)}
 
 
-def time_extraction(ckpt: str, data: str, device: str, batch_size: int, workers: int) -> dict:
-    from eval.features import extract_features, load_eval_backbone
-    from dinov2_hier.data import records_from_source
+def time_extraction(ckpt: str, data: str, device: str, batch_size: int, workers: int,
+                    arch: str | None = None) -> dict:
+    """Images/s of :func:`eval.features.extract_features` over every image of ``data``
+    (after a one-batch warm-up that pays for the device's start-up), then of its loader
+    alone. Both include starting the loader's workers, as a real extraction does."""
+    import torch
 
-    backbone = load_eval_backbone(ckpt, device=device)
+    from dinov2_hier.data import EvalTransform, records_from_source
+    from eval.features import eval_image_loader, extract_features, load_eval_backbone
+
+    backbone = load_eval_backbone(ckpt, arch=arch, device=device)
     paths = [r.path for r in records_from_source(data)]
+    extract_features(backbone, paths[:batch_size], batch_size=batch_size, progress=False)
     t0 = time.perf_counter()
-    feats = extract_features(backbone, paths, batch_size=batch_size, num_workers=workers, cache_dir=None, progress=False)
+    feats = extract_features(backbone, paths, batch_size=batch_size, num_workers=workers, cache_dir=None,
+                             progress=False)
     elapsed = time.perf_counter() - t0
-    return {"images": len(paths), "seconds": elapsed, "images_per_s": len(paths) / elapsed,
-            "dim": int(feats.features.shape[1]), "device": str(backbone.device)}
+    meta = backbone.meta
+    transform = EvalTransform(meta["img_size"], "pad", meta["mean"], meta["std"])
+    t0 = time.perf_counter()
+    for _ in eval_image_loader(paths, transform, batch_size=batch_size, num_workers=workers):
+        pass
+    loader_s = time.perf_counter() - t0
+    dev = backbone.device
+    return {"images": len(paths), "unreadable": feats.n_unreadable, "seconds": elapsed,
+            "images_per_s": len(paths) / elapsed, "loader_seconds": loader_s, "loader_images_per_s": len(paths) / loader_s,
+            "arch": meta["arch"], "crop": int(meta["img_size"]), "dim": int(feats.features.shape[1]),
+            "batch_size": int(batch_size), "workers": int(workers),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--classes", type=int, default=13)
     parser.add_argument("--backend", nargs="+", default=["sklearn", "torch"], choices=["sklearn", "torch"])
-    parser.add_argument("--device", default=None, help="torch backend device (default: cuda if available)")
-    parser.add_argument("--ckpt", default=None, help="also time feature extraction with this checkpoint ...")
+    parser.add_argument("--device", default=None,
+                        help="device of the torch probe backend and of the extraction (default: cuda if available)")
+    parser.add_argument("--ckpt", default=None, help="also time feature extraction with this checkpoint "
+                        "('none': an untrained --arch backbone) ...")
     parser.add_argument("--data", default=None, help="... on this manifest / ImageFolder")
+    parser.add_argument("--arch", default=None, help="backbone for --ckpt none (vit_small, vit_large, ...)")
+    parser.add_argument("--skip-probes", action="store_true", help="time the extraction only (needs --ckpt, --data)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.skip_probes and not (args.ckpt and args.data):
+        parser.error("--skip-probes measures the extraction only: give --ckpt and --data")
+    register_user_errors(EvalDataError)
 
+    def run() -> None:
+        result = {} if args.skip_probes else run_probes(args)
+        if args.ckpt and args.data:
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            result["extraction"] = time_extraction(args.ckpt, args.data, device, args.batch_size, args.workers,
+                                                   args.arch)
+        emit(result, args.json)
+
+    return run_cli(run)
+
+
+def run_probes(args: argparse.Namespace) -> dict:
+    """kNN and logistic regression timings on planted features (the module's docstring)."""
     X, y = planted_features(args.n, args.dim, args.classes)
     cut = int(0.8 * args.n)
     result: dict = {"n": args.n, "dim": args.dim, "classes": args.classes}
@@ -84,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         s, t = result["logreg_sklearn"], result["logreg_torch"]
         result["logreg_speedup_torch_vs_sklearn"] = s["fit_s"] / t["fit_s"]
         result["logreg_accuracy_gap_points"] = 100 * (t["balanced_accuracy"] - s["balanced_accuracy"])
-    if args.ckpt and args.data:
-        result["extraction"] = time_extraction(args.ckpt, args.data, args.device or "cpu", args.batch_size, args.workers)
-    emit(result, args.json)
-    return 0
+    return result
 
 
 if __name__ == "__main__":

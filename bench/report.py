@@ -118,6 +118,18 @@ def _probe_rows(results: dict[str, dict]) -> list[str]:
     return rows
 
 
+def _extraction_rows(results: dict[str, dict]) -> list[str]:
+    rows = _header("file", "device", "torch", "model", "crop", "batch", "workers", "images", "images/s",
+                   "loader alone, images/s")
+    for name, r in results.items():
+        e = r["extraction"]
+        rows.append(
+            f"| {name} | {e['device']} | {e['torch']} | {e['arch']} | {e['crop']} | {e['batch_size']} | {e['workers']} "
+            f"| {e['images']:,} | {_fmt(e['images_per_s'])} | {_fmt(e['loader_images_per_s'])} |"
+        )
+    return rows
+
+
 def render(results_dir: Path) -> str:
     """Markdown tables of every result file in ``results_dir``, grouped by benchmark."""
     train, loader, probe = {}, {}, {}
@@ -127,15 +139,20 @@ def render(results_dir: Path) -> str:
             train[path.name] = r
         elif "workers" in r:
             loader[path.name] = r
-        elif "knn_k1" in r:
+        elif "knn_k1" in r or "extraction" in r:
             probe[path.name] = r
     parts = [BEGIN]
     if train:
         parts += ["", "### Training step (`bench.train_step`)", "", *_train_rows(train)]
     if loader:
         parts += ["", "### Data loader (`bench.loader`)", "", *_loader_rows(loader)]
-    if probe:
-        parts += ["", "### Probes (`bench.probe`)", "", *_probe_rows(probe)]
+    probes = {name: r for name, r in probe.items() if "knn_k1" in r}
+    if probes:
+        parts += ["", "### Probes (`bench.probe`)", "", *_probe_rows(probes)]
+    # Files of runs before the extraction reported its arch and loader have no table row.
+    extraction = {name: r for name, r in probe.items() if "loader_images_per_s" in r.get("extraction", {})}
+    if extraction:
+        parts += ["", "### Feature extraction (`bench.probe --ckpt ... --data ...`)", "", *_extraction_rows(extraction)]
     parts += ["", END]
     return "\n".join(parts)
 

@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.report import emit
 from bench.timeline import summarize
 from dinov2_hier import distributed
+from dinov2_hier.cli import run_cli
 from dinov2_hier.config import load_config
 from dinov2_hier.data import GlobalCropsCollator, photometric_params
 from dinov2_hier.hierarchy import Hierarchy
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="after timing, profile 3 steps with torch.profiler and write the op table here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may sit between options
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
     info = distributed.init_distributed()
     try:
         result = _measure(args, info, args.overrides)
@@ -117,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         distributed.destroy_distributed()
     if info.is_main:
         emit(result, args.json)
-    return 0
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

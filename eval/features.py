@@ -66,6 +66,7 @@ __all__ = [
     "EvalData",
     "EvalDataError",
     "FeatureSet",
+    "eval_image_loader",
     "extract_features",
     "feature_cache_key",
     "load_eval_backbone",
@@ -472,6 +473,21 @@ class _EvalImages(Dataset):
         return index, self.transform(image), True, ""
 
 
+def eval_image_loader(paths: Sequence[str], transform: EvalTransform, *, batch_size: int = 64,
+                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The images of ``paths`` in order, in batches of ``(index [B] int64, images [B, 3, S, S]
+    float32 normalised, ok [B] bool, errors: B strings)``; an unreadable file gives a zero
+    image, ``ok`` False and its message (never an exception). Used by
+    :func:`extract_features` and, without a model, by ``bench.probe`` to time the loader."""
+    return DataLoader(
+        _EvalImages(paths, transform),
+        batch_size=max(1, int(batch_size)),
+        shuffle=False,
+        num_workers=int(num_workers),
+        pin_memory=pin_memory,
+    )
+
+
 def _precision_tag(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
@@ -617,13 +633,8 @@ def extract_features(
     features = np.zeros((len(paths), dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
     transform = EvalTransform(crop, resize_mode, mean, std)
-    loader = DataLoader(
-        _EvalImages(paths, transform),
-        batch_size=max(1, int(batch_size)),
-        shuffle=False,
-        num_workers=int(num_workers),
-        pin_memory=dev.type == "cuda",
-    )
+    loader = eval_image_loader(paths, transform, batch_size=batch_size, num_workers=num_workers,
+                               pin_memory=dev.type == "cuda")
     logged: set[str] = set()
     bar = _Progress(len(paths), progress)
     start = time.perf_counter()

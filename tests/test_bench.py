@@ -191,3 +191,50 @@ def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
     assert text.splitlines()[0].endswith("(0.0 ms in gaps over 20 us), 2 kernels")
     assert "gelu" in text.splitlines()[-1]
     assert timeline(events[:1], steps=1) is None and summarize([], 1) == "GPU timeline: no device activity in the trace"
+
+
+def test_probe_benchmark_times_extraction_and_its_loader(tmp_path, capsys):
+    from bench.probe import main as probe_main
+    from bench.report import render
+    from dinov2_hier.data import write_synthetic_dataset
+    from dinov2_hier.hierarchy import Hierarchy
+    from dinov2_hier.paths import PROJECT_ROOT
+
+    tree = Hierarchy.from_json(PROJECT_ROOT / "hierarchies" / "synthetic.json")
+    manifest = write_synthetic_dataset(tmp_path / "cells", 5, tree, image_size=40, seed=0)
+    (tmp_path / "cells" / "images" / "000002.png").write_bytes(b"not an image")
+    out = tmp_path / "perf" / "extract.json"
+    out.parent.mkdir()
+    argv = ["--ckpt", "none", "--arch", "vit_tiny", "--data", str(manifest), "--skip-probes",
+            "--workers", "0", "--batch-size", "2", "--device", "cpu", "--json", str(out)]
+    assert probe_main(argv) == 0
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert set(result) == {"extraction"}  # --skip-probes: no kNN / logistic regression
+    e = result["extraction"]
+    assert e["images"] == 5 and e["unreadable"] == 1  # the broken file is counted, not fatal
+    assert (e["arch"], e["crop"], e["dim"], e["batch_size"], e["workers"], e["device"]) == (
+        "vit_tiny", 224, 192, 2, 0, "cpu")
+    assert e["images_per_s"] == pytest.approx(5 / e["seconds"], rel=1e-12)
+    assert e["loader_images_per_s"] == pytest.approx(5 / e["loader_seconds"], rel=1e-12)
+    row = (f"| extract.json | cpu | {e['torch']} | vit_tiny | 224 | 2 | 0 | 5 | {e['images_per_s']:,.1f} "
+           f"| {e['loader_images_per_s']:,.1f} |")
+    text = render(out.parent)
+    assert row in text and "### Feature extraction" in text and "### Probes" not in text
+
+
+def test_benchmarks_report_bad_input_in_one_line_with_exit_code_2(tmp_path, capsys):
+    from bench.loader import main as loader_main
+    from bench.probe import main as probe_main
+
+    missing = str(tmp_path / "missing.yaml")
+    assert bench_main(["--config", missing, "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file not found: {missing}"
+    assert loader_main(["--config", missing]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file not found: {missing}"
+    ckpt = str(tmp_path / "nope.pt")
+    assert probe_main(["--ckpt", ckpt, "--data", str(tmp_path), "--skip-probes"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint not found: {ckpt}"
+    with pytest.raises(SystemExit) as exit_info:
+        probe_main(["--skip-probes"])
+    assert exit_info.value.code == 2 and "give --ckpt and --data" in capsys.readouterr().err
