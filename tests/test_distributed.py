@@ -607,3 +607,26 @@ def test_residual_stream_and_subset_drop_path_reach_the_backbones_and_trace_as_o
         SSLMetaArch(load_config(None, tiny_overrides + ["compute.residual_stream=bf16"]))
     with pytest.raises(ConfigError, match="student.drop_path_mode must be one of sample, subset, got 'batch'"):
         SSLMetaArch(load_config(None, tiny_overrides + ["student.drop_path_mode=batch"]))
+
+
+def test_drop_path_schedule_from_the_config_and_from_configs_saved_before_it(tiny_overrides):
+    from omegaconf import OmegaConf
+
+    from dinov2_hier.config import ConfigError, load_config
+    from dinov2_hier.train.meta_arch import SSLMetaArch, build_backbone_from_config
+
+    def student_rates(cfg) -> list[float]:
+        return [b.drop_path.rate for b in SSLMetaArch(cfg).student["backbone"].blocks]
+
+    overrides = tiny_overrides + ["student.drop_path_rate=0.4"]
+    linear = [0.0, 0.4 / 3, 0.8 / 3, 0.4]  # vit_tiny has 4 blocks
+    assert student_rates(load_config(None, overrides)) == pytest.approx(linear)  # the default
+    uniform = load_config(None, overrides + ["student.drop_path_schedule=uniform"])
+    assert student_rates(uniform) == [0.4] * 4
+    with pytest.raises(ConfigError, match="student.drop_path_schedule must be one of linear, uniform, got 'step'"):
+        SSLMetaArch(load_config(None, overrides + ["student.drop_path_schedule=step"]))
+    # A config saved before the key existed (as in an older checkpoint) ran the linear schedule.
+    saved = OmegaConf.to_container(load_config(None, overrides))
+    del saved["student"]["drop_path_schedule"]
+    old = build_backbone_from_config(OmegaConf.create(saved))
+    assert [b.drop_path.rate for b in old.blocks] == pytest.approx(linear)

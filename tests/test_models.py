@@ -252,6 +252,18 @@ def test_drop_path_sample_wise_and_rates_per_block() -> None:
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
+def test_uniform_drop_path_schedule_gives_every_block_the_rate() -> None:
+    def rates(**kwargs) -> list[float]:
+        model = VisionTransformer(img_size=28, patch_size=7, embed_dim=D, depth=4, num_heads=HEADS, **kwargs)
+        return [block.drop_path.rate for block in model.blocks]
+
+    assert rates(drop_path_rate=0.3, drop_path_schedule="uniform") == [0.3, 0.3, 0.3, 0.3]
+    assert rates(drop_path_rate=0.3, drop_path_schedule="linear") == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert rates(drop_path_rate=0.0, drop_path_schedule="uniform") == [0.0] * 4
+    with pytest.raises(ValueError, match="drop_path_schedule must be one of linear, uniform, got 'cosine'"):
+        rates(drop_path_rate=0.3, drop_path_schedule="cosine")
+
+
 def test_drop_path_identity_in_eval_and_active_in_train() -> None:
     dropping = tiny(drop_path_rate=0.5)
     plain = tiny(drop_path_rate=0.0)

@@ -248,6 +248,11 @@ class Block(nn.Module):
 #: :func:`add_on_subset`; DINOv2 does this for rates above 0.1).
 DROP_PATH_MODES = ("sample", "subset")
 
+#: How the blocks' stochastic-depth rates follow ``drop_path_rate``: ``linear`` (0 at the
+#: first block rising to the rate at the last, as timm and DINOv2's ``drop_path_uniform:
+#: false``) or ``uniform`` (the rate in every block, DINOv2's default).
+DROP_PATH_SCHEDULES = ("linear", "uniform")
+
 #: dtypes of the residual stream between blocks: ``fp32`` (what type promotion gives with
 #: float32 parameters, also under autocast) or ``autocast`` (the autocast dtype when autocast
 #: is on, as with DINOv2's half-precision FSDP parameters; float32 otherwise).
@@ -276,7 +281,8 @@ class VisionTransformer(nn.Module):
     ``autocast`` the LayerScale products are taken in the branch's (autocast) dtype too.
 
     ``drop_path_mode`` (one of :data:`DROP_PATH_MODES`, default ``sample``) sets how the
-    training blocks apply their stochastic-depth rates.
+    training blocks apply their stochastic-depth rates; ``drop_path_schedule`` (one of
+    :data:`DROP_PATH_SCHEDULES`, default ``linear``) what those rates are.
     """
 
     def __init__(
@@ -297,6 +303,7 @@ class VisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
         residual_stream: str = "fp32",
         drop_path_mode: str = "sample",
+        drop_path_schedule: str = "linear",
     ) -> None:
         super().__init__()
         if ffn_layer not in _FFN_LAYERS:
@@ -330,8 +337,10 @@ class VisionTransformer(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
-        # Stochastic depth rate rises linearly from 0 (first block) to drop_path_rate (last).
-        rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        if _one_of("drop_path_schedule", drop_path_schedule, DROP_PATH_SCHEDULES) == "uniform":
+            rates = [drop_path_rate] * depth
+        else:
+            rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, ffn_layer, rate, layerscale_init)
             for rate in rates

@@ -18,7 +18,7 @@ from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..config import ConfigError
 from ..models import DINOHead, build_backbone
-from ..models.vision_transformer import DROP_PATH_MODES, RESIDUAL_STREAMS
+from ..models.vision_transformer import DROP_PATH_MODES, DROP_PATH_SCHEDULES, RESIDUAL_STREAMS
 from .supervision import build_supervised_heads
 
 #: Supervised terms that contrast samples with each other: with
@@ -40,11 +40,14 @@ class TeacherTargets:
 
 def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = None) -> nn.Module:
     """The ViT described by ``cfg.student`` at the training crop size."""
+    # Configs saved before student.drop_path_schedule existed ran the linear schedule.
+    schedule = _choice(cfg, "student.drop_path_schedule", DROP_PATH_SCHEDULES, if_absent="linear")
     return build_backbone(
         cfg.student.arch,
         img_size=cfg.crops.global_crops_size,
         patch_size=cfg.student.patch_size,
         drop_path_rate=cfg.student.drop_path_rate if drop_path_rate is None else drop_path_rate,
+        drop_path_schedule=schedule,
         layerscale_init=cfg.student.layerscale,
         ffn_layer=cfg.student.ffn_layer,
         num_register_tokens=cfg.student.num_register_tokens,
@@ -52,9 +55,10 @@ def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = N
     )
 
 
-def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> str:
-    """``cfg``'s value at dotted ``key``, which must be one of ``choices``."""
-    value = OmegaConf.select(cfg, key)
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], if_absent: str | None = None) -> str:
+    """``cfg``'s value at dotted ``key``, which must be one of ``choices``; ``if_absent``
+    stands for a key the config does not have (one saved before the key existed)."""
+    value = OmegaConf.select(cfg, key, default=if_absent)
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return str(value)
