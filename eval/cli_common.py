@@ -146,7 +146,8 @@ def _add_linear(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--C-grid", dest="C_grid", type=float, nargs="+", default=None,
                    help="candidate C values (default 1e-4 1e-3 ... 1e2)")
     g.add_argument("--backend", choices=("auto", "sklearn", "torch"), default="auto",
-                   help="auto = torch L-BFGS on CUDA, scikit-learn on CPU")
+                   help="auto = the batched torch L-BFGS (on --device) from 1,000 training samples, "
+                        "scikit-learn below")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
 
 

@@ -449,12 +449,17 @@ class _LinearModel:
         return self.classes[self.decision(X).argmax(dim=1).cpu().numpy()]
 
 
-# Below this many training samples "auto" keeps scikit-learn even on a GPU (a tiny
-# problem is bound by kernel-launch latency). Measured on one H200 (torch 2.11, 16 CPU
-# cores) with the batched solver: pbc_dev features of an untrained ViT-S (5 outer folds,
-# training folds of 1,288 x 384, 13 classes, the C sweep) took 14.8 s with torch, 44.4 s
-# with scikit-learn on one BLAS thread and over 170 s with its default threads (they
-# oversubscribe the cores); 16,000 x 1,024 planted features 0.57 s vs 10.9 s / 29.2 s.
+# Below this many training samples "auto" keeps scikit-learn; from it on, the batched
+# PyTorch solver, on the GPU or the CPU. Measured (5 outer folds of an eval.run-style C
+# sweep unless noted, same chosen C, balanced accuracy within 0.3 points):
+# - one H200 (torch 2.11, 16 CPU cores), pbc_dev features of an untrained ViT-S (training
+#   folds of 1,288 x 384, 13 classes): 14.8 s with torch, 44.4 s with scikit-learn on one
+#   BLAS thread and over 170 s with its default threads (they oversubscribe the cores);
+#   16,000 x 1,024 planted features (one fit): 0.57 s vs 10.9 s / 29.2 s;
+# - the 2-core development CPU, torch on the CPU (one fold): 1,288 x 384 as above 9.3 s vs
+#   57.5 s; 1,288 x 192 (demo checkpoint) 3.7 s vs 30.9 s; 16,000 x 1,024 planted 8.8 s
+#   vs 19.9 s. Below it torch lost: bccd with the demo checkpoint (281 x 192, 5 classes)
+#   6.3 s vs 2.7 s over 5 folds, and 1.2 points lower (some fits at large C hit max_iter).
 AUTO_TORCH_MIN_SAMPLES = 1000
 #: ``C`` used when the classes are too small for the inner cross-validation.
 _FALLBACK_C = 1.0
@@ -467,9 +472,8 @@ class LogRegProbe:
         C: inverse regularisation strength (scikit-learn's ``C``); None = choose from
             ``C_grid`` by inner stratified 3-fold CV (seeded by ``seed``) on balanced accuracy.
         C_grid: candidate values (default :data:`DEFAULT_C_GRID`).
-        backend: ``"sklearn"``, ``"torch"`` or ``"auto"`` (torch for at least
-            :data:`AUTO_TORCH_MIN_SAMPLES` training samples when CUDA is available or
-            ``device`` names a CUDA device, else scikit-learn).
+        backend: ``"sklearn"``, ``"torch"`` or ``"auto"`` (torch on ``device`` for at
+            least :data:`AUTO_TORCH_MIN_SAMPLES` training samples, else scikit-learn).
         max_iter: L-BFGS iterations per fit (torch backend: per problem of the batch, one
             loss and gradient evaluation each).
         device: torch backend device (default CUDA if available, else CPU).
@@ -519,7 +523,7 @@ class LogRegProbe:
             device = torch.device(self.device)
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.backend == "auto" and (device.type != "cuda" or n_samples < AUTO_TORCH_MIN_SAMPLES):
+        if self.backend == "auto" and n_samples < AUTO_TORCH_MIN_SAMPLES:
             return "sklearn", None
         return "torch", device
 

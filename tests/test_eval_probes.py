@@ -335,11 +335,18 @@ def test_run_probes_rejects_inconsistent_input():
         run_probes(X, y, ["a", "b", "c"], [KNNProbe(1)], (np.arange(7), np.arange(6, 12)))
 
 
-def test_auto_backend_keeps_sklearn_for_small_sets_and_on_cpu(monkeypatch):
+def test_auto_backend_keeps_sklearn_for_small_sets_on_any_device():
     from eval import probes
 
-    probe = probes.LogRegProbe(backend="auto", device="cuda")
-    assert probe._resolve_backend(probes.AUTO_TORCH_MIN_SAMPLES - 1) == ("sklearn", None)
-    assert probe._resolve_backend(probes.AUTO_TORCH_MIN_SAMPLES)[0] == "torch"
-    cpu = probes.LogRegProbe(backend="auto", device="cpu")
-    assert cpu._resolve_backend(10**6) == ("sklearn", None)
+    assert probes.AUTO_TORCH_MIN_SAMPLES == 1000
+    for device in ("cuda", "cpu"):
+        probe = probes.LogRegProbe(backend="auto", device=device)
+        assert probe._resolve_backend(999) == ("sklearn", None)
+        assert probe._resolve_backend(1000) == ("torch", torch.device(device))
+    # On the CPU, 1,000 rows of two well-separated blobs: the batched solver fits them.
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 500)
+    X = rng.normal(size=(1000, 4)) + np.where(y == "a", -3.0, 3.0)[:, None]
+    probe = probes.LogRegProbe(backend="auto", device="cpu", C=1.0).fit(X, y)
+    assert probe.backend_ == "torch" and probe.converged_
+    assert balanced_accuracy(y, probe.predict(X)) == 1.0
