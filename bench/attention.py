@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from bench.lse_merge import lse_merge_attention
 from bench.report import emit
+from bench.timing import mean_seconds
 
 # (rows of q = crops per step, heads, head size) of one block's attention
 SHAPES = {"vit_small_b128": (256, 6, 64), "vit_large_b64": (128, 16, 64)}
@@ -62,15 +62,7 @@ def time_attention(n: int, heads: int, tokens: int, head_dim: int, device: torch
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(n, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn(q, k, v).backward(grad)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn(q, k, v).backward(grad)
-    sync()
-    return (time.perf_counter() - t0) / repeats
+    return mean_seconds(lambda: fn(q, k, v).backward(grad), device, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,3 +238,21 @@ def test_benchmarks_report_bad_input_in_one_line_with_exit_code_2(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         probe_main(["--skip-probes"])
     assert exit_info.value.code == 2 and "give --ckpt and --data" in capsys.readouterr().err
+
+
+def test_activation_benchmark_reports_forward_backward_and_bytes_per_second(capsys):
+    from bench.activation import main as activation_main
+
+    assert activation_main(["--small", "--repeats", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
+    rows = result["rows"]
+    assert [(r["shape"], r["variant"]) for r in rows] == [
+        ("tiny", "memory reference (neg / add)"), ("tiny", "gelu"), ("tiny", "gelu_tanh"),
+    ]
+    tensor_bytes = 10 * 16 * 4  # the tiny shape in fp32 on the CPU
+    for r in rows:  # forward: one read + one write per element; backward: two reads + one write
+        assert r["forward_gb_per_s"] == pytest.approx(2 * tensor_bytes / (r["forward_ms"] / 1e3) / 1e9, rel=1e-9)
+        if r["backward_ms"] > 0:
+            assert r["backward_gb_per_s"] == pytest.approx(3 * tensor_bytes / (r["backward_ms"] / 1e3) / 1e9, rel=1e-9)
+        else:  # forward + backward measured no slower than forward alone (timer noise on a tiny shape)
+            assert r["backward_gb_per_s"] is None
