@@ -570,6 +570,7 @@ class LogRegProbe:
         self._model = self._sklearn_path(X, y)
         self._model.fit(self.chosen_C_)
         self.converged_ = bool(getattr(self._model, "converged", True))
+        self._unconverged = f"the final fit (C={self.chosen_C_:g})"
 
     # -- torch: every (fold, C) fit and the refits as one batched problem --------------------
     def _fit_torch(self, X: np.ndarray, y: np.ndarray) -> None:
@@ -593,6 +594,12 @@ class LogRegProbe:
         final = n_cv + chosen
         self.chosen_C_ = grid[chosen]
         self.converged_ = bool(solver.converged[:n_cv].all() and solver.converged[final])
+        inner = sorted({Cs[i] for i in range(n_cv) if not solver.converged[i]})
+        self._unconverged = "; ".join(
+            ([f"inner CV fits at C={', '.join(f'{C:g}' for C in inner)}"] if inner else [])
+            + [f"the final fit at the chosen C={self.chosen_C_:g} "
+               + ("converged" if solver.converged[final] else "did not")]
+        )
         self._model = _LinearModel(classes, solver.solution[final], problems.offset[final])
         logger.debug("logreg (torch): %d problems, %d iterations", len(rows), solver.n_iter)
 
@@ -642,8 +649,8 @@ class LogRegProbe:
         else:
             self._fit_sklearn(Xs.astype(np.float64), y)
         if not self.converged_:
-            logger.warning("logreg (%s): L-BFGS reached max_iter=%d before converging (C=%g)",
-                           self.backend_, self.max_iter, self.chosen_C_)
+            logger.warning("logreg (%s): L-BFGS reached max_iter=%d before converging: %s",
+                           self.backend_, self.max_iter, self._unconverged)
         return self
 
     def predict(self, X: Any) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Frozen-feature probes (eval.probes) and cross-validation (eval.crossval)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,19 @@ def test_torch_logreg_reports_unconverged_fits(caplog):
         probe = LogRegProbe(backend="torch", device="cpu", max_iter=3).fit(X, y)
     assert not probe.converged_ and "max_iter=3" in caplog.text
     assert probe.chosen_C_ in DEFAULT_C_GRID and set(probe.cv_scores_) == set(DEFAULT_C_GRID)
+    # The warning says which fits stopped short: inner CV fits by C, and the final fit.
+    message = re.search(r"logreg \(torch\): L-BFGS reached max_iter=3 before converging: (.*)", caplog.text).group(1)
+    match = re.fullmatch(r"(?:inner CV fits at C=([^;]+); )?the final fit at the chosen C=(\S+) (converged|did not)",
+                         message.strip())
+    assert match and float(match.group(2)) == probe.chosen_C_
+    assert match.group(1) is not None or match.group(3) == "did not"  # something did not converge
+    assert {float(C) for C in (match.group(1) or "").split(", ") if C} <= set(DEFAULT_C_GRID)
     assert LogRegProbe(backend="torch", device="cpu").fit(X, y).converged_
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dinov2_hier.eval"):
+        sk = LogRegProbe(backend="sklearn", C=1.0, max_iter=1).fit(X, y)
+    assert not sk.converged_
+    assert "logreg (sklearn): L-BFGS reached max_iter=1 before converging: the final fit (C=1)" in caplog.text
 
 
 def test_torch_logreg_matches_sklearn_with_C_sweep():
