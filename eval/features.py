@@ -76,6 +76,8 @@ __all__ = [
 
 logger = logging.getLogger("dinov2_hier.eval")
 
+#: Batches of features kept on the device before one copy to the host (see extract_features).
+HOST_COPY_EVERY = 16
 #: Bumped when the cached array layout or the feature definition changes.
 _CACHE_FORMAT = "dinov2_hier.eval.features/1"
 _TEACHER_PREFIX = "teacher.backbone."
@@ -455,7 +457,8 @@ class FeatureSet:
 
 
 class _EvalImages(Dataset):
-    """``(index, image [3,S,S], ok, error)``; an unreadable file gives zeros and ok False."""
+    """``(index, image uint8 [3,S,S], box [4], ok, error)`` (:meth:`EvalTransform.resize`);
+    an unreadable file gives zeros, an empty box and ok False."""
 
     def __init__(self, paths: Sequence[str], transform: EvalTransform) -> None:
         self.paths = list(paths)
@@ -464,21 +467,23 @@ class _EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, bool, str]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor, bool, str]:
         try:
             image = load_image(self.paths[index])
         except UnreadableImageError as err:
             s = self.transform.crop_size
-            return index, torch.zeros(3, s, s), False, str(err)
-        return index, self.transform(image), True, ""
+            return index, torch.zeros((3, s, s), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), False, str(err)
+        return index, *self.transform.resize(image), True, ""
 
 
 def eval_image_loader(paths: Sequence[str], transform: EvalTransform, *, batch_size: int = 64,
                       num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """The images of ``paths`` in order, in batches of ``(index [B] int64, images [B, 3, S, S]
-    float32 normalised, ok [B] bool, errors: B strings)``; an unreadable file gives a zero
-    image, ``ok`` False and its message (never an exception). Used by
-    :func:`extract_features` and, without a model, by ``bench.probe`` to time the loader."""
+    uint8, boxes [B, 4], ok [B] bool, errors: B strings)``, resized by ``transform`` in the
+    workers (``transform.normalize(images, boxes)`` gives the float input, on any device);
+    an unreadable file gives a zero image, ``ok`` False and its message (never an
+    exception). Used by :func:`extract_features` and, without a model, by ``bench.probe``
+    to time the loader."""
     return DataLoader(
         _EvalImages(paths, transform),
         batch_size=max(1, int(batch_size)),
@@ -596,9 +601,10 @@ def extract_features(
 
     Images are resized without distortion to ``crop_size`` (default: the checkpoint's
     training crop size ``meta["img_size"]``) by padding (``"pad"``) or centre-cropping
-    (``"center_crop"``), normalised with the checkpoint's mean/std, and run in batches
-    through a DataLoader; the model runs in eval mode under ``torch.inference_mode``, with
-    bf16 autocast on CUDA only. ``device`` (default: where the model is) moves the model.
+    (``"center_crop"``) in the DataLoader's workers (uint8), normalised with the
+    checkpoint's mean/std on ``device`` (:class:`EvalTransform`), and run in batches; the
+    model runs in eval mode under ``torch.inference_mode``, with bf16 autocast on CUDA
+    only. ``device`` (default: where the model is) moves the model.
 
     With ``cache_dir`` the result is stored as ``<cache_dir>/<feature_cache_key>.npz`` and a
     later call with the same weights, files (paths, sizes, mtimes), crop size, resize mode
@@ -635,27 +641,45 @@ def extract_features(
     transform = EvalTransform(crop, resize_mode, mean, std)
     loader = eval_image_loader(paths, transform, batch_size=batch_size, num_workers=num_workers,
                                pin_memory=dev.type == "cuda")
+    on_device = transform.to(dev)
     logged: set[str] = set()
     bar = _Progress(len(paths), progress)
     start = time.perf_counter()
+    # Features wait on the device and reach the host HOST_COPY_EVERY batches at a time: a
+    # copy to the host waits for the GPU, and one per batch would leave it idle while the
+    # next batch is sent.
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def to_host() -> None:
+        if pending:
+            rows = np.concatenate([r for r, _ in pending])
+            features[rows] = torch.cat([f for _, f in pending]).cpu().numpy()
+            pending.clear()
+
     try:
         with torch.inference_mode():
-            for index, images, good, errors in loader:
+            for index, images, boxes, good, errors in loader:
                 index, good = index.numpy(), good.numpy().astype(bool)
                 for i, msg in zip(index[~good], (e for e, g in zip(errors, good) if not g)):
                     if paths[i] not in logged:
                         logged.add(paths[i])
                         logger.warning("skipping unreadable image: %s", msg)
                 if good.any():
-                    batch = images[torch.from_numpy(good)].to(dev, non_blocking=True)
+                    if not good.all():
+                        keep = torch.from_numpy(good)
+                        images, boxes = images[keep], boxes[keep]
+                    batch = on_device.normalize(images.to(dev, non_blocking=True), boxes.to(dev, non_blocking=True))
                     if dev.type == "cuda":
                         with torch.autocast("cuda", dtype=torch.bfloat16):
                             out = model(batch)["x_norm_clstoken"]
                     else:
                         out = model(batch)["x_norm_clstoken"]
-                    features[index[good]] = out.float().cpu().numpy()
+                    pending.append((index[good], out.float()))
                     ok[index[good]] = True
+                    if len(pending) >= HOST_COPY_EVERY:
+                        to_host()
                 bar.update(len(index))
+            to_host()
     finally:
         bar.close()
     n_bad = int((~ok).sum())

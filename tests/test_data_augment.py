@@ -181,6 +181,43 @@ def test_eval_transform_pad_and_center_crop():
         EvalTransform(20, "stretch")
 
 
+def _float_eval_transform(image: Image.Image, s: int, mode: str) -> torch.Tensor:
+    """The float path EvalTransform had before it split into uint8 resize + normalisation."""
+    import torchvision.transforms.v2.functional as F2
+    from torchvision.transforms import InterpolationMode
+
+    image = image.convert("RGB")
+    w, h = image.size
+    factor = s / (max if mode == "pad" else min)(w, h)
+    new_w = min(s, max(1, round(w * factor))) if mode == "pad" else max(s, round(w * factor))
+    new_h = min(s, max(1, round(h * factor))) if mode == "pad" else max(s, round(h * factor))
+    resized = F2.resize(image, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    x = F2.normalize(F2.pil_to_tensor(resized).to(torch.float32).div_(255.0), MEAN, STD)
+    if mode == "center_crop":
+        return F2.center_crop(x, [s, s])
+    left, top = (s - new_w) // 2, (s - new_h) // 2
+    return F2.pad(x, [left, top, s - new_w - left, s - new_h - top], fill=0.0)
+
+
+def test_eval_transform_uint8_halves_equal_the_float_path_to_the_bit():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for h, w in
+              ((20, 37), (37, 20), (28, 28), (180, 300), (9, 9))]
+    images.append(Image.fromarray(rng.integers(0, 256, size=(30, 17), dtype=np.uint8), mode="L"))
+    for mode in ("pad", "center_crop"):
+        transform = EvalTransform(28, mode, MEAN, STD)
+        halves = [transform.resize(image) for image in images]
+        assert all(u8.dtype == torch.uint8 and u8.shape == (3, 28, 28) for u8, _ in halves)
+        batch = transform.normalize(torch.stack([u8 for u8, _ in halves]), torch.stack([box for _, box in halves]))
+        for image, row, (_, box) in zip(images, batch, halves):
+            reference = _float_eval_transform(image, 28, mode)
+            assert torch.equal(row, reference) and torch.equal(transform(image), reference)
+            if mode == "center_crop":
+                assert box.tolist() == [0, 0, 28, 28]
+    # 37 x 20 (w x h) padded to 28: resized to 28 x 15, rows 6..20 hold it.
+    assert EvalTransform(28, "pad").resize(images[0])[1].tolist() == [6, 0, 15, 28]
+
+
 def _smooth_rgb(size: int) -> Image.Image:
     """A smooth colour image (gradients and a disc): JPEG keeps it nearly intact."""
     yy, xx = np.mgrid[0:size, 0:size] / size

@@ -177,6 +177,32 @@ def test_extract_features_skips_unreadable_and_caches(run_dir, cells, tmp_path, 
     assert not extract_features(backbone, data.paths, cache_dir=cache, progress=False).from_cache
 
 
+def test_extract_features_equal_the_model_on_transformed_images_across_host_copies(run_dir, cells, monkeypatch):
+    """The features are the model's CLS output on EvalTransform's images, in path order,
+    whether they reach the host once at the end or after every batch (the unreadable file,
+    6th of 19, shares a batch of 2 with a readable one)."""
+    import eval.features as features_module
+    from dinov2_hier.data import EvalTransform, load_image
+
+    data = load_eval_data(cells, HIERARCHY)
+    backbone = load_eval_backbone(run_dir / TEACHER_FILE)
+    good = [p for p in data.paths if not p.endswith("empty.png")]
+    meta = backbone.meta
+    transform = EvalTransform(meta["img_size"], "pad", meta["mean"], meta["std"])
+    with torch.no_grad():
+        reference = backbone.model(torch.stack([transform(load_image(p)) for p in good]))["x_norm_clstoken"].numpy()
+    whole = extract_features(backbone, good, batch_size=len(good), cache_dir=None, progress=False)
+    assert np.array_equal(whole.features, reference)  # one batch of the same images: the same bits
+    paths = good[:5] + [p for p in data.paths if p.endswith("empty.png")] + good[5:]
+    late = extract_features(backbone, paths, batch_size=2, cache_dir=None, progress=False)
+    monkeypatch.setattr(features_module, "HOST_COPY_EVERY", 1)
+    each = extract_features(backbone, paths, batch_size=2, cache_dir=None, progress=False)
+    assert np.array_equal(each.features, late.features) and np.array_equal(each.ok, late.ok)
+    assert late.ok.tolist() == [i != 5 for i in range(19)] and not late.features[5].any()
+    rows = [i for i in range(19) if i != 5]
+    np.testing.assert_allclose(late.features[rows], reference, rtol=0, atol=1e-5)  # other batch sizes
+
+
 def test_extract_features_bad_settings(run_dir, cells):
     backbone = load_eval_backbone(run_dir / TEACHER_FILE)
     with pytest.raises(EvalDataError, match="multiple of the patch size"):

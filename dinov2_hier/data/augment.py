@@ -27,6 +27,7 @@ whole batch (``photometric="device"``: the item carries uint8 crops and the para
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -367,6 +368,14 @@ class EvalTransform:
     i.e. with 0 after normalisation, so the whole cell stays visible.
     ``resize_mode="center_crop"``: resize so the short side is ``crop_size``, then take
     the centred ``crop_size`` square.
+
+    It runs in two halves so that loader workers can send uint8 images (a quarter of the
+    bytes) and the normalisation can run on the device for a whole batch:
+    :meth:`resize` (``PIL -> uint8 [3, S, S]`` and the image's box on it) and
+    :meth:`normalize` (a batch of those -> float32). The normalisation is a lookup of
+    each uint8 value in a table computed once with the ops of the float path (divide by
+    255, subtract the mean, divide by the std), so its result is the same to the bit on
+    any device. Calling the transform runs both.
     """
 
     def __init__(
@@ -386,8 +395,14 @@ class EvalTransform:
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
         self.interpolation = _interpolation(interpolation)
+        # [3, 256]: the normalised value of every uint8 level in every channel.
+        levels = torch.arange(256, dtype=torch.float32).div_(255.0).repeat(3, 1).unsqueeze(-1)
+        self.table = TF.normalize(levels, self.mean, self.std).squeeze(-1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def resize(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 [3, S, S], box int64 [4])``: the resized (and for ``center_crop``
+        cropped) image on an ``S x S`` canvas, and ``(top, left, height, width)`` of the
+        image's pixels on it; :meth:`normalize` sets the rest to 0."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         s = self.crop_size
@@ -396,10 +411,33 @@ class EvalTransform:
         factor = s / grow(w, h)
         new_w = min(s, max(1, round(w * factor))) if self.resize_mode == "pad" else max(s, round(w * factor))
         new_h = min(s, max(1, round(h * factor))) if self.resize_mode == "pad" else max(s, round(h * factor))
-        resized = TF.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=True)
-        x = TF.normalize(TF.pil_to_tensor(resized).to(torch.float32).div_(255.0), self.mean, self.std)
+        resized = TF.pil_to_tensor(TF.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=True))
         if self.resize_mode == "center_crop":
-            return TF.center_crop(x, [s, s])
+            return TF.center_crop(resized, [s, s]), torch.tensor([0, 0, s, s])
         left, top = (s - new_w) // 2, (s - new_h) // 2
-        # padding order: left, top, right, bottom; 0 after normalisation = the mean colour.
-        return TF.pad(x, [left, top, s - new_w - left, s - new_h - top], fill=0.0)
+        canvas = torch.zeros((3, s, s), dtype=torch.uint8)
+        canvas[:, top:top + new_h, left:left + new_w] = resized
+        return canvas, torch.tensor([top, left, new_h, new_w])
+
+    def to(self, device: torch.device | str) -> EvalTransform:
+        """A copy whose lookup table lives on ``device``, so that :meth:`normalize` of
+        batches there copies nothing from the host (a blocking copy would wait for the GPU)."""
+        moved = copy.copy(self)
+        moved.table = self.table.to(device)
+        return moved
+
+    def normalize(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, S, S]`` and ``boxes`` ``[B, 4]`` from :meth:`resize` -> float32
+        ``[B, 3, S, S]`` on ``images``' device: normalised inside each box, 0 outside."""
+        device = images.device
+        channels = torch.arange(3, device=device).view(1, 3, 1, 1)
+        x = self.table.to(device)[channels, images.long()]
+        top, left, height, width = boxes.to(device).unbind(1)
+        pos = torch.arange(images.shape[-1], device=device)
+        rows = (pos >= top[:, None]) & (pos < (top + height)[:, None])
+        cols = (pos >= left[:, None]) & (pos < (left + width)[:, None])
+        return x.masked_fill(~(rows[:, None, :, None] & cols[:, None, None, :]), 0.0)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image_u8, box = self.resize(image)
+        return self.normalize(image_u8[None], box[None])[0]
