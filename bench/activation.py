@@ -8,6 +8,12 @@ like the backward). An activation much slower than its reference is bound by ari
 (the exact GELU evaluates ``erf`` in float32), not by memory. Variants: exact and tanh
 GELU, eager and (GPU) compiled with Inductor as the model's blocks are.
 
+With ``--mlp`` it also times each activation inside the block it lives in, ``fc1 -> act
+-> fc2`` of the ViT's width, forward and backward under bf16 autocast, compiled on a GPU:
+there Inductor fuses the activation with its neighbours (the backward recomputes the
+activation for ``fc2``'s weight gradient), so the isolated kernel's cost and the block's can
+differ.
+
 On a CPU it runs the same loop in fp32 on a small shape (``--small``), eager only, to check
 the script.
 """
@@ -29,14 +35,14 @@ SHAPES = {"vit_small_b128": (256 * 257, 1536), "vit_large_b64": (128 * 257, 4096
 SMALL_SHAPES = {"tiny": (10, 16)}
 
 
-def activation_variants(device: torch.device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def activation_variants(device: torch.device, compiled: bool = True) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Name -> activation timed on ``device``: exact and tanh GELU, eager, and on a GPU
-    also compiled (Inductor fuses them into one kernel per direction)."""
+    (with ``compiled``) also compiled (Inductor fuses them into one kernel per direction)."""
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "gelu": F.gelu,
         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and compiled:
         for name in list(variants):
             variants[f"{name} compiled"] = torch.compile(variants[name], fullgraph=True)
     return variants
@@ -66,6 +72,34 @@ def time_references(rows: int, width: int, device: torch.device, repeats: int) -
     return _row(rows * width * x.element_size(), forward, backward)
 
 
+def time_mlp(rows: int, width: int, device: torch.device, act, repeats: int, compile: bool) -> dict:
+    """Milliseconds of forward and of forward + backward of ``fc2(act(fc1(x)))`` on ``x
+    [rows, width // 4]`` (``width`` = the hidden width), under bf16 autocast on a GPU."""
+    dim = width // 4
+    fc1, fc2 = torch.nn.Linear(dim, width).to(device), torch.nn.Linear(width, dim).to(device)
+    params = [*fc1.parameters(), *fc2.parameters()]
+
+    def block(x):
+        return fc2(act(fc1(x)))
+
+    block = torch.compile(block) if compile else block
+    x = torch.randn(rows, dim, device=device, requires_grad=True)
+    grad = torch.randn(rows, dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return block(x)
+
+    def both():
+        with autocast:
+            out = block(x)
+        return torch.autograd.grad(out, [x, *params], grad.to(out.dtype))
+
+    return {"forward_ms": mean_seconds(forward, device, repeats) * 1e3,
+            "forward_backward_ms": mean_seconds(both, device, repeats) * 1e3}
+
+
 def _row(tensor_bytes: int, forward_s: float, backward_s: float) -> dict:
     return {
         "forward_ms": forward_s * 1e3, "backward_ms": backward_s * 1e3,
@@ -78,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.activation", description=__doc__.split("\n\n")[1])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="a tiny shape (for a CPU check of the script)")
+    parser.add_argument("--mlp", action="store_true", help="also time each activation inside fc1 -> act -> fc2")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -88,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                      **time_references(n, width, device, args.repeats)})
         for variant, act in activation_variants(device).items():
             rows.append({"shape": name, "variant": variant, **time_activation(n, width, device, act, args.repeats)})
+        if args.mlp:
+            for variant, act in activation_variants(device, compiled=False).items():
+                rows.append({"shape": name, "variant": f"{variant} in mlp" + (" compiled" if device.type == "cuda" else ""),
+                             **time_mlp(n, width, device, act, args.repeats, compile=device.type == "cuda")})
     emit({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
           "rows": rows}, args.json)
     return 0

@@ -42,6 +42,12 @@ class Timeline:
     gaps_over_20us_ms: float
     by_kind_ms: dict[str, float] = field(default_factory=dict)
     kernels_by_kind: dict[str, float] = field(default_factory=dict)
+    #: kind -> its ``TOP_KERNELS`` kernel names with the most time: (name, ms, launches).
+    top_kernels: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+
+#: How many kernel names :func:`summarize` lists under each kind.
+TOP_KERNELS = 4
 
 
 def kernel_kind(name: str) -> str:
@@ -62,6 +68,7 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
     end = None
     by_kind: dict[str, float] = {}
     counts: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}  # name -> [microseconds, launches]
     for e in work:
         start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if end is None or start >= end:
@@ -75,6 +82,9 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
         kind = kernel_kind(e.get("name", ""))
         by_kind[kind] = by_kind.get(kind, 0.0) + float(e["dur"])
         counts[kind] = counts.get(kind, 0) + 1
+        totals = by_name.setdefault(e.get("name", ""), [0.0, 0])
+        totals[0] += float(e["dur"])
+        totals[1] += 1
     span = end - float(work[0]["ts"])
     per_step = 1e3 * steps  # microseconds over all steps -> milliseconds per step
     return Timeline(
@@ -82,7 +92,17 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
         idle_ms=(span - busy) / per_step, gaps_over_20us_ms=big_gaps / per_step,
         by_kind_ms={k: v / per_step for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         kernels_by_kind={k: counts[k] / steps for k in counts},
+        top_kernels=_top_kernels(by_name, steps),
     )
+
+
+def _top_kernels(by_name: dict[str, list[float]], steps: int) -> dict[str, list[tuple[str, float, float]]]:
+    top: dict[str, list[tuple[str, float, float]]] = {}
+    for name, (us, launches) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        rows = top.setdefault(kernel_kind(name), [])
+        if len(rows) < TOP_KERNELS:
+            rows.append((name, us / 1e3 / steps, launches / steps))
+    return top
 
 
 def summarize(events: list[dict], steps: int) -> str:
@@ -96,4 +116,6 @@ def summarize(events: list[dict], steps: int) -> str:
     ]
     for kind, ms in t.by_kind_ms.items():
         lines.append(f"  {kind:28s} {ms:8.2f} ms  {t.kernels_by_kind[kind]:6.0f} kernels")
+        for name, kernel_ms, launches in t.top_kernels.get(kind, []):
+            lines.append(f"      {kernel_ms:8.2f} ms  {launches:6.0f} x  {name[:110]}")
     return "\n".join(lines)

@@ -125,7 +125,12 @@ def _run(args: argparse.Namespace) -> None:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM), TFLOP/s
+#: Dense bf16 tensor-core peak in TFLOP/s (NVIDIA's data sheets: half the "with sparsity"
+#: figure) by a substring of the device name, first match wins: the PCIe and NVL boards
+#: run at lower clocks and power than the SXM modules ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+)
 NOMINAL_CPU_TFLOPS = 1.0
 
 
@@ -135,7 +140,7 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float, st
         return override, "given"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_TFLOPS.items():
+        for key, value in PEAK_TFLOPS:
             if key in name:
                 return value, f"{key} dense bf16"
         return float("nan"), f"unknown device {name}: pass --peak-tflops"

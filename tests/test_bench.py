@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from bench.train_step import main as bench_main
 
@@ -97,6 +99,29 @@ def test_mfu_fields_are_consistent(tmp_path, tiny_overrides):
     assert r["mfu"] == pytest.approx(r["flops_per_step"] * per_s / 2.0e12, rel=1e-12)
 
 
+@pytest.mark.parametrize("name, peak, source", [
+    ("NVIDIA H100 80GB HBM3", 989.0, "H100 dense bf16"),
+    ("NVIDIA H100 PCIe", 756.0, "H100 PCIe dense bf16"),
+    ("NVIDIA H100 NVL", 835.0, "H100 NVL dense bf16"),
+    ("NVIDIA H200", 989.0, "H200 dense bf16"),
+    ("NVIDIA H200 NVL", 835.0, "H200 NVL dense bf16"),
+])
+def test_peak_by_device_name(monkeypatch, name, peak, source):
+    from bench.train_step import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda"), None) == (peak, source)
+
+
+def test_unknown_device_has_no_peak_and_says_so(monkeypatch):
+    from bench.train_step import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    value, source = peak_tflops(torch.device("cuda"), None)
+    assert math.isnan(value) and source == "unknown device NVIDIA A100-SXM4-80GB: pass --peak-tflops"
+    assert peak_tflops(torch.device("cuda"), 312.0) == (312.0, "given")
+
+
 def test_report_renders_measured_json_into_the_doc(tmp_path):
     from bench.report import BEGIN, END, update_doc
 
@@ -187,9 +212,20 @@ def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
     assert t.by_kind_ms == pytest.approx(
         {"matmul": 0.005, "optimizer / EMA (foreach)": 0.005, "memset": 0.005, "gelu": 0.004})
     assert list(t.by_kind_ms)[-1] == "gelu"  # largest first
+    assert t.top_kernels["gelu"] == [("triton_poi_fused_gelu_view_1", pytest.approx(0.004), 0.5)]
     text = summarize(events, steps=2)
     assert text.splitlines()[0].endswith("(0.0 ms in gaps over 20 us), 2 kernels")
-    assert "gelu" in text.splitlines()[-1]
+    assert text.splitlines()[-2].startswith("  gelu") and text.splitlines()[-1].split() == [
+        "0.00", "ms", "0", "x", "triton_poi_fused_gelu_view_1"]
+    # Under each kind, the kernels with the most time (summed over launches), at most TOP_KERNELS.
+    from bench.timeline import TOP_KERNELS
+
+    casts = [{"ph": "X", "cat": "kernel", "name": f"triton_poi_fused__to_copy_{i}", "ts": 100 * i, "dur": 10 + i}
+             for i in range(TOP_KERNELS + 2)]
+    casts.append({"ph": "X", "cat": "kernel", "name": "triton_poi_fused__to_copy_0", "ts": 1000, "dur": 30})
+    top = timeline(casts, steps=1).top_kernels["dtype casts and copies"]
+    assert [name[-1] for name, _, _ in top] == ["0", "5", "4", "3"][:TOP_KERNELS]
+    assert top[0][1:] == (pytest.approx(0.040), 2)
     assert timeline(events[:1], steps=1) is None and summarize([], 1) == "GPU timeline: no device activity in the trace"
 
 
@@ -243,12 +279,16 @@ def test_benchmarks_report_bad_input_in_one_line_with_exit_code_2(tmp_path, caps
 def test_activation_benchmark_reports_forward_backward_and_bytes_per_second(capsys):
     from bench.activation import main as activation_main
 
-    assert activation_main(["--small", "--repeats", "2"]) == 0
+    assert activation_main(["--small", "--repeats", "2", "--mlp"]) == 0
     result = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])
     rows = result["rows"]
     assert [(r["shape"], r["variant"]) for r in rows] == [
         ("tiny", "memory reference (neg / add)"), ("tiny", "gelu"), ("tiny", "gelu_tanh"),
+        ("tiny", "gelu in mlp"), ("tiny", "gelu_tanh in mlp"),
     ]
+    for r in rows[3:]:  # fc1 -> act -> fc2: forward, and forward + backward
+        assert set(r) == {"shape", "variant", "forward_ms", "forward_backward_ms"} and r["forward_ms"] > 0
+    rows = rows[:3]
     tensor_bytes = 10 * 16 * 4  # the tiny shape in fp32 on the CPU
     for r in rows:  # forward: one read + one write per element; backward: two reads + one write
         assert r["forward_gb_per_s"] == pytest.approx(2 * tensor_bytes / (r["forward_ms"] / 1e3) / 1e9, rel=1e-9)
