@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -189,11 +190,17 @@ def _spawn(fn, args: tuple) -> None:
     """Run ``fn(rank, *args)`` in 2 processes; fail (and end them) after TIMEOUT_S."""
     context = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s (deadlock?)")
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.terminate()
+                pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s (deadlock?)")
+    except mp.ProcessExitedException as err:
+        # Say how far the ranks got: a crash after the work (in teardown) or during it.
+        out_dir = Path(args[-1])
+        written = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+        raise AssertionError(f"{err}; files the ranks had written in {out_dir}: {written}") from err
 
 
 def _clean_launch_env() -> None:
@@ -342,6 +349,14 @@ def _equivalence_worker(rank: int, port: int, steps_file: str, out_dir: str) -> 
             if rank == 0:
                 torch.save({"model": model_state, "optimizer": optimizer_state}, Path(out_dir) / f"{name}.pt")
         (Path(out_dir) / f"report_{rank}.json").write_text(json.dumps(report))
+        # Teardown: free the wrapped modules and optimizers (they hold the process group and
+        # its pending work) while the interpreter is fully alive, and let both ranks reach
+        # destroy_process_group together. One CI run lost rank 1 to a SIGABRT ("terminate
+        # called without an active exception") somewhere in this test; gloo's teardown racing
+        # the other rank, or at interpreter exit, is the likely place (not reproduced).
+        del model, engine, optimizer
+        gc.collect()
+        distributed.barrier()
     finally:
         distributed.destroy_distributed()
 
@@ -426,6 +441,9 @@ def _cli_worker(rank: int, ports: list[int], runs: list[tuple[str, str]], out_di
             trainer = Trainer(load_config(None, overrides), run_dir)
             loaded = gather_model_state(trainer.engine)
             iteration = trainer.state.iteration
+            del trainer  # teardown as in _equivalence_worker
+            gc.collect()
+            distributed.barrier()
         finally:
             distributed.destroy_distributed()
         if rank == 0:
