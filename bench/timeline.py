@@ -44,6 +44,11 @@ class Timeline:
     kernels_by_kind: dict[str, float] = field(default_factory=dict)
     #: kind -> its ``TOP_KERNELS`` kernel names with the most time: (name, ms, launches).
     top_kernels: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    #: The gaps over 20 us grouped by the kernels before and after them, most idle time
+    #: first, at most ``TOP_KERNELS``: (kernel before, kernel after, host op that launched
+    #: the kernel after, ms, gaps). The host op is the innermost CPU op around the launch
+    #: call, "" when the trace does not link them.
+    top_gaps: list[tuple[str, str, str, float, float]] = field(default_factory=list)
 
 
 #: How many kernel names :func:`summarize` lists under each kind.
@@ -69,11 +74,18 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
     by_kind: dict[str, float] = {}
     counts: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}  # name -> [microseconds, launches]
+    gaps: dict[tuple[str, str], list] = {}  # (before, after) -> [microseconds, count, launching op]
+    last_name = ""
     for e in work:
         start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if end is None or start >= end:
             if end is not None and start - end > 20:
                 big_gaps += start - end
+                key = (last_name, e.get("name", ""))
+                if key not in gaps:
+                    gaps[key] = [0.0, 0, _launching_op(events, e)]
+                gaps[key][0] += start - end
+                gaps[key][1] += 1
             busy += stop - start
             end = stop
         elif stop > end:
@@ -85,6 +97,8 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
         totals = by_name.setdefault(e.get("name", ""), [0.0, 0])
         totals[0] += float(e["dur"])
         totals[1] += 1
+        if stop >= end:
+            last_name = e.get("name", "")
     span = end - float(work[0]["ts"])
     per_step = 1e3 * steps  # microseconds over all steps -> milliseconds per step
     return Timeline(
@@ -93,7 +107,23 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
         by_kind_ms={k: v / per_step for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         kernels_by_kind={k: counts[k] / steps for k in counts},
         top_kernels=_top_kernels(by_name, steps),
+        top_gaps=[(before, after, launcher, us / 1e3 / steps, n / steps) for (before, after), (us, n, launcher)
+                  in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]],
     )
+
+
+def _launching_op(events: list[dict], kernel: dict) -> str:
+    """Name of the innermost CPU op around the runtime call that launched ``kernel``
+    (linked by ``args.correlation``), or ""."""
+    correlation = kernel.get("args", {}).get("correlation")
+    launch = next((e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"
+                   and e.get("args", {}).get("correlation") == correlation), None) if correlation is not None else None
+    if launch is None:
+        return ""
+    t, tid = float(launch["ts"]), launch.get("tid")
+    around = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op" and e.get("tid") == tid
+              and float(e["ts"]) <= t <= float(e["ts"]) + float(e["dur"])]
+    return min(around, key=lambda e: float(e["dur"]))["name"] if around else ""
 
 
 def _top_kernels(by_name: dict[str, list[float]], steps: int) -> dict[str, list[tuple[str, float, float]]]:
@@ -118,4 +148,9 @@ def summarize(events: list[dict], steps: int) -> str:
         lines.append(f"  {kind:28s} {ms:8.2f} ms  {t.kernels_by_kind[kind]:6.0f} kernels")
         for name, kernel_ms, launches in t.top_kernels.get(kind, []):
             lines.append(f"      {kernel_ms:8.2f} ms  {launches:6.0f} x  {name[:110]}")
+    if t.top_gaps:
+        lines.append("  gaps over 20 us, by the kernels around them")
+        for before, after, launcher, gap_ms, count in t.top_gaps:
+            lines.append(f"      {gap_ms:8.2f} ms  {count:6.1f} x  after {before[:60]}  before {after[:60]}"
+                         + (f" (launched from {launcher})" if launcher else ""))
     return "\n".join(lines)

@@ -194,7 +194,15 @@ def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},  # host side: ignored
         {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_192x192", "ts": 0, "dur": 10},
         {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_gelu_view_1", "ts": 12, "dur": 8},  # 2 us gap
-        {"ph": "X", "cat": "kernel", "name": "void at::native::multi_tensor_apply_kernel", "ts": 50, "dur": 10},  # 30 us gap
+        {"ph": "X", "cat": "kernel", "name": "void at::native::multi_tensor_apply_kernel", "ts": 50, "dur": 10,
+         "args": {"correlation": 7}},  # 30 us gap
+        # The host side of that kernel: its launch call (same correlation) inside two CPU ops
+        # of thread 1, and an op of another thread at the same time that must not count.
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 40, "dur": 3, "tid": 1,
+         "args": {"correlation": 7}},
+        {"ph": "X", "cat": "cpu_op", "name": "Optimizer.step#AdamW.step", "ts": 30, "dur": 20, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::_fused_adamw_", "ts": 38, "dur": 8, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::other_thread", "ts": 39, "dur": 2, "tid": 2},
         {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 55, "dur": 10},  # overlaps by 5 us
     ]
     from bench.timeline import kernel_kind
@@ -213,10 +221,15 @@ def test_timeline_busy_idle_and_kernel_kinds_from_a_trace():
         {"matmul": 0.005, "optimizer / EMA (foreach)": 0.005, "memset": 0.005, "gelu": 0.004})
     assert list(t.by_kind_ms)[-1] == "gelu"  # largest first
     assert t.top_kernels["gelu"] == [("triton_poi_fused_gelu_view_1", pytest.approx(0.004), 0.5)]
-    text = summarize(events, steps=2)
-    assert text.splitlines()[0].endswith("(0.0 ms in gaps over 20 us), 2 kernels")
-    assert text.splitlines()[-2].startswith("  gelu") and text.splitlines()[-1].split() == [
-        "0.00", "ms", "0", "x", "triton_poi_fused_gelu_view_1"]
+    # The 30 us gap: after the GELU kernel, before the optimizer's, launched from the fused AdamW op.
+    assert t.top_gaps == [("triton_poi_fused_gelu_view_1", "void at::native::multi_tensor_apply_kernel",
+                           "aten::_fused_adamw_", pytest.approx(0.015), 0.5)]
+    text = summarize(events, steps=2).splitlines()
+    assert text[0].endswith("(0.0 ms in gaps over 20 us), 2 kernels")
+    assert text[-4].startswith("  gelu") and text[-3].split() == ["0.00", "ms", "0", "x", "triton_poi_fused_gelu_view_1"]
+    assert text[-2] == "  gaps over 20 us, by the kernels around them"
+    assert text[-1].split() == ["0.01", "ms", "0.5", "x", "after", "triton_poi_fused_gelu_view_1", "before", "void",
+                                "at::native::multi_tensor_apply_kernel", "(launched", "from", "aten::_fused_adamw_)"]
     # Under each kind, the kernels with the most time (summed over launches), at most TOP_KERNELS.
     from bench.timeline import TOP_KERNELS
 
