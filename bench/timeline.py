@@ -74,7 +74,7 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
     by_kind: dict[str, float] = {}
     counts: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}  # name -> [microseconds, launches]
-    gaps: dict[tuple[str, str], list] = {}  # (before, after) -> [microseconds, count, launching op]
+    gaps: dict[tuple[str, str], list] = {}  # (before, after) -> [microseconds, count, kernel after]
     last_name = ""
     for e in work:
         start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
@@ -83,7 +83,7 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
                 big_gaps += start - end
                 key = (last_name, e.get("name", ""))
                 if key not in gaps:
-                    gaps[key] = [0.0, 0, _launching_op(events, e)]
+                    gaps[key] = [0.0, 0, e]  # the first kernel after such a gap
                 gaps[key][0] += start - end
                 gaps[key][1] += 1
             busy += stop - start
@@ -107,8 +107,8 @@ def timeline(events: list[dict], steps: int) -> Timeline | None:
         by_kind_ms={k: v / per_step for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         kernels_by_kind={k: counts[k] / steps for k in counts},
         top_kernels=_top_kernels(by_name, steps),
-        top_gaps=[(before, after, launcher, us / 1e3 / steps, n / steps) for (before, after), (us, n, launcher)
-                  in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]],
+        top_gaps=[(before, after, _launching_op(events, kernel), us / 1e3 / steps, n / steps)
+                  for (before, after), (us, n, kernel) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]],
     )
 
 
