@@ -1,0 +1,131 @@
+"""``python -m bench.drop_path [--rate 0.4] [--repeats 20] [--json FILE]``
+
+Forward + backward time of one transformer block of a ViT-S/14 and a ViT-L/14 training
+step (bf16 autocast and compiled on a GPU, as ``compute.compile=forward`` runs it) with
+stochastic depth done three ways:
+
+* ``sample``: every branch on every crop, dropped crops multiplied by zero;
+* ``subset index_put``: the model's ``student.drop_path_mode=subset``
+  (:func:`~dinov2_hier.models.vision_transformer.add_on_subset`): each branch on a random
+  ``1 - rate`` share of the crops, written back with ``index_put``. Its backward builds
+  full-size zero tensors and scatters into them (about 3 ms of a ViT-L step on an H200,
+  ``docs/performance.md``, seventh pass);
+* ``subset permute``: the same update (same crops, same values) written as a row
+  permutation: gather the crops in a random order, run the branch on the leading ``kept``
+  rows, gather back with the inverse permutation. Each gather's backward is the other
+  gather, so the backward has no zero tensors and no scatter. An experiment the model does
+  not use (yet): this benchmark decides whether it should.
+
+On a CPU it runs eagerly in fp32 on a small shape (``--small``), to check the script.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bench.report import emit
+from bench.timing import mean_seconds
+from dinov2_hier.models.vision_transformer import Block
+
+# (crops per step, tokens, width, heads) of one block
+SHAPES = {"vit_small_b128": (256, 257, 384, 6), "vit_large_b64": (128, 257, 1024, 16)}
+SMALL_SHAPES = {"tiny": (8, 5, 32, 2)}
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[index]`` along dim 0 for a permutation ``index`` whose inverse is ``inverse``;
+    the backward is the gather ``grad[inverse]`` instead of a scatter into zeros."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def add_on_subset_permute(x: Tensor, branch: Callable[[Tensor], Tensor], rate: float) -> Tensor:
+    """What ``add_on_subset(x, branch, rate)`` computes, for the same random draw (one
+    ``torch.rand(n)``, so the same crops under the same seed): ``x [n, ...]`` with
+    ``branch`` added, scaled by ``n / kept``, on ``kept = max(floor(n * (1 - rate)), 1)``
+    crops, through two permutation gathers instead of an ``index_put``."""
+    n = x.shape[0]
+    kept = max(int(n * (1.0 - rate)), 1)
+    order = torch.rand(n, device=x.device).argsort()
+    inverse = order.argsort()
+    shuffled = _GatherRows.apply(x, order, inverse)
+    head = shuffled[:kept]
+    updated = torch.cat([head + branch(head).to(x.dtype) * (n / kept), shuffled[kept:]])
+    return _GatherRows.apply(updated, inverse, order)
+
+
+class PermuteSubsetBlock(Block):
+    """:class:`Block` whose ``subset`` mode adds its branches with :func:`add_on_subset_permute`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_path_mode == "subset" and self.training and self.drop_path.rate > 0:
+            x = add_on_subset_permute(x, lambda t: self.ls1(self.attn(self.norm1(t))), self.drop_path.rate)
+            return add_on_subset_permute(x, lambda t: self.ls2(self.mlp(self.norm2(t))), self.drop_path.rate)
+        return super().forward(x)
+
+
+def make_block(width: int, heads: int, rate: float, variant: str, device: torch.device) -> Block:
+    """A training-mode block (LayerScale 1e-5, qkv bias) with ``variant``'s drop path."""
+    cls = PermuteSubsetBlock if variant == "subset permute" else Block
+    block = cls(width, heads, 4.0, True, "mlp", rate, 1e-5).to(device).train()
+    block.drop_path_mode = "sample" if variant == "sample" else "subset"
+    return block
+
+
+VARIANTS = ("sample", "subset index_put", "subset permute")
+
+
+def time_block(shape: tuple[int, int, int, int], rate: float, variant: str, device: torch.device, repeats: int) -> dict:
+    """Milliseconds of one forward + backward of the block on ``x [crops, tokens, width]``
+    (bf16 under autocast, compiled, on a GPU; fp32 eager on a CPU)."""
+    crops, tokens, width, heads = shape
+    block = make_block(width, heads, rate, variant, device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    x = torch.randn(crops, tokens, width, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    run = torch.compile(block) if on_gpu else block
+    params = list(block.parameters())
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            out = run(x)
+        return torch.autograd.grad(out, [x, *params], grad)
+
+    return {"forward_backward_ms": mean_seconds(step, device, repeats) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.drop_path", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--rate", type=float, default=0.4, help="drop-path rate of the block (ViT-L's last: 0.4)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--small", action="store_true", help="a tiny shape (for a CPU check of the script)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rows = []
+    for name, shape in (SMALL_SHAPES if args.small else SHAPES).items():
+        for variant in VARIANTS:
+            rows.append({"shape": name, "variant": variant, "rate": args.rate,
+                         **time_block(shape, args.rate, variant, device, args.repeats)})
+    emit({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+          "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
