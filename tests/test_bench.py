@@ -311,19 +311,19 @@ def test_activation_benchmark_reports_forward_backward_and_bytes_per_second(caps
             assert r["backward_gb_per_s"] is None
 
 
-def test_permuted_subset_adds_the_same_update_as_the_models_index_put():
-    from bench.drop_path import add_on_subset_permute
+def test_models_permuted_subset_adds_the_same_update_as_the_index_put_form():
+    from bench.drop_path import add_on_subset_index_put
     from dinov2_hier.models.vision_transformer import add_on_subset
 
     # A constant branch: kept = floor(8 * 0.6) = 4 rows get + 8 / 4 = 2, the others nothing.
     x = torch.randn(8, 3, dtype=torch.float64)
     torch.manual_seed(3)
-    out = add_on_subset_permute(x, lambda t: torch.ones_like(t), 0.4)
+    out = add_on_subset(x, lambda t: torch.ones_like(t), 0.4)
     assert sorted((out - x)[:, 0].tolist()) == pytest.approx([0.0] * 4 + [2.0] * 4)
     # A learnable branch: same crops (same draw under the same seed), same values and gradients.
     branch = torch.nn.Linear(3, 3).double()
     results = []
-    for fn in (add_on_subset, add_on_subset_permute):
+    for fn in (add_on_subset_index_put, add_on_subset):
         xg = x.clone().requires_grad_(True)
         torch.manual_seed(3)
         y = fn(xg, lambda t: torch.tanh(branch(t)), 0.4)
@@ -341,7 +341,7 @@ def test_drop_path_benchmark_times_the_three_variants_on_a_small_block(capsys):
     from bench.drop_path import VARIANTS, make_block
     from bench.drop_path import main as drop_path_main
 
-    # The permuted block computes what the model's subset block does (same weights, same seed).
+    # The index_put block computes what the model's subset block does (same weights, same seed).
     blocks = [make_block(16, 2, 0.5, v, torch.device("cpu")).double() for v in ("subset index_put", "subset permute")]
     blocks[1].load_state_dict(blocks[0].state_dict())
     x = torch.randn(6, 5, 16, dtype=torch.float64)

@@ -362,23 +362,37 @@ def test_add_on_subset_runs_the_branch_on_the_kept_rows_and_scales_them() -> Non
     assert int((add_on_subset(torch.zeros(4, 2), torch.ones_like, rate=0.99) == 4.0).all(dim=1).sum()) == 1
 
 
-def test_add_on_subset_traces_to_ops_that_inductor_generates() -> None:
-    """No randperm (an ATen call with host work every time) and no index_add (ATen's atomic
-    kernel for bf16 on CUDA: 10 ms of a ViT-L step): uniform draws, a sort and an index_put."""
+def test_add_on_subset_traces_to_gathers_without_scatters_or_atomics() -> None:
+    """Forward: uniform draws, a sort and gathers; no randperm (an ATen call with host work
+    every time) and no index_add (ATen's atomic kernel for bf16 on CUDA: 10 ms of a ViT-L
+    step). Backward: gathers again, no zero tensor scattered into (index_put's backward)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     from dinov2_hier.models.vision_transformer import add_on_subset
 
-    graphs = []
+    graphs: dict[str, list] = {"forward": [], "backward": []}
 
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
+    def capture(which: str):
+        def compiler(graph_module, example_inputs):
+            graphs[which].append(graph_module)
+            return make_boxed_func(graph_module.forward)
+
+        return compiler
 
     torch._dynamo.reset()
-    fn = torch.compile(lambda t: add_on_subset(t, torch.tanh, rate=0.5), backend=capture, fullgraph=True)
-    fn(torch.randn(8, 3))
-    called = {getattr(n.target, "__name__", str(n.target)) for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")}
-    assert {"rand", "argsort", "index_put"} <= called
-    assert not called & {"randperm", "index_add", "index_add_"}
+    backend = aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward"))
+    fn = torch.compile(lambda t: add_on_subset(t, torch.tanh, rate=0.5), backend=backend, fullgraph=True)
+    fn(torch.randn(8, 3, requires_grad=True)).sum().backward()
+    called = {
+        which: {n.target.__name__.split(".")[0] for n in found[0].graph.nodes if n.op == "call_function"}
+        for which, found in graphs.items()
+    }
+    assert {"rand", "sort", "index"} <= called["forward"]
+    assert "index" in called["backward"]
+    banned = {"randperm", "index_add", "index_put", "scatter", "scatter_add", "slice_scatter", "slice_backward",
+              "zeros", "new_zeros", "full"}
+    assert not (called["forward"] | called["backward"]) & banned
 
 
 def test_add_on_subset_has_the_expectation_of_the_full_branch() -> None:

@@ -75,21 +75,44 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask.div_(keep)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[order]`` along dim 0 for a permutation ``order`` whose inverse is ``inverse``.
+
+    Autograd's backward of an index is a scatter into a zero tensor of ``x``'s size; for a
+    permutation the gather ``grad[inverse]`` gives the same gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 def add_on_subset(x: Tensor, branch: Callable[[Tensor], Tensor], rate: float) -> Tensor:
     """``x + branch(x)`` with stochastic depth by batch subset (DINOv2's
-    ``drop_add_residual_stochastic_depth``): ``branch`` runs only on ``max(floor(n * (1 -
-    rate)), 1)`` rows of ``x [n, ...]`` drawn without replacement, whose results are added
-    back scaled by ``n / kept``; the other rows skip the branch. The expectation equals
-    per-sample drop path's, and the branch costs ``kept / n`` of its FLOPs."""
+    ``drop_add_residual_stochastic_depth``): ``branch`` runs only on ``kept = max(floor(n *
+    (1 - rate)), 1)`` rows of ``x [n, ...]`` drawn without replacement, whose results are
+    added back scaled by ``n / kept``; the other rows skip the branch. The expectation
+    equals per-sample drop path's, and the branch costs ``kept / n`` of its FLOPs.
+
+    Written as a row permutation: shuffle the rows, update the leading ``kept``, shuffle
+    back. Each shuffle's backward is the other shuffle, where a gather + ``index_put``
+    would scatter into full-size zero tensors in the backward; on an H200 the shipped ViT-L
+    step ran 3.7% faster this way (``docs/performance.md``, eighth pass).
+    """
     n = x.shape[0]
     kept = max(int(n * (1.0 - rate)), 1)
     # A random permutation as the argsort of uniform draws: torch.compile generates both on
     # the device, where randperm stays an ATen call with host-side work on every call.
-    rows = torch.rand(n, device=x.device).argsort()[:kept]
-    subset = x[rows]
-    # Writing distinct rows needs no atomics, so Inductor fuses this index_put; index_add
-    # on bf16 falls back to ATen's atomic kernel (10 ms of a ViT-L step on an H200).
-    return x.index_put((rows,), subset + branch(subset).to(x.dtype) * (n / kept))
+    order = torch.rand(n, device=x.device).argsort()
+    inverse = order.argsort()
+    head, tail = _GatherRows.apply(x, order, inverse).split([kept, n - kept])
+    updated = torch.cat([head + branch(head).to(x.dtype) * (n / kept), tail])
+    return _GatherRows.apply(updated, inverse, order)
 
 
 class DropPath(nn.Module):
