@@ -118,6 +118,7 @@ def _run(args: argparse.Namespace) -> None:
             eager = _measure(args, info, [*args.overrides, "compute.dtype=fp32", "compute.compile=none"])
             result["eager_fp32"] = {k: eager[k] for k in ("images_per_s", "step_s_median", "peak_mem_gib", "mfu")}
             result["speedup_vs_eager_fp32"] = result["images_per_s"] / eager["images_per_s"]
+        distributed.settle_before_destroy()  # the measured engines are gone with _measure
     finally:
         distributed.destroy_distributed()
     if info.is_main:

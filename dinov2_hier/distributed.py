@@ -21,6 +21,7 @@ batch step, not the workers torchrun spawned.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -282,6 +283,15 @@ def destroy_distributed() -> None:
     """Destroy the default process group if there is one (safe to call always)."""
     if is_enabled():
         dist.destroy_process_group()
+
+
+def settle_before_destroy() -> None:
+    """Collect the garbage (the caller has just dropped its DDP / FSDP wrappers, whose
+    communication state must go before the group does) and wait for every rank, so no rank
+    destroys the process group while another still uses it. Call it on the normal path
+    just before :func:`destroy_distributed`; after an error the other ranks may be gone."""
+    gc.collect()
+    barrier()
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import gc
 import json
 import os
 import shutil
@@ -355,8 +354,7 @@ def _equivalence_worker(rank: int, port: int, steps_file: str, out_dir: str) -> 
         # called without an active exception") somewhere in this test; gloo's teardown racing
         # the other rank, or at interpreter exit, is the likely place (not reproduced).
         del model, engine, optimizer
-        gc.collect()
-        distributed.barrier()
+        distributed.settle_before_destroy()
     finally:
         distributed.destroy_distributed()
 
@@ -442,8 +440,7 @@ def _cli_worker(rank: int, ports: list[int], runs: list[tuple[str, str]], out_di
             loaded = gather_model_state(trainer.engine)
             iteration = trainer.state.iteration
             del trainer  # teardown as in _equivalence_worker
-            gc.collect()
-            distributed.barrier()
+            distributed.settle_before_destroy()
         finally:
             distributed.destroy_distributed()
         if rank == 0:

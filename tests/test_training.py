@@ -161,6 +161,45 @@ def test_pretrained_weights_initialise_student_and_teacher(tmp_path, tiny_overri
         assert torch.equal(trainer.model.teacher["backbone"].state_dict()[key], value), key
 
 
+def test_cli_frees_the_trainer_and_waits_for_the_ranks_before_destroying_the_group(tmp_path, monkeypatch):
+    """A rank must not tear down the process group while its DDP / FSDP wrappers are alive
+    or another rank still runs: normal path, trainer freed -> settle (gc + barrier) -> destroy; on an
+    error the other ranks may be gone, so no barrier, and the group is destroyed anyway."""
+    import weakref
+
+    import dinov2_hier.train.__main__ as cli
+    import dinov2_hier.train.loop as loop
+    from dinov2_hier.train.loop import RunState
+
+    events: list[tuple[str, bool]] = []
+    alive = []
+
+    class FakeTrainer:
+        fail = False
+
+        def __init__(self, cfg, output_dir, resume=True):
+            alive.append(weakref.ref(self))
+
+        def run(self, stop_at=None, should_stop=None):
+            if FakeTrainer.fail:
+                raise RuntimeError("boom")
+            return RunState()
+
+    def trainer_alive() -> bool:
+        return alive[-1]() is not None
+
+    monkeypatch.setattr(loop, "Trainer", FakeTrainer)
+    monkeypatch.setattr(cli, "settle_before_destroy", lambda: events.append(("settle", trainer_alive())))
+    monkeypatch.setattr(cli, "destroy_distributed", lambda: events.append(("destroy", trainer_alive())))
+    assert train_main(["--output-dir", str(tmp_path / "ok")]) == 0
+    assert events == [("settle", False), ("destroy", False)]
+    events.clear()
+    FakeTrainer.fail = True
+    with pytest.raises(RuntimeError, match="boom"):  # not a user error: the traceback stays
+        train_main(["--output-dir", str(tmp_path / "fails")])
+    assert [name for name, _ in events] == ["destroy"]
+
+
 def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert train_main(["--output-dir", str(tmp_path / "a"), "train.iteratons=3"]) == 2
     assert "train.iteratons" in capsys.readouterr().err

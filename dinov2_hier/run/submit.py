@@ -342,6 +342,8 @@ class TrainingJob:
                 logger.warning(
                     "stopped at iteration %d (%s); the next start resumes from %s", state.iteration, stop.reason, out
                 )
+            del trainer  # its DDP / FSDP wrappers go before the process group does
+            distributed.settle_before_destroy()
             return {
                 "output_dir": str(out),
                 "rank": info.rank,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli import register_user_errors, run_cli, setup_logging
 from ..config import load_config
-from ..distributed import DistributedSetupError, destroy_distributed, init_distributed
+from ..distributed import DistributedSetupError, destroy_distributed, init_distributed, settle_before_destroy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                          state.iteration, args.output_dir)
             else:
                 log.info("done: %s", args.output_dir)
+            del trainer  # its DDP / FSDP wrappers go before the process group does
+            settle_before_destroy()
         finally:
             destroy_distributed()
 
