@@ -163,8 +163,8 @@ def test_pretrained_weights_initialise_student_and_teacher(tmp_path, tiny_overri
 
 def test_cli_frees_the_trainer_and_waits_for_the_ranks_before_destroying_the_group(tmp_path, monkeypatch):
     """A rank must not tear down the process group while its DDP / FSDP wrappers are alive
-    or another rank still runs: normal path, trainer freed -> settle (gc + barrier) -> destroy; on an
-    error the other ranks may be gone, so no barrier, and the group is destroyed anyway."""
+    or another rank still runs. Normal path: trainer freed, then settle (gc + barrier), then
+    destroy. On an error the other ranks may be gone: no barrier, the group is destroyed."""
     import weakref
 
     import dinov2_hier.train.__main__ as cli
