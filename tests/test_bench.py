@@ -179,6 +179,48 @@ def test_attention_benchmark_reports_each_shape_token_count_and_backend(capsys):
         assert r["tflops_per_s"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12, rel=1e-9)
 
 
+def test_attention_benchmark_packed_rows_and_variant_filter(capsys):
+    from bench.attention import main as attention_main
+
+    assert attention_main(["--small", "--repeats", "2", "--tokens", "9", "--packed", "--variants", "default"]) == 0
+    (row,) = json.loads(capsys.readouterr().out.split("measured: ", 1)[1])["rows"]
+    assert (row["shape"], row["tokens"], row["backend"], row["packed"]) == ("tiny", 9, "default", True)
+    assert row["tflops_per_s"] == pytest.approx(4 * 2 * 2 * 81 * 16 * 3 / (row["ms"] / 1e3) / 1e12, rel=1e-9)
+
+
+def test_attention_benchmark_rejects_an_unknown_variant(capsys):
+    from bench.attention import main as attention_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        attention_main(["--small", "--variants", "default", "flexx"])
+    assert exit_info.value.code == 2
+    assert "unknown variants ['flexx']" in capsys.readouterr().err
+
+
+def test_attention_benchmark_packed_split_is_the_model_attention():
+    """``--packed`` times q, k, v cut from one qkv tensor exactly as ``Attention.forward``
+    cuts them: the same output and the same gradient of the qkv tensor."""
+    import torch.nn.functional as F
+
+    from bench.attention import timed_function
+    from dinov2_hier.models.vision_transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(dim=32, num_heads=2).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    qkv = attn.qkv(x).detach().requires_grad_(True)
+    out = timed_function(F.scaled_dot_product_attention, packed=True, heads=2)(qkv)  # [n, heads, T, head_dim]
+    model_out = attn(x)
+    assert torch.allclose(attn.proj(out.transpose(1, 2).reshape(2, 9, 32)), model_out, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # the same gradient through the model's own split of its qkv output
+    qkv_ref = attn.qkv(x).detach().requires_grad_(True)
+    q, k, v = qkv_ref.reshape(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    F.scaled_dot_product_attention(q, k, v).backward(grad)
+    assert torch.allclose(qkv.grad, qkv_ref.grad, atol=1e-12)
+
+
 def test_host_sync_sites_are_written_without_machine_prefixes():
     from bench.train_step import PROJECT_ROOT, _short_path
 
