@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from bench.lse_merge import lse_merge_attention
 from bench.report import emit
 from bench.timing import mean_seconds
+from dinov2_hier.models.vision_transformer import split_qkv
 
 # (rows of q = crops per step, heads, head size) of one block's attention
 SHAPES = {"vit_small_b128": (256, 6, 64), "vit_large_b64": (128, 16, 64)}
@@ -96,18 +97,12 @@ class _Compiled:
         return torch.compile(outer, fullgraph=True, mode=self.mode, dynamic=False)
 
 
-def packed_split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[n, tokens, 3 x heads x head_dim]`` -> q, k, v ``[n, heads, tokens, head_dim]``,
-    views in the model's layout (``Attention.forward``)."""
-    n, tokens, width = qkv.shape
-    return qkv.reshape(n, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def timed_function(fn, packed: bool, heads: int):
     """The function of the timed tensors: ``fn(q, k, v)``, or with ``packed`` ``fn`` of the
-    split of one ``qkv`` tensor; compiled whole when ``fn`` is marked ``_Compiled``."""
+    split of one ``qkv`` tensor (the model's ``split_qkv``); compiled whole when ``fn`` is
+    marked ``_Compiled``."""
     inner = fn.fn if isinstance(fn, _Compiled) else fn
-    outer = (lambda qkv: inner(*packed_split(qkv, heads))) if packed else inner
+    outer = (lambda qkv: inner(*split_qkv(qkv, heads))) if packed else inner
     return fn.wrap(outer) if isinstance(fn, _Compiled) else outer
 
 

@@ -198,8 +198,9 @@ def test_attention_benchmark_rejects_an_unknown_variant(capsys):
 
 
 def test_attention_benchmark_packed_split_is_the_model_attention():
-    """``--packed`` times q, k, v cut from one qkv tensor exactly as ``Attention.forward``
-    cuts them: the same output and the same gradient of the qkv tensor."""
+    """``--packed`` times q, k, v cut from one qkv tensor as ``Attention.forward`` cuts
+    them (features laid out ``(3, heads, head_dim)``): the model's output, and the gradient
+    of the qkv tensor of a split written out by hand."""
     import torch.nn.functional as F
 
     from bench.attention import timed_function

@@ -174,6 +174,13 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
+def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``[n, T, 3 * D]`` with features laid out as ``(3, heads, head_dim)`` (DINOv2's order)
+    -> q, k, v, each a view ``[n, heads, T, head_dim]`` of ``qkv``."""
+    n, t, width = qkv.shape
+    return qkv.reshape(n, t, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention ``[n, T, D] -> [n, T, D]``.
 
@@ -188,8 +195,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, T, head_dim]
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
