@@ -199,8 +199,8 @@ def test_attention_benchmark_rejects_an_unknown_variant(capsys):
 
 def test_attention_benchmark_packed_split_is_the_model_attention():
     """``--packed`` times q, k, v cut from one qkv tensor as ``Attention.forward`` cuts
-    them (features laid out ``(3, heads, head_dim)``): the model's output, and the gradient
-    of the qkv tensor of a split written out by hand."""
+    them: the model's output, and the gradient of the qkv tensor of q, k, v sliced out by
+    hand from DINOv2's feature order ``(3, heads, head_dim)``."""
     import torch.nn.functional as F
 
     from bench.attention import timed_function
@@ -215,9 +215,10 @@ def test_attention_benchmark_packed_split_is_the_model_attention():
     assert torch.allclose(attn.proj(out.transpose(1, 2).reshape(2, 9, 32)), model_out, atol=1e-12)
     grad = torch.randn_like(out)
     out.backward(grad)
-    # the same gradient through the model's own split of its qkv output
+    # feature j * 32 + h * 16 + c of a token is channel c of head h of q (j=0), k (1), v (2)
     qkv_ref = attn.qkv(x).detach().requires_grad_(True)
-    q, k, v = qkv_ref.reshape(2, 9, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = (torch.stack([qkv_ref[..., j * 32 + h * 16:j * 32 + (h + 1) * 16] for h in range(2)], dim=1)
+               for j in range(3))
     F.scaled_dot_product_attention(q, k, v).backward(grad)
     assert torch.allclose(qkv.grad, qkv_ref.grad, atol=1e-12)
 
