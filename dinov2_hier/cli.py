@@ -1,8 +1,8 @@
 """Shared plumbing of the command-line faces: logging set-up and exit codes.
 
 Exit codes: 0 success, 2 a user error (bad config, tree, manifest, label, checkpoint or
-path: one message, no traceback), 3 training stopped on repeated non-finite losses or
-too many unreadable images, 1 anything else (a bug: the traceback is printed).
+path: one message, no traceback), 3 training stopped on repeated non-finite losses,
+too many unreadable images or a collapse (``train.stop_on_collapse``), 1 anything else (a bug: the traceback is printed).
 """
 from __future__ import annotations
 
@@ -48,9 +48,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def aborted_types() -> tuple[type[BaseException], ...]:
     from .data import TooManyUnreadableImages
+    from .train.collapse import CollapseError
     from .train.loop import NonFiniteLossError
 
-    return (NonFiniteLossError, TooManyUnreadableImages)
+    return (NonFiniteLossError, TooManyUnreadableImages, CollapseError)
 
 
 def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from dinov2_hier.cli import register_user_errors, run_cli, setup_logging
 from dinov2_hier.io import atomic_write_text
 
+from .baselines import is_baseline
 from .bootstrap import PredictionTableError
 from .crossval import EvalDataError
 from .report import (
@@ -101,7 +102,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", required=True,
                    help="training checkpoint (checkpoints/ckpt_*.pt), teacher_backbone.pt, DINOv2/DinoBloom "
                         "weights (with --arch), a training output directory (every checkpoint, in iteration "
-                        "order), or 'none' (untrained --arch baseline)")
+                        "order), 'none' (untrained --arch baseline) or 'baseline:colour' (colour histogram + "
+                        "16x16 grey pixels: the floor a pretrained model must clear)")
     g.add_argument("--arch", default=None,
                    help="backbone architecture (vit_tiny|vit_small|vit_base|vit_large|vit_giant2); required for "
                         "--ckpt none and foreign weights, checked against a dinov2_hier checkpoint otherwise")
@@ -291,7 +293,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if unseen:
             log.warning("test classes absent from the training data (never predicted): %s", ", ".join(unseen))
 
-    multi = str(args.ckpt).strip().lower() != "none" and Path(args.ckpt).expanduser().is_dir()
+    multi = str(args.ckpt).strip().lower() != "none" and not is_baseline(args.ckpt) and Path(args.ckpt).expanduser().is_dir()
     probes = build_probes(args, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,6 +413,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
             "feature_cache": str(fs.cache_path) if fs.cache_path else None, "features_from_cache": fs.from_cache,
         },
         "timings": {"load_s": t_loaded - t_start, "features_s": t_features - t_loaded, "probes_s": probe_s},
+        "training": _training_status(ckpt, meta.get("iteration")),
     }
     write_metrics_json(target, summary, extra)
     write_predictions_csv(target, sample, paths, fold_of, y_test.tolist(), predictions)
@@ -419,6 +422,26 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
         table = PredictionTable(sample, paths, fold_of, y_test, predictions)
         write_report_html(target, metrics, table, features=X[test_rows], hierarchy=hierarchy, seed=args.seed)
     return {"name": name, "checkpoint": ckpt, "output_dir": str(target), "metrics": metrics}
+
+
+def _training_status(ckpt: str, iteration: Any) -> dict | None:
+    """Whether the training run of ``ckpt`` had collapsed by the checkpoint's iteration
+    (:func:`dinov2_hier.train.collapse.run_collapse_status`); None for files outside a
+    training run directory and for baselines. A collapse is also logged as a warning."""
+    from dinov2_hier.train.collapse import run_collapse_status, run_dir_of
+
+    if is_baseline(ckpt) or str(ckpt).strip().lower() == "none":
+        return None
+    run = run_dir_of(ckpt)
+    if run is None:
+        return None
+    status = run_collapse_status(run, int(iteration) if iteration is not None else None)
+    if status is not None:
+        status["run_dir"] = str(run)
+        if status["collapsed"]:
+            log.warning("%s: its training run had collapsed (detected at iteration %s): DINO/iBOT taught it "
+                        "nothing; see docs/training-dynamics.md", ckpt, status["detected_at_iteration"])
+    return status
 
 
 def _selection_probe(probe_names: Sequence[str]) -> str:

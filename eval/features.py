@@ -16,6 +16,7 @@ counted and logged once; the caller excludes such rows from the probes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ from dinov2_hier.train.checkpoint import (
     load_model_state,
 )
 
+from .baselines import BASELINES, PREFIX, baseline_name, is_baseline
 from .crossval import EvalDataError
 
 __all__ = [
@@ -104,7 +106,7 @@ class EvalBackbone:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(itertools.chain(self.model.parameters(), self.model.buffers())).device
 
 
 def _file_sha256(path: Path) -> str:
@@ -262,14 +264,17 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
 
     ``ckpt``: a ``teacher_backbone.pt`` (``{"model", "meta"}``), a training checkpoint
     (teacher weights ``teacher.backbone.*`` of ``"model"``, architecture and normalisation
-    from its ``"config"``), a DINOv2/DinoBloom weights file (needs ``arch``), or ``"none"``:
+    from its ``"config"``), a DINOv2/DinoBloom weights file (needs ``arch``), ``"none"``:
     an untrained ``arch`` backbone at 224 px with ImageNet normalisation, initialised under
-    ``torch.manual_seed(seed)`` without touching the global RNG.
+    ``torch.manual_seed(seed)`` without touching the global RNG, or ``"baseline:NAME"``: a
+    non-learned extractor of :mod:`eval.baselines` (``baseline:colour``).
 
     ``arch`` given for a dinov2_hier checkpoint overrides the recorded one; a checkpoint
     whose weights do not fit raises :class:`CheckpointError` naming the file, both
     architectures and the first mismatching key (never a partial load).
     """
+    if is_baseline(ckpt):
+        return _baseline(ckpt, device)
     if str(ckpt).strip().lower() == "none":
         if not arch:
             raise CheckpointError("an untrained baseline (--ckpt none) needs an architecture (--arch vit_small, ...)")
@@ -302,16 +307,36 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
     return _finish(model, meta, str(path), _file_sha256(path), device)
 
 
+def _baseline_name(ckpt: object) -> str:
+    try:
+        return baseline_name(ckpt)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _baseline(ckpt: object, device: Any) -> EvalBackbone:
+    """A non-learned extractor (:mod:`eval.baselines`) with ImageNet normalisation at
+    224 px (``--crop-size`` changes it); patch size 1, so any crop size fits."""
+    name = _baseline_name(ckpt)
+    model = BASELINES[name](IMAGENET_MEAN, IMAGENET_STD)
+    meta = {"arch": f"{PREFIX}{name}", "patch_size": 1, "img_size": 224, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "num_register_tokens": 0, "iteration": None}
+    return _finish(model, meta, f"{PREFIX}{name}", f"{PREFIX}{name}:v1", device)
+
+
 def resolve_checkpoints(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(name, ckpt)`` pairs to evaluate for a ``--ckpt`` argument.
 
-    ``"none"`` -> ``[("untrained", "none")]``; a file -> ``[(stem, path)]``; a training
+    ``"none"`` -> ``[("untrained", "none")]``; ``"baseline:colour"`` ->
+    ``[("baseline_colour", "baseline:colour")]``; a file -> ``[(stem, path)]``; a training
     output directory -> every ``checkpoints/ckpt_*.pt`` in iteration order, named
     ``iter_00001000``; a directory without full checkpoints but with a
     ``teacher_backbone.pt`` -> that file.
     """
     if str(path).strip().lower() == "none":
         return [("untrained", "none")]
+    if is_baseline(path):
+        return [(f"baseline_{_baseline_name(path)}", str(path).strip().lower())]
     p = Path(path).expanduser()
     if p.is_file():
         return [(p.stem, str(p))]

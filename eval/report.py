@@ -600,6 +600,7 @@ def _embedding_section(features: np.ndarray | None, y_true: Sequence[str], hiera
 REPORT_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+.warn{background:#fde8e8;border:1px solid #e0a0a0;padding:8px 12px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}
@@ -663,6 +664,14 @@ def render_report_html(
     settings = metrics.get("settings") or {}
     for key, value in settings.items():
         info.append((f"setting {key}", json.dumps(json_safe(value)) if not isinstance(value, str) else value))
+    training = metrics.get("training")
+    if isinstance(training, Mapping):
+        info.append(("training run", _collapse_text(training)))
+        if training.get("collapsed"):
+            parts.append(f"<p class=\"warn\"><b>This checkpoint comes from a collapsed run</b>: "
+                         f"{_esc(_collapse_text(training))}. Its DINO / iBOT losses sat at ln K and taught the "
+                         "backbone nothing; compare it with <code>--ckpt baseline:colour</code> and see "
+                         "docs/training-dynamics.md.</p>")
     parts.append(_table(["", ""], info, cls="meta"))
     counts = metrics.get("class_counts") or {}
     if classes:
@@ -722,6 +731,23 @@ def render_report_html(
     parts.append(_embedding_section(features, y_true, hierarchy, seed))
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _collapse_text(training: Mapping[str, Any]) -> str:
+    """One line on a training run's collapse status (metrics.json's ``training``)."""
+    last = training.get("last") or {}
+    kls = ", ".join(
+        f"{loss} KL to uniform: student {v.get('student_kl_to_uniform', float('nan')):.4f}, "
+        f"teacher {v.get('teacher_kl_to_uniform', float('nan')):.4f} nats"
+        for loss, v in last.items() if isinstance(v, Mapping)
+    )
+    if training.get("collapsed"):
+        head = f"collapsed (detected at iteration {training.get('detected_at_iteration')})"
+    elif training.get("detected_at_iteration") is not None:
+        head = f"collapsed at iteration {training.get('detected_at_iteration')}, recovered by iteration {training.get('iteration')}"
+    else:
+        head = f"not collapsed up to iteration {training.get('iteration')}"
+    return f"{head}; {kls}" if kls else head
 
 
 def write_report_html(

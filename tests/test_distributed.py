@@ -548,6 +548,12 @@ def test_compile_modes(monkeypatch, tiny_overrides):
         check_compile_mode(True, "none")
 
 
+def _scalars(output: tuple[dict, dict]) -> dict[str, float]:
+    """A step forward's losses and diagnostics as one dict of floats."""
+    losses, stats = output
+    return {k: v.item() for k, v in {**losses, **stats}.items()}
+
+
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
 def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
     """compute.compile=forward pays off only if the whole forward is one graph: no host
@@ -569,7 +575,7 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
     batch = synthetic_batch(cfg, torch.device("cpu"), hierarchy.num_leaves)
     assert batch["n_masked_patches"] < batch["mask_indices"].numel()  # padding is exercised
     # A copy: softmax centring updates its centre on every forward.
-    reference = {k: v.item() for k, v in copy.deepcopy(model)(batch, 0.07).items()}
+    reference = _scalars(copy.deepcopy(model)(batch, 0.07))
     torch._dynamo.reset()
     graphs = []
 
@@ -579,7 +585,7 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
 
     compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
     traced = compiled(batch, 0.07)
-    assert {k: v.item() for k, v in traced.items()} == pytest.approx(reference, rel=1e-5)
+    assert _scalars(traced) == pytest.approx(reference, rel=1e-5)
     # The teacher temperature changes every iteration of its warm-up: after one recompile
     # it is a graph input, so new values (and new batches of the same shape) reuse the graph.
     for teacher_temp in (0.04, 0.05, 0.06):
@@ -606,7 +612,7 @@ def test_residual_stream_and_subset_drop_path_reach_the_backbones_and_trace_as_o
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.student["backbone"](batch["global_crops"])["x_prenorm"].dtype == torch.bfloat16
         torch.manual_seed(1)  # the same rows in the eager and the traced run
-        reference = {k: v.item() for k, v in model(batch, 0.07).items()}
+        reference = _scalars(model(batch, 0.07))
         torch.manual_seed(1)
         torch._dynamo.reset()
         graphs = []
@@ -617,7 +623,7 @@ def test_residual_stream_and_subset_drop_path_reach_the_backbones_and_trace_as_o
 
         traced = torch.compile(model, backend=counting_backend, fullgraph=True)(batch, 0.07)
     assert len(graphs) == 1
-    assert {k: v.item() for k, v in traced.items()} == pytest.approx(reference, rel=1e-5)
+    assert _scalars(traced) == pytest.approx(reference, rel=1e-5)
     with pytest.raises(ConfigError, match="compute.residual_stream must be one of fp32, autocast, got 'bf16'"):
         SSLMetaArch(load_config(None, tiny_overrides + ["compute.residual_stream=bf16"]))
     with pytest.raises(ConfigError, match="student.drop_path_mode must be one of sample, subset, got 'batch'"):

@@ -586,8 +586,14 @@ def test_dino_head_structure_and_last_layer_prefix() -> None:
     assert [(m.in_features, m.out_features) for m in linears] == [(16, 24), (24, 24), (24, 8)]
     assert sum(isinstance(m, torch.nn.GELU) for m in head.mlp) == 2
     assert all(torch.equal(m.bias, torch.zeros(m.out_features)) for m in linears)
-    assert [n for n, _ in head.named_parameters() if n.startswith("last_layer.")] == ["last_layer.weight"]
-    assert head.last_layer.bias is None
+    # DINO / DINOv2's weight-norm names and shapes, so released heads load as they are
+    names = {n: tuple(p.shape) for n, p in head.named_parameters() if n.startswith("last_layer.")}
+    assert names == {"last_layer.weight_v": (10, 8), "last_layer.weight_g": (10, 1)}
+    assert torch.equal(head.last_layer.weight_g, torch.ones(10, 1)) and head.last_layer.weight_g.requires_grad
+    # nn.Linear's default init for the prototypes, as upstream: |v| <= 1 / sqrt(in)
+    assert head.last_layer.weight_v.abs().max() <= 1 / math.sqrt(8)
+    frozen = DINOHead(in_dim=16, out_dim=10, bottleneck_dim=8, norm_last_layer=True)
+    assert not frozen.last_layer.weight_g.requires_grad
     single = DINOHead(in_dim=16, out_dim=10, bottleneck_dim=8, nlayers=1)
     assert [type(m) for m in single.mlp] == [torch.nn.Linear] and single.mlp[0].in_features == 16
 
@@ -599,21 +605,42 @@ def test_dino_head_normalises_bottleneck_and_prototypes() -> None:
     out = head(x)
     z = head.mlp(x)
     z_hat = z / z.pow(2).sum(-1, keepdim=True).sqrt()
-    w = head.last_layer.weight
-    w_hat = w / w.pow(2).sum(1, keepdim=True).sqrt()
-    torch.testing.assert_close(out, z_hat @ w_hat.T, atol=1e-6, rtol=1e-5)
+    v = head.last_layer.weight_v
+    v_hat = v / v.pow(2).sum(1, keepdim=True).sqrt()
+    torch.testing.assert_close(out, z_hat @ v_hat.T, atol=1e-6, rtol=1e-5)
     assert out.abs().max() <= 1.0 + 1e-6
-    # Rescaling prototype rows does not change the output (gain fixed at 1).
+    torch.testing.assert_close(head.bottleneck(x), z)
+    # Rescaling prototype directions does not change the output ...
     with torch.no_grad():
-        head.last_layer.weight.mul_(torch.arange(1.0, 11.0)[:, None])
+        head.last_layer.weight_v.mul_(torch.arange(1.0, 11.0)[:, None])
     torch.testing.assert_close(head(x), out, atol=1e-6, rtol=1e-5)
+    # ... the gains scale each prototype's logit: g_k * cos(z, v_k)
+    gains = torch.arange(1.0, 11.0)[:, None] / 4
+    with torch.no_grad():
+        head.last_layer.weight_g.copy_(gains)
+    torch.testing.assert_close(head(x), out * gains.T, atol=1e-6, rtol=1e-5)
     # Patch-token input [n, t, in_dim] gives [n, t, out_dim].
     assert head(torch.randn(2, 3, 16)).shape == (2, 3, 10)
     # With identity prototypes the output is the normalised bottleneck: unit norm rows.
     square = DINOHead(in_dim=16, out_dim=8, hidden_dim=24, bottleneck_dim=8)
     with torch.no_grad():
-        square.last_layer.weight.copy_(3 * torch.eye(8))
+        square.last_layer.weight_v.copy_(3 * torch.eye(8))
     torch.testing.assert_close(square(x).norm(dim=-1), torch.ones(5))
+
+
+def test_dino_head_loads_a_state_dict_with_a_plain_last_layer_weight() -> None:
+    """Checkpoints written before the trainable gain hold ``last_layer.weight``: it loads
+    as the prototype directions with gain 1, which computes the same function."""
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=16, out_dim=10, hidden_dim=24, bottleneck_dim=8)
+    legacy = {k: v for k, v in head.state_dict().items() if not k.startswith("last_layer.")}
+    legacy["last_layer.weight"] = torch.randn(10, 8) * 5
+    head.load_state_dict(legacy)
+    torch.testing.assert_close(head.last_layer.weight_v, legacy["last_layer.weight"])
+    assert torch.equal(head.last_layer.weight_g, torch.ones(10, 1))
+    x = torch.randn(3, 16)
+    expected = F.normalize(head.mlp(x), dim=-1) @ F.normalize(legacy["last_layer.weight"], dim=1).T
+    torch.testing.assert_close(head(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_patch_embed_equals_the_strided_convolution_it_replaces() -> None:

@@ -109,10 +109,10 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path, tiny_overrides, monkeyp
 
     def flaky(batch, teacher_temp):
         calls["n"] += 1
-        losses = real(batch, teacher_temp)
+        losses, stats = real(batch, teacher_temp)
         if calls["n"] >= 3:  # iterations 2, 3, ... (0-based) give NaN
             losses["total"] = losses["total"] * float("nan")
-        return losses
+        return losses, stats
 
     monkeypatch.setattr(trainer.model, "compute_losses", flaky)
     with pytest.raises(NonFiniteLossError, match="iteration 3.*ckpt_00000002.pt"):

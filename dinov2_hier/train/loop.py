@@ -7,10 +7,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import distributed
 from ..config import ConfigError, save_config, to_yaml
@@ -19,6 +19,7 @@ from ..io import atomic_torch_save, atomic_write_text
 from ..models import load_backbone_weights
 from ..paths import resolve_resource
 from .batch import batch_to_device
+from .collapse import CollapseDetector, CollapseError, ln_k_of
 from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
@@ -38,6 +39,8 @@ from .step import PendingStep, Precision, StepOutput, train_step
 logger = logging.getLogger("dinov2_hier.train")
 
 METRICS_FILE = "metrics.jsonl"
+#: Written at the end of every run (also when stopped): progress, last record, collapse verdict.
+SUMMARY_FILE = "run_summary.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,15 +127,20 @@ def teacher_backbone_payload(
     }
 
 
-def _truncate_metrics(path: Path, last_iteration: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be redone)."""
+def _truncate_metrics(path: Path, last_iteration: int) -> list[dict]:
+    """Drop records written after the checkpoint we resume from (they will be redone);
+    return the records kept. Only the main process rewrites the file."""
     if not path.exists():
-        return
+        return []
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration:
-            kept.append(line)
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        if line.strip():
+            record = json.loads(line)
+            if record.get("iteration", -1) <= last_iteration:
+                kept.append(record)
+    if distributed.is_main_process():
+        atomic_write_text(path, "".join(f"{json.dumps(record)}\n" for record in kept))
+    return kept
 
 
 @dataclass
@@ -195,11 +203,17 @@ class Trainer:
             self.model.trainable_modules(), self.model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
         self.optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
+        self.grad_groups = self.model.gradient_groups()
+        self.clip_per_group = _clip_per_group(cfg)
         self.scaler = self.precision.grad_scaler()
         self.schedules = build_schedules(cfg, self.world_size)
         self.skips = SkipCounter()
         self.state = RunState()
         self._pending: list[_Launched] = []  # queued steps whose report is not read yet
+        self.collapse = CollapseDetector(
+            ln_k_of(cfg), int(cfg.train.collapse_check_after), stop=bool(cfg.train.stop_on_collapse)
+        )
+        self._last_record: dict | None = None
         if resume:
             self._maybe_resume()
         elif list_checkpoints(self.output_dir):
@@ -237,8 +251,10 @@ class Trainer:
             nonfinite_streak=int(ckpt["nonfinite_streak"]),
             nonfinite_total=int(ckpt["nonfinite_total"]),
         )
-        if distributed.is_main_process():
-            _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
+        records = _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
+        for record in records:  # the detector's state is a function of the records so far
+            self.collapse.observe(record, quiet=True)
+        self._last_record = records[-1] if records else None
         logger.info(
             "resumed from %s at iteration %d (written by %d rank(s), now %d)",
             path, self.state.iteration, len(ckpt.get("rng_per_rank", [None])), self.world_size,
@@ -341,6 +357,19 @@ class Trainer:
         # pending), so the GPU is never idle while the host reads, logs and loads data.
         self._pending = []
 
+        try:
+            self._iterate(batches, end, should_stop)
+        except CollapseError:  # train.stop_on_collapse: keep the state for inspection
+
+            self._pending = []
+            self.save()
+            self.write_summary()
+            raise
+        self.write_summary()
+        return self.state
+
+    def _iterate(self, batches: Iterator[dict], end: int, should_stop: Callable[[], bool] | None) -> None:
+        cfg = self.cfg
         while self.state.iteration < end:
             it = self.state.iteration
             batch = next(batches)
@@ -360,7 +389,7 @@ class Trainer:
             else:
                 out = train_step(
                     self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
-                    self.precision, cfg.optim.clip_grad,
+                    self.precision, cfg.optim.clip_grad, self.grad_groups, self.clip_per_group,
                 )
             self.state.iteration = it + 1
             self._pending.append(_Launched(it, schedule, out, counts["images"]))
@@ -379,7 +408,20 @@ class Trainer:
                 self.state.interrupted = True
                 break
         self._finish_pending(keep_last=False)
-        return self.state
+
+    def write_summary(self) -> None:
+        """``run_summary.json``: iterations done, whether the run was interrupted, the last
+        metrics record and the collapse verdict (:class:`~dinov2_hier.train.collapse.CollapseDetector`)."""
+        if not distributed.is_main_process():
+            return
+        summary = {
+            "iteration": self.state.iteration,
+            "iterations": int(self.cfg.train.iterations),
+            "interrupted": self.state.interrupted,
+            "collapse": self.collapse.summary(),
+            "last_record": self._last_record,
+        }
+        atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
     def _finish_pending(self, keep_last: bool) -> None:
         """Read the reports of the queued steps (all, or all but the newest): track
@@ -407,6 +449,7 @@ class Trainer:
             **{f"loss_{k}": v for k, v in out.losses.items()},
             **{k: v for k, v in schedule.items()},
             "grad_norm": out.grad_norm,
+            **out.stats,
             "applied": out.applied,
             "images_per_s": ips,
             "eta_s": per_it * (total - done),
@@ -414,13 +457,15 @@ class Trainer:
             "max_memory_gib": self._peak_memory_gib(),
         }
         self._append_metrics(record)
+        self._last_record = record
         losses = " ".join(f"{k}={v:.4f}" for k, v in out.losses.items())
         logger.info(
-            "it %d/%d %s lr=%.2e wd=%.3f mom=%.4f T=%.3f %.1f img/s eta %s",
+            "it %d/%d %s lr=%.2e wd=%.3f mom=%.4f T=%.3f %.1f img/s eta %s | %s",
             done, total, losses, schedule["lr"], schedule["wd"], schedule["momentum"],
-            schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]),
+            schedule["teacher_temp"], ips, _fmt_seconds(record["eta_s"]), format_stats(out.stats, self.collapse.ln_k),
         )
         window.start, window.images = now, 0
+        self.collapse.observe(record)
 
     def _global_counts(self, n_images: int, n_skipped: int, n_drawn: int) -> dict[str, int]:
         """This batch's readable images, ranks with none, unreadable and drawn items, summed
@@ -457,6 +502,33 @@ class Trainer:
                 f"train.max_consecutive_nonfinite={limit}) at iteration {it}; {where}. "
                 "Lower optim.base_lr, raise warm-up, or check the data."
             )
+
+
+def format_stats(stats: dict[str, float], ln_k: dict[str, float]) -> str:
+    """The diagnostics of a log line, short: per loss ``H(t)/H(s)/lnK`` (teacher and student
+    entropy, nats), prototypes used, bottleneck norm; CLS spread; gradient norms."""
+    parts = []
+    for loss, lk in ln_k.items():
+        if f"{loss}_teacher_entropy" in stats:
+            parts.append(
+                f"{loss} H(t)/H(s)/lnK={stats[f'{loss}_teacher_entropy']:.3f}/{stats[f'{loss}_student_entropy']:.3f}/{lk:.3f}"
+                f" used={stats[f'{loss}_prototypes_used']:.0f} bneck={stats[f'{loss}_bottleneck_norm']:.3g}"
+            )
+    if "cls_spread_student" in stats:
+        parts.append(f"spread s/t={stats['cls_spread_student']:.3f}/{stats['cls_spread_teacher']:.3f}")
+    norms = {k[len("grad_norm_"):]: v for k, v in stats.items() if k.startswith("grad_norm_")}
+    if norms:
+        parts.append("gnorm " + " ".join(f"{k}={v:.3g}" for k, v in norms.items()))
+    return " ".join(parts)
+
+
+def _clip_per_group(cfg: DictConfig) -> bool:
+    """``optim.clip_grad_mode``: per_module (True) or global (False); configs saved before
+    the key existed clipped globally."""
+    mode = OmegaConf.select(cfg, "optim.clip_grad_mode", default="global")
+    if mode not in ("per_module", "global"):
+        raise ConfigError(f"optim.clip_grad_mode must be per_module or global, got {mode!r}")
+    return mode == "per_module"
 
 
 def _fmt_seconds(seconds: float) -> str:

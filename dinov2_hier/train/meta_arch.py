@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
+from ..losses import diagnostics
 from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..config import ConfigError
@@ -28,14 +29,21 @@ CONTRASTIVE_TERMS = (SupConTerm, HierSupConTerm)
 
 @dataclass(frozen=True)
 class TeacherTargets:
-    """Teacher probabilities of one step.
+    """Teacher outputs of one step.
 
     cls_probs: ``[2B, K]`` crop-major DINO targets.
     patch_probs: ``[M, K_ibot]`` iBOT targets of the masked patches (``M`` may be 0).
+    cls_tokens: ``[2B, D]`` the teacher's CLS tokens (for the diagnostics).
     """
 
     cls_probs: Tensor
     patch_probs: Tensor | None
+    cls_tokens: Tensor
+
+
+#: At most this many masked patches (evenly strided) enter the iBOT diagnostics: their
+#: entropies cost a pass over [rows, K] each, which over all M rows would slow a ViT-S step.
+DIAGNOSTIC_PATCH_ROWS = 1024
 
 
 def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = None) -> nn.Module:
@@ -71,6 +79,8 @@ def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
         hidden_dim=head_cfg.head_hidden_dim,
         bottleneck_dim=head_cfg.head_bottleneck_dim,
         nlayers=head_cfg.head_nlayers,
+        # Configs saved before the key existed ran with the gain fixed at 1.
+        norm_last_layer=bool(OmegaConf.select(head_cfg, "head_norm_last_layer", default=True)),
     )
 
 
@@ -149,6 +159,15 @@ class SSLMetaArch(nn.Module):
         """What the optimizer updates: student networks and supervised heads."""
         return nn.ModuleDict({"student": self.student, "supervised": self.supervised})
 
+    def gradient_groups(self) -> dict[str, list[Tensor]]:
+        """Trainable parameters by module, in :meth:`trainable_modules` order: ``backbone``,
+        ``dino_head``, ``ibot_head`` (separate head only) and ``supervised`` (when there
+        are supervised terms). DINOv2 clips each module's gradient norm on its own
+        (``optim.clip_grad_mode=per_module``), and the step logs each group's norm."""
+        groups = {name: [p for p in module.parameters() if p.requires_grad] for name, module in self.student.items()}
+        groups["supervised"] = [p for p in self.supervised.parameters() if p.requires_grad]
+        return {name: params for name, params in groups.items() if params}
+
     # -- pieces of a step ---------------------------------------------------------------
     def _ibot_head(self, which: nn.ModuleDict) -> nn.Module:
         return which["ibot_head"] if self.separate_ibot_head else which["dino_head"]
@@ -173,13 +192,13 @@ class SSLMetaArch(nn.Module):
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
             patch_logits = self._ibot_head(self.teacher)(patches)
             patch_probs = self.ibot_loss.teacher_probs(patch_logits, teacher_temp, valid=mask_valid)
-        return TeacherTargets(cls_probs=cls_probs, patch_probs=patch_probs)
+        return TeacherTargets(cls_probs=cls_probs, patch_probs=patch_probs, cls_tokens=out["x_norm_clstoken"])
 
-    def forward(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+    def forward(self, batch: dict, teacher_temp: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Same as :meth:`compute_losses` (what DDP / FSDP2 call)."""
         return self.compute_losses(batch, teacher_temp)
 
-    def compute_losses(self, batch: dict, teacher_temp: float) -> dict[str, Tensor]:
+    def compute_losses(self, batch: dict, teacher_temp: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Forward pass of one step.
 
         Args:
@@ -189,8 +208,13 @@ class SSLMetaArch(nn.Module):
                 for supervised terms, ``targets long [B]`` (``-1`` = unlabelled).
             teacher_temp: teacher softmax temperature of this iteration.
         Returns:
-            Scalar losses: ``dino``, ``ibot``, ``koleo``, one per supervised term, and
-            ``total`` (their weighted sum, the value that is back-propagated).
+            ``(losses, stats)``. ``losses``: scalar losses ``dino``, ``ibot``, ``koleo``,
+            one per supervised term, and ``total`` (their weighted sum, the value that is
+            back-propagated). ``stats``: detached float32 scalars that show whether the
+            self-distillation learns (:mod:`dinov2_hier.losses.diagnostics`): entropies of
+            the teacher targets and student predictions in nats, prototypes the teacher's
+            targets use, the heads' bottleneck norms before normalisation, and the spread
+            of the student's and teacher's CLS tokens.
         """
         crops = batch["global_crops"]
         n_crops = crops.shape[0]
@@ -202,17 +226,30 @@ class SSLMetaArch(nn.Module):
         masks = batch["masks"] if self.ibot_enabled else None
         out = self.student["backbone"](crops, masks=masks)
         cls_tokens = out["x_norm_clstoken"]
-        cls_logits = self.student["dino_head"](cls_tokens)
+        dino_head = self.student["dino_head"]
+        cls_bottleneck = dino_head.bottleneck(cls_tokens)
+        cls_logits = dino_head.prototype_logits(cls_bottleneck)
 
         losses: dict[str, Tensor] = {}
         losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs)
         total = self.cfg.dino.loss_weight * losses["dino"]
+        stats = {
+            "dino_teacher_entropy": diagnostics.mean_entropy(targets.cls_probs),
+            "dino_student_entropy": diagnostics.mean_entropy_of_logits(cls_logits, self.dino_loss.student_temp),
+            "dino_prototypes_used": diagnostics.prototypes_used(targets.cls_probs),
+            "dino_bottleneck_norm": diagnostics.mean_norm(cls_bottleneck),
+            "cls_spread_student": diagnostics.token_spread(cls_tokens),
+            "cls_spread_teacher": diagnostics.token_spread(targets.cls_tokens),
+        }
 
         if self.ibot_enabled:
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-            patch_logits = self._ibot_head(self.student)(patches)
+            ibot_head = self._ibot_head(self.student)
+            patch_bottleneck = ibot_head.bottleneck(patches)
+            patch_logits = ibot_head.prototype_logits(patch_bottleneck)
             losses["ibot"] = self.ibot_loss(patch_logits, targets.patch_probs, batch["masks_weight"], n_crops)
             total = total + self.cfg.ibot.loss_weight * losses["ibot"]
+            stats.update(self._ibot_stats(patch_bottleneck, patch_logits, targets.patch_probs, mask_valid))
 
         if self.cfg.dino.koleo_loss_weight > 0:
             # KoLeo spreads each crop's CLS tokens over the sphere; summed over the two crops.
@@ -230,7 +267,20 @@ class SSLMetaArch(nn.Module):
             total = total + self.supervised_weights.get(name, 1.0) * losses[name]
 
         losses["total"] = total
-        return losses
+        return losses, stats
+
+    def _ibot_stats(self, bottleneck: Tensor, logits: Tensor, probs: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """iBOT diagnostics on at most :data:`DIAGNOSTIC_PATCH_ROWS` evenly strided masked
+        patches (padding rows weigh 0). ``M`` is fixed for a run, so the stride is too."""
+        stride = max(1, logits.shape[0] // DIAGNOSTIC_PATCH_ROWS)
+        rows = slice(None, None, stride)
+        weights = valid[rows].float()
+        return {
+            "ibot_teacher_entropy": diagnostics.mean_entropy(probs[rows], weights),
+            "ibot_student_entropy": diagnostics.mean_entropy_of_logits(logits[rows], self.ibot_loss.student_temp, weights),
+            "ibot_prototypes_used": diagnostics.prototypes_used(probs[rows], weights),
+            "ibot_bottleneck_norm": diagnostics.mean_norm(bottleneck[rows], weights),
+        }
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +30,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import ConfigError
+from ..models.heads import upgrade_last_layer_keys
 from .checkpoint import CheckpointError, check_state_dict_matches, load_model_state
 from .meta_arch import SSLMetaArch
 
@@ -194,6 +196,24 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
+def clip_grad_norms(groups: dict[str, list[torch.Tensor]], max_norm: float, per_group: bool) -> dict[str, torch.Tensor]:
+    """Clip gradients to ``max_norm`` and return each group's norm before clipping.
+
+    ``per_group``: each group is clipped on its own (DINOv2 clips its backbone and each
+    head separately, so one large norm does not shrink the others' steps); otherwise one
+    norm over all groups decides a common factor, as ``clip_grad_norm_`` over everything.
+    """
+    if per_group:
+        return {name: clip_grad_norm(params, max_norm) for name, params in groups.items()}
+    norms = {name: clip_grad_norm(params, math.inf) for name, params in groups.items()}  # measures only
+    total = torch.stack(list(norms.values())).square().sum().sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
+    grads = [p.grad for params in groups.values() for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+    return norms
+
+
 # --------------------------------------------------------------------------------------
 # Full state dicts (checkpoints that load on any world size)
 # --------------------------------------------------------------------------------------
@@ -252,7 +272,9 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 def load_model_state_any(model: nn.Module, state_dict: dict, source) -> None:
     """Load a full model state dict (from any world size) into ``model``, checking keys and
     shapes first (:class:`~dinov2_hier.train.checkpoint.CheckpointError` names the first
-    mismatch). Every rank passes the full dict."""
+    mismatch). Every rank passes the full dict. State dicts from before the heads' trainable
+    gain (``last_layer.weight``) are upgraded first (:func:`upgrade_last_layer_keys`)."""
+    state_dict = upgrade_last_layer_keys(dict(state_dict))
     if not is_sharded(model):
         load_model_state(unwrap(model), state_dict, source)
         return

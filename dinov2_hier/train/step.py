@@ -3,14 +3,15 @@ queued without waiting for the GPU where the optimizer allows it."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import distributed
 from .optim import apply_schedule
-from .parallel import clip_grad_norm, unwrap
+from .parallel import clip_grad_norms, unwrap
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,26 +37,38 @@ class Precision:
 class StepOutput:
     """What a step reports, on the host. ``losses`` holds Python floats, averaged over the
     ranks; ``applied`` is False when the update was skipped because the loss or the
-    gradient was not finite (on any rank: the decision is the same on every rank)."""
+    gradient was not finite (on any rank: the decision is the same on every rank).
+    ``stats``: the model's diagnostics and each gradient group's norm before clipping
+    (``grad_norm_<group>``), rank-averaged; ``grad_norm``: their combined norm."""
 
     losses: dict[str, float]
     applied: bool
     grad_norm: float | None
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class PendingStep:
     """A launched step's report while it may still be computed on the device.
 
     ``values``: ``float32 [k]`` on the step's device, the rank-averaged losses in the
-    order of ``names`` followed by the gradient norm when ``with_grad_norm``; ``applied``:
-    a 0-d bool tensor or a bool. On a CUDA device the copy to pinned host memory is
+    order of ``names``, then the stats in the order of ``stat_names``, then the gradient
+    norm when ``with_grad_norm``; ``applied``: a 0-d bool tensor or a bool. On a CUDA
+    device the copy to pinned host memory is
     queued at construction, behind the step's kernels, so :meth:`read` after the next
     step was queued waits for nothing but this step: the training loop reads each step
     one step late and never leaves the GPU idle for the host.
     """
 
-    def __init__(self, names: list[str], values: torch.Tensor, applied: torch.Tensor | bool, with_grad_norm: bool):
+    def __init__(
+        self,
+        names: list[str],
+        values: torch.Tensor,
+        applied: torch.Tensor | bool,
+        with_grad_norm: bool,
+        stat_names: Sequence[str] = (),
+    ):
         self.names = list(names)
+        self.stat_names = list(stat_names)
         self.with_grad_norm = with_grad_norm
         flag = applied if isinstance(applied, torch.Tensor) else torch.tensor(bool(applied), device=values.device)
         packed = torch.cat([values.detach().float(), flag.to(values.device, torch.float32).reshape(1)])
@@ -77,7 +90,13 @@ class PendingStep:
             values = self._host.tolist()
             applied = values.pop() > 0.5
             grad_norm = values.pop() if self.with_grad_norm else None
-            self._read = StepOutput(losses=dict(zip(self.names, values)), applied=applied, grad_norm=grad_norm)
+            n = len(self.names)
+            self._read = StepOutput(
+                losses=dict(zip(self.names, values[:n])),
+                applied=applied,
+                grad_norm=grad_norm,
+                stats=dict(zip(self.stat_names, values[n:])),
+            )
         return self._read
 
 
@@ -113,13 +132,18 @@ def train_step(
     schedule: dict[str, float],
     precision: Precision,
     clip_grad: float,
+    grad_groups: dict[str, list[torch.Tensor]] | None = None,
+    clip_per_group: bool = True,
 ) -> PendingStep:
     """Queue one training step on ``batch`` (already on the model's device); read the
     report with ``.read()``.
 
     ``model`` is an :class:`~dinov2_hier.train.meta_arch.SSLMetaArch` or what
     :func:`~dinov2_hier.train.parallel.wrap_model` made of it (DDP wrapper, FSDP2
-    module); its ``forward`` computes the losses.
+    module); its ``forward`` returns ``(losses, stats)`` or the losses alone.
+    ``grad_groups`` (``SSLMetaArch.gradient_groups()``; default: one group ``all`` of the
+    optimizer's parameters) are the parameter groups whose gradient norms are clipped
+    (each on its own with ``clip_per_group``, else together) and reported.
 
     A non-finite total loss, or a non-finite gradient norm without fp16 loss scaling,
     skips the update of the student (weights, AdamW moments and step count unchanged);
@@ -135,16 +159,24 @@ def train_step(
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        losses = model(batch, schedule["teacher_temp"])
+        output = model(batch, schedule["teacher_temp"])
+    losses, stats = output if isinstance(output, tuple) else (output, {})
     if GRAD_NORM in losses:
         raise ValueError(f"a loss may not be named '{GRAD_NORM}'")
     scaler.scale(losses["total"]).backward()
     scalars = dict(losses)
+    stats = dict(stats)
     if clip_grad > 0:
         scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        scalars[GRAD_NORM] = clip_grad_norm(params, clip_grad)  # identical on every rank
-    names = list(losses)
+        if grad_groups is None:
+            grad_groups = {"all": [p for g in optimizer.param_groups for p in g["params"]]}
+        norms = clip_grad_norms(grad_groups, clip_grad, clip_per_group)
+        stats.update({f"{GRAD_NORM}_{name}": norm for name, norm in norms.items()})
+        total_norm = torch.stack(list(norms.values())).square().sum().sqrt()
+    names, stat_names = list(losses), list(stats)
+    scalars.update(stats)
+    if clip_grad > 0:
+        scalars[GRAD_NORM] = total_norm  # identical on every rank
     values = distributed.mean_over_ranks_tensor(scalars)
     finite = torch.isfinite(values[names.index("total")])
     if clip_grad > 0 and not scaler.is_enabled():
@@ -162,4 +194,4 @@ def train_step(
             # (it lowers its scale when it found inf/NaN), or the next unscale_ refuses to run.
             scaler.update()
     unwrap(model).update_teacher(schedule["momentum"])
-    return PendingStep(names, values, applied, with_grad_norm=clip_grad > 0)
+    return PendingStep(names, values, applied, with_grad_norm=clip_grad > 0, stat_names=stat_names)
