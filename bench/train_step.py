@@ -49,7 +49,7 @@ from dinov2_hier.train.batch import batch_to_device
 from dinov2_hier.train.data import build_augmentation, patch_grid
 from dinov2_hier.train.loop import resolve_compute
 from dinov2_hier.train.meta_arch import SSLMetaArch
-from dinov2_hier.train.optim import build_optimizer, build_param_groups
+from dinov2_hier.train.optim import build_optimizer, build_param_groups, clip_grad_per_module
 from dinov2_hier.train.parallel import resolve_parallel, wrap_model
 from dinov2_hier.train.schedules import build_schedules
 from dinov2_hier.train.step import train_step
@@ -274,6 +274,7 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     engine.train()
     groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
+    grad_groups, clip_per_module = model.gradient_groups(), clip_grad_per_module(cfg)  # as the trainer
     scaler = precision.grad_scaler()
     schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
@@ -282,7 +283,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     def step():
         # With crops.photometric=device this applies the photometric ops (part of the step's cost).
         step_batch = batch_to_device(batch, device, augmentation)
-        return train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad)
+        return train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad,
+                          grad_groups, clip_per_module)
 
     for _ in range(args.warmup):
         step().read()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .. import distributed
 from ..config import ConfigError, save_config, to_yaml
@@ -32,7 +32,7 @@ from .parallel import (
     wrap_model,
 )
 from .supervision import build_supervision
-from .optim import build_optimizer, build_param_groups
+from .optim import build_optimizer, build_param_groups, clip_grad_per_module
 from .schedules import build_schedules
 from .step import PendingStep, Precision, StepOutput, train_step
 
@@ -204,7 +204,7 @@ class Trainer:
         )
         self.optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
         self.grad_groups = self.model.gradient_groups()
-        self.clip_per_group = _clip_per_group(cfg)
+        self.clip_per_group = clip_grad_per_module(cfg)
         self.scaler = self.precision.grad_scaler()
         self.schedules = build_schedules(cfg, self.world_size)
         self.skips = SkipCounter()
@@ -520,15 +520,6 @@ def format_stats(stats: dict[str, float], ln_k: dict[str, float]) -> str:
     if norms:
         parts.append("gnorm " + " ".join(f"{k}={v:.3g}" for k, v in norms.items()))
     return " ".join(parts)
-
-
-def _clip_per_group(cfg: DictConfig) -> bool:
-    """``optim.clip_grad_mode``: per_module (True) or global (False); configs saved before
-    the key existed clipped globally."""
-    mode = OmegaConf.select(cfg, "optim.clip_grad_mode", default="global")
-    if mode not in ("per_module", "global"):
-        raise ConfigError(f"optim.clip_grad_mode must be per_module or global, got {mode!r}")
-    return mode == "per_module"
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from ..config import ConfigError
 
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _EMBED_NAMES = ("patch_embed", "cls_token", "pos_embed", "mask_token", "register_tokens")
@@ -86,3 +89,13 @@ def build_optimizer(param_groups: list[dict], betas: tuple[float, float], fused:
     # The names are kept for debugging but AdamW must not see them as hyper-parameters.
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), fused=fused)
+
+
+def clip_grad_per_module(cfg: DictConfig) -> bool:
+    """``optim.clip_grad_mode``: ``per_module`` (True: each module's gradient norm is clipped
+    on its own, as DINOv2) or ``global`` (False); configs saved before the key existed
+    clipped globally."""
+    mode = OmegaConf.select(cfg, "optim.clip_grad_mode", default="global")
+    if mode not in ("per_module", "global"):
+        raise ConfigError(f"optim.clip_grad_mode must be per_module or global, got {mode!r}")
+    return mode == "per_module"
