@@ -64,7 +64,9 @@ class ColourBaseline(nn.Module):
         weights = torch.tensor([0.299, 0.587, 0.114], device=rgb.device).view(1, 3, 1, 1)
         grey = F.adaptive_avg_pool2d((rgb * weights).sum(1, keepdim=True), self.GRID).flatten(1)
         grey = grey - grey.mean(dim=1, keepdim=True)
-        return F.normalize(grey, dim=1)
+        norm = grey.norm(dim=1, keepdim=True)
+        # Below 1e-4 (luma in [0, 1] over 256 cells) the image is flat: rounding noise, not shape.
+        return torch.where(norm > 1e-4, grey / norm.clamp_min(1e-4), torch.zeros_like(grey))
 
 
 def rgb_to_hsv(rgb: Tensor) -> Tensor:

@@ -124,6 +124,11 @@ def test_run_over_a_training_directory(setup, run_dir):
         assert correct == pytest.approx(sum(a * s for a, s in zip(folds, sizes)) / len(rows))
         html = (out / name / "report.html").read_text()
         assert html.count('<svg class="confusion"') == 3 and "http://" not in html
+        # the training run's collapse verdict, replayed up to this checkpoint
+        training = m["training"]
+        assert training["run_dir"] == str(setup["train"]) and training["iteration"] == m["checkpoint"]["iteration"]
+        assert training["collapsed"] is False and training["detected_at_iteration"] is None
+        assert f"not collapsed up to iteration {training['iteration']}" in html
 
 
 def test_linear_on_teacher_file_uses_the_feature_cache(setup, capsys):
@@ -176,6 +181,23 @@ def test_untrained_baseline_and_unreadable_images(setup, tmp_path, capsys):
     assert m["n_samples"] == setup["n"] and m["n_images"] == setup["n"] + 1
     assert m["checkpoint"]["fingerprint"] == "untrained:vit_tiny:0" and m["settings"]["crop_size"] == 28
     assert len(_rows(out)) == setup["n"]  # the unreadable image is skipped, not predicted
+
+
+def test_colour_baseline_evaluates_like_a_checkpoint(setup, tmp_path, capsys):
+    """``--ckpt baseline:colour``: the same folds, probes and files as a checkpoint, a fixed
+    fingerprint, no training run; an unknown baseline is a one-line error (exit 2)."""
+    out = tmp_path / "colour"
+    rc = run_main(["--ckpt", "baseline:colour", "--crop-size", "40", *_common(setup, out, "--hierarchy", SYNTHETIC,
+                   "--folds", "2", "--k", "1", "--C", "1.0")])
+    assert rc == 0, capsys.readouterr().err
+    m = _metrics(out)
+    assert m["checkpoint"]["arch"] == "baseline:colour" and m["checkpoint"]["fingerprint"] == "baseline:colour:v1"
+    assert m["settings"]["crop_size"] == 40 and m["training"] is None and m["n_samples"] == setup["n"]
+    # the synthetic classes differ in granule colour and nucleus shape: far above chance (1/11)
+    assert m["probes"]["knn_k1"]["balanced_accuracy"]["mean"] > 0.3
+    assert len(_rows(out)) == setup["n"]
+    rc = run_main(["--ckpt", "baseline:texture", *_common(setup, tmp_path / "bad")])
+    assert rc == 2 and "unknown baseline 'texture'" in _error(capsys)
 
 
 def test_compare_against_itself_and_another_model(setup, run_dir, tmp_path, capsys):

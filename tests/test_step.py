@@ -110,3 +110,49 @@ def test_pending_step_reads_losses_grad_norm_and_flag_in_order():
     assert out.losses == {"total": 1.5, "dino": -2.0} and out.grad_norm == 3.0 and out.applied is False
     out = PendingStep(["total"], values[:1], True, with_grad_norm=False).read()
     assert out.losses == {"total": 1.5} and out.grad_norm is None and out.applied is True
+
+
+def test_pending_step_reads_stats_between_losses_and_grad_norm():
+    values = torch.tensor([1.5, 0.25, 7.0, 3.0])
+    out = PendingStep(["total"], values, True, with_grad_norm=True, stat_names=["h", "grad_norm_head"]).read()
+    assert out.losses == {"total": 1.5} and out.stats == {"h": 0.25, "grad_norm_head": 7.0} and out.grad_norm == 3.0
+
+
+class TwoModules(torch.nn.Module):
+    """loss = 30 * a + 4 * b . 1 (b has two entries): gradients a -> 30, b -> [4, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(1))
+        self.b = torch.nn.Parameter(torch.zeros(2))
+        self.register_buffer("teacher", torch.zeros(1))
+
+    def forward(self, batch, teacher_temp):
+        total = 30 * self.a.sum() + 4 * self.b.sum()
+        return {"total": total}, {"probe": total.detach() * 0 + 0.5}
+
+    def update_teacher(self, momentum):
+        pass
+
+
+@pytest.mark.parametrize("per_group", [True, False], ids=["per-module", "global"])
+def test_clipping_per_module_or_global_by_hand(per_group):
+    """Norms before clipping: a 30, b sqrt(32); total sqrt(900 + 32). Clipping to 3: per
+    module each group is scaled to norm 3; globally both by 3 / sqrt(932). SGD with lr 1
+    makes the applied gradients visible as the weight change."""
+    model = TwoModules()
+    groups = [{"params": [model.a, model.b], "names": ["a", "b"], "is_last_layer": False, "lr_mult": 1.0, "wd_mult": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grad_groups = {"a": [model.a], "b": [model.b]}
+    out = train_step(model, optimizer, scaler, {}, {**SCHEDULE, "lr": 1.0, "last_layer_lr": 1.0}, PRECISION, 3.0,
+                     grad_groups, per_group).read()
+    assert out.stats["grad_norm_a"] == pytest.approx(30.0) and out.stats["grad_norm_b"] == pytest.approx(math.sqrt(32))
+    assert out.grad_norm == pytest.approx(math.sqrt(932)) and out.stats["probe"] == 0.5
+    if per_group:
+        expected_a, expected_b = -3.0, -3.0 / math.sqrt(2)
+    else:
+        factor = 3.0 / (math.sqrt(932) + 1e-6)
+        expected_a, expected_b = -30 * factor, -4 * factor
+    assert model.a.item() == pytest.approx(expected_a, rel=1e-5)
+    assert model.b.tolist() == pytest.approx([expected_b, expected_b], rel=1e-5)

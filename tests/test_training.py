@@ -31,24 +31,6 @@ def _train(tmp_path, overrides, name="run", stop_at=None, resume=True):
     return trainer
 
 
-def test_dino_loss_falls(tmp_path, tiny_overrides):
-    """A short run: the DINO loss starts above ln K (student and teacher disagree) and
-    falls to ln K, where the student matches the balanced Sinkhorn-Knopp targets on
-    average. Going clearly below ln K needs far longer training than a unit test."""
-    overrides = tiny_overrides + [
-        "train.iterations=60", "train.epoch_length=10", "train.checkpoint_every=1000",
-        "optim.base_lr=0.02", "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0",
-        "student.layerscale=null",
-    ]
-    _train(tmp_path, overrides)
-    dino = [r["loss_dino"] for r in _metrics(tmp_path / "run")]
-    assert len(dino) == 60
-    ln_k = math.log(256)
-    first, last = sum(dino[:10]) / 10, sum(dino[-10:]) / 10
-    assert first > ln_k + 0.2, first
-    assert last < first - 0.2 and last < ln_k + 0.02, (first, last)
-
-
 def test_run_outputs_and_saved_config(tmp_path, tiny_overrides):
     trainer = _train(tmp_path, tiny_overrides)
     run = tmp_path / "run"

@@ -65,7 +65,8 @@ def loss_collapse(record: dict, loss: str, ln_k: float) -> LossCollapse | None:
     student, teacher = record.get(f"{loss}_student_entropy"), record.get(f"{loss}_teacher_entropy")
     if student is None or teacher is None:
         return None
-    return LossCollapse(loss, ln_k, ln_k - float(student), ln_k - float(teacher))
+    # ln K - H is a KL divergence (>= 0); float32 entropies of near-uniform rows overshoot by ~1e-6.
+    return LossCollapse(loss, ln_k, max(0.0, ln_k - float(student)), max(0.0, ln_k - float(teacher)))
 
 
 @dataclass
@@ -118,6 +119,25 @@ class CollapseDetector:
     def collapsed_now(self) -> bool:
         """The last observed record looks collapsed."""
         return any(c.collapsed for c in self.last)
+
+    def verdict(self, record: dict | None) -> str:
+        """One line for the end of a run: each loss against ``ln K`` and the collapse status."""
+        parts = []
+        for loss, ln_k in self.ln_k.items():
+            value = (record or {}).get(f"loss_{loss}")
+            if value is not None:
+                # iBOT's loss averages over all crops (unmasked ones add 0): only DINO's compares to ln K.
+                vs = f"loss - ln K = {value - ln_k:+.3f}" if loss == "dino" else f"ln K = {ln_k:.3f}"
+                parts.append(f"{loss} loss {value:.4f} ({vs})")
+        for c in self.last:
+            parts.append(f"{c.loss} KL to uniform: teacher {c.teacher_kl:.3f}, student {c.student_kl:.3f} nats")
+        if self.detected_at is None:
+            status = "no collapse detected"
+        elif self.collapsed_now:
+            status = f"COLLAPSED since iteration {self.detected_at} (see {DOCS})"
+        else:
+            status = f"collapsed at iteration {self.detected_at}, not any more"
+        return "; ".join(parts + [status])
 
     def summary(self) -> dict:
         """What the run summary records: where the collapse was first detected (or None),

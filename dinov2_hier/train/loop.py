@@ -411,7 +411,8 @@ class Trainer:
 
     def write_summary(self) -> None:
         """``run_summary.json``: iterations done, whether the run was interrupted, the last
-        metrics record and the collapse verdict (:class:`~dinov2_hier.train.collapse.CollapseDetector`)."""
+        metrics record and the collapse verdict (:class:`~dinov2_hier.train.collapse.CollapseDetector`);
+        the same verdict as one log line."""
         if not distributed.is_main_process():
             return
         summary = {
@@ -422,6 +423,7 @@ class Trainer:
             "last_record": self._last_record,
         }
         atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        logger.info("summary at iteration %d: %s", self.state.iteration, self.collapse.verdict(self._last_record))
 
     def _finish_pending(self, keep_last: bool) -> None:
         """Read the reports of the queued steps (all, or all but the newest): track
