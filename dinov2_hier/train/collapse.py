@@ -79,11 +79,13 @@ class CollapseDetector:
             are observed but never fire: the first steps pass through near-uniform
             predictions while the heads are random).
         stop: raise :class:`CollapseError` when it fires (``train.stop_on_collapse``).
+        log: log the warnings (the main process; the other ranks decide the same silently).
     """
 
     ln_k: dict[str, float]
     check_after: int
     stop: bool = False
+    log: bool = True
     streak: int = 0
     detected_at: int | None = None
     last: list[LossCollapse] = field(default_factory=list)
@@ -109,10 +111,11 @@ class CollapseDetector:
                 + f". The DINO/iBOT losses are at ln K and teach the backbone nothing; see {DOCS}"
                 " for the causes and the small-data recipe (configs/train/vits14_small.yaml)."
             )
-            logger.warning(message)
+            if self.log:
+                logger.warning(message)
             if self.stop:
                 raise CollapseError(message + " Stopped (train.stop_on_collapse=true).")
-        elif not bad and was_collapsed and self.detected_at is not None and not quiet:
+        elif not bad and was_collapsed and self.detected_at is not None and not quiet and self.log:
             logger.warning("iteration %d: no longer collapsed: %s", iteration, "; ".join(c.describe() for c in found))
 
     @property

@@ -211,7 +211,8 @@ class Trainer:
         self.state = RunState()
         self._pending: list[_Launched] = []  # queued steps whose report is not read yet
         self.collapse = CollapseDetector(
-            ln_k_of(cfg), int(cfg.train.collapse_check_after), stop=bool(cfg.train.stop_on_collapse)
+            ln_k_of(cfg), int(cfg.train.collapse_check_after), stop=bool(cfg.train.stop_on_collapse),
+            log=distributed.is_main_process(),  # every rank decides the same; one rank tells it
         )
         self._last_record: dict | None = None
         if resume:
@@ -360,7 +361,6 @@ class Trainer:
         try:
             self._iterate(batches, end, should_stop)
         except CollapseError:  # train.stop_on_collapse: keep the state for inspection
-
             self._pending = []
             self.save()
             self.write_summary()
