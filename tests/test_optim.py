@@ -78,3 +78,16 @@ def test_apply_schedule_sets_group_values_and_freezes_last_layer():
     assert by_name[id(named["backbone.blocks.0.qkv.bias"])] == pytest.approx((0.025, 0.0))
     assert by_name[id(named["dino_head.last_layer.weight"])] == pytest.approx((0.0, 0.04))
     assert by_name[id(named["backbone.patch_embed.proj.weight"])] == pytest.approx((0.1 * 0.125 * 0.2, 0.04))
+
+
+def test_clip_grad_mode_values_and_legacy_default():
+    from omegaconf import OmegaConf
+
+    from dinov2_hier.config import ConfigError, load_config
+    from dinov2_hier.train.optim import clip_grad_per_module
+
+    assert clip_grad_per_module(load_config(None, [])) is True  # DINOv2's per-module clipping by default
+    assert clip_grad_per_module(load_config(None, ["optim.clip_grad_mode=global"])) is False
+    assert clip_grad_per_module(OmegaConf.create({"optim": {"clip_grad": 3.0}})) is False  # saved before the key
+    with pytest.raises(ConfigError, match="optim.clip_grad_mode must be per_module or global, got 'layer'"):
+        clip_grad_per_module(load_config(None, ["optim.clip_grad_mode=layer"]))
