@@ -129,15 +129,21 @@ def teacher_backbone_payload(
 
 def _truncate_metrics(path: Path, last_iteration: int) -> list[dict]:
     """Drop records written after the checkpoint we resume from (they will be redone);
-    return the records kept. Only the main process rewrites the file."""
+    return the records kept. A line that is not JSON (torn by a full disk or a kill while
+    appending) is dropped with a warning naming it. Only the main process rewrites the file."""
     if not path.exists():
         return []
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if record.get("iteration", -1) <= last_iteration:
-                kept.append(record)
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is not a JSON record (torn while writing?); dropped on resume", path, number)
+            continue
+        if record.get("iteration", -1) <= last_iteration:
+            kept.append(record)
     if distributed.is_main_process():
         atomic_write_text(path, "".join(f"{json.dumps(record)}\n" for record in kept))
     return kept
