@@ -21,9 +21,12 @@ import threading
 from typing import Iterable, Iterator
 
 #: What ``python -m dinov2_hier.train`` stops on: SIGUSR1/SIGUSR2 (SLURM ``--signal`` near the
-#: time limit, forwarded by ``slurm/common.sh``; submitit's default is USR2) and SIGTERM
-#: (``scancel``, preemption with a grace time, the end of the time limit).
-DEFAULT_STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+#: time limit, forwarded by ``slurm/common.sh``; submitit's default is USR2), SIGTERM
+#: (``scancel``, preemption with a grace time, the end of the time limit, GNU ``timeout``)
+#: and SIGINT (Ctrl-C; a second Ctrl-C interrupts at once). The training DataLoader's
+#: workers ignore all of them (``dinov2_hier.train.data.LOADER_IGNORED_SIGNALS``), so a
+#: signal to the whole process group reaches the trainer alone.
+DEFAULT_STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopFlag:
@@ -100,6 +103,8 @@ def stop_on_signals(
     flag = StopFlag() if flag is None else flag
 
     def handler(signum: int, frame) -> None:  # noqa: ARG001 (signature fixed by `signal`)
+        if signum == signal.SIGINT and flag.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         flag.set(f"signal {signal.Signals(signum).name}")
 
     previous: dict[int, object] = {}

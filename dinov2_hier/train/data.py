@@ -1,6 +1,8 @@
 """Config -> training dataset and loader (the wiring; the parts live in ``dinov2_hier.data``)."""
 from __future__ import annotations
 
+import signal
+
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +135,23 @@ def build_sampler(cfg: DictConfig, size: int, consumed: int, rank: int, world_si
         raise ConfigError(f"supervision.labelled_fraction={sup.labelled_fraction}: {exc}") from None
 
 
+#: Signals the training CLI turns into "checkpoint and exit 0" (dinov2_hier.run.signals, whose
+#: DEFAULT_STOP_SIGNALS must stay a subset: a test checks it). SLURM, ``scancel`` and GNU
+#: ``timeout`` send them to the whole process group, a terminal's Ctrl-C sends SIGINT to it.
+LOADER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (worker_init_fn signature)
+    """DataLoader ``worker_init_fn``: the workers ignore the signals the trainer handles.
+
+    PyTorch's workers die on SIGTERM (its own handler) and on SIGINT (KeyboardInterrupt);
+    a signal to the whole process group would then end the trainer with "DataLoader worker
+    ... is killed by signal" before it can checkpoint. The workers stop with the trainer.
+    """
+    for signum in LOADER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def build_train_loader(
     data: TrainData, cfg: DictConfig, consumed: int, rank: int, world_size: int, device: torch.device,
     supervision=None,
@@ -150,4 +169,5 @@ def build_train_loader(
         persistent_workers=workers > 0,
         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
         drop_last=True,
+        worker_init_fn=ignore_stop_signals,
     )

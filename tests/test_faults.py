@@ -1,0 +1,81 @@
+"""Fault injection: signals to a whole process group, torn files (issue 19). Nothing done
+before the fault may be lost, and the right run must resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dinov2_hier.config import load_config
+from dinov2_hier.paths import PROJECT_ROOT
+from dinov2_hier.run.signals import DEFAULT_STOP_SIGNALS
+from dinov2_hier.train.checkpoint import list_checkpoints
+from dinov2_hier.train.data import LOADER_IGNORED_SIGNALS
+from dinov2_hier.train.loop import METRICS_FILE, Trainer
+
+from .conftest import TINY_OVERRIDES
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+def _train(tmp_path, overrides, stop_at=None):
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run")
+    trainer.run(stop_at=stop_at)
+    return trainer
+
+
+def test_loader_workers_ignore_every_signal_the_trainer_handles():
+    assert set(DEFAULT_STOP_SIGNALS) <= set(LOADER_IGNORED_SIGNALS)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_process_group_checkpoints_and_exits_0(tmp_path, signum):
+    """SLURM (preemption, scancel, time limit) and GNU ``timeout`` send SIGTERM to every
+    process of the job, Ctrl-C sends SIGINT to the terminal's process group: with real
+    DataLoader workers in the group the trainer must still checkpoint and exit 0."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dinov2_hier.train", "--output-dir", str(run), *TINY_OVERRIDES,
+         "data.num_workers=2", "train.iterations=2000", "train.checkpoint_every=10000"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a job step's
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / METRICS_FILE).exists() and len((run / METRICS_FILE).read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)  # the trainer and its loader workers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "killed by signal" not in err and "Traceback" not in err, err
+    last = _records(run)[-1]["iteration"]
+    assert 2 <= last < 2000
+    assert [it for it, _ in list_checkpoints(run)] == [last]
+    log = (run / "log.txt").read_text()
+    assert f"stop requested at iteration {last}" in log and "rerun the same command to resume" in log
+
+
+def test_resume_repairs_a_torn_metrics_line(tmp_path, tiny_overrides, caplog):
+    """A record torn while appending (disk full, kill) does not block the resume: the torn
+    line is dropped with a warning naming it, the run continues and its records are whole."""
+    _train(tmp_path, tiny_overrides, stop_at=3)
+    metrics = tmp_path / "run" / METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"iteration": 4, "loss_dino": 6.1')  # torn tail
+    with caplog.at_level("WARNING", logger="dinov2_hier.train"):
+        _train(tmp_path, tiny_overrides)
+    assert any(f"{metrics} line 4 is not a JSON record" in r.getMessage() for r in caplog.records)
+    assert [r["iteration"] for r in _records(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
