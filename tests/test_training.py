@@ -71,10 +71,24 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_overrides):
         assert torch.allclose(w_straight[key], w_split[key], atol=1e-5), key
 
 
-def test_no_resume_starts_over(tmp_path, tiny_overrides):
+def test_no_resume_starts_over_and_a_later_resume_picks_the_new_run(tmp_path, tiny_overrides):
+    """--no-resume moves the previous run aside: the next plain restart resumes the new run
+    (here at another batch size), never the old one, and the records do not mix."""
     _train(tmp_path, tiny_overrides, stop_at=3)
-    trainer = Trainer(load_config(None, tiny_overrides), tmp_path / "run", resume=False)
-    assert trainer.state.iteration == 0
+    old = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    new_overrides = tiny_overrides + ["train.batch_size_per_gpu=4"]
+    trainer = Trainer(load_config(None, new_overrides), tmp_path / "run", resume=False)
+    assert trainer.state.iteration == 0 and list_checkpoints(tmp_path / "run") == []
+    trainer.run(stop_at=3)
+    resumed = Trainer(load_config(None, new_overrides), tmp_path / "run")
+    assert resumed.state.iteration == 3
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])
+    assert ckpt["consumed_per_rank"] == 3 * 4  # the new run's batch size, not the old run's 8
+    assert [r["iteration"] for r in _metrics(tmp_path / "run")] == [1, 2, 3]  # the new run's records only
+    (aside,) = (tmp_path / "run").glob("replaced_*")
+    kept = list_checkpoints(aside)
+    assert [it for it, _ in kept] == [3] and load_checkpoint(kept[0][1])["consumed_per_rank"] == old["consumed_per_rank"]
+    assert [r["iteration"] for r in _metrics(aside)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["skip-on-host", "skip-on-device"])

@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, required=True, help="run directory (config, logs, checkpoints)")
     parser.add_argument(
         "--no-resume", dest="resume", action="store_false",
-        help="start over even if OUTPUT_DIR holds checkpoints (default: resume from the newest)",
+        help="start over even if OUTPUT_DIR holds checkpoints; the previous run's files move to "
+             "OUTPUT_DIR/replaced_<time>/ (default: resume from the newest)",
     )
     parser.add_argument(
         "--stop-at", type=int, default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..models import load_backbone_weights
 from ..paths import resolve_resource
 from .batch import batch_to_device
 from .collapse import CollapseDetector, CollapseError, ln_k_of
-from .checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_DIR, TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
 from .parallel import (
@@ -223,10 +224,28 @@ class Trainer:
         self._last_record: dict | None = None
         if resume:
             self._maybe_resume()
-        elif list_checkpoints(self.output_dir):
-            logger.warning("--no-resume: starting over; existing checkpoints in %s will be replaced", self.output_dir)
+        else:
+            self._set_aside_previous_run()
 
     # -- set-up helpers -------------------------------------------------------------------
+    def _set_aside_previous_run(self) -> None:
+        """``--no-resume``: move the previous run's checkpoints, records, summary, teacher
+        file and config into ``OUTPUT_DIR/replaced_<time>/``, so that no later resume can
+        pick them and the new run's records do not mix with them. Rank 0 moves; all wait."""
+        names = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, TEACHER_FILE, "config.yaml")
+        present = [name for name in names if (self.output_dir / name).exists()]
+        if present and distributed.is_main_process():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = self.output_dir / f"replaced_{stamp}"
+            suffix = 1
+            while target.exists():
+                target, suffix = self.output_dir / f"replaced_{stamp}_{suffix}", suffix + 1
+            target.mkdir()
+            for name in present:
+                os.replace(self.output_dir / name, target / name)
+            logger.warning("--no-resume: starting over; the previous run's %s moved to %s", ", ".join(present), target)
+        distributed.barrier()  # every rank, whatever it saw: rank 0 may have moved the files already
+
     def _load_pretrained(self, path: str) -> None:
         resolved = resolve_resource(path, "student.pretrained_weights")
         report = load_backbone_weights(self.model.student["backbone"], resolved)
