@@ -38,8 +38,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .models import WeightsError
     from .paths import ResourceNotFoundError
     from .train.checkpoint import CheckpointError
+    from .train.run_lock import RunDirectoryBusy
 
     return (
+        RunDirectoryBusy,
         ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
         ResourceNotFoundError, CheckpointError, SupervisedConfigError, DataSourceError,
         *_REGISTERED_USER_ERRORS,

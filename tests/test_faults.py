@@ -79,3 +79,34 @@ def test_resume_repairs_a_torn_metrics_line(tmp_path, tiny_overrides, caplog):
         _train(tmp_path, tiny_overrides)
     assert any(f"{metrics} line 4 is not a JSON record" in r.getMessage() for r in caplog.records)
     assert [r["iteration"] for r in _records(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path, capsys):
+    """Two runs on one folder would interleave their records and lose one's work: the second
+    exits 2 naming the holder. A SIGKILLed holder leaves its ``.lock`` file behind, but the
+    kernel released the lock, so the next run resumes."""
+    from dinov2_hier.train.__main__ import main as train_main
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dinov2_hier.train", "--output-dir", str(run), *TINY_OVERRIDES,
+         "train.iterations=5000", "train.checkpoint_every=2"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        rc = train_main(["--output-dir", str(run), *TINY_OVERRIDES, "train.iterations=5000"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{run} is in use by another training run (host" in err and f"pid {proc.pid}" in err
+        assert "Traceback" not in err
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (run / ".lock").exists()
+    resumed = Trainer(load_config(None, TINY_OVERRIDES + ["train.iterations=5000"]), run)
+    assert resumed.state.iteration >= 2  # resumed the killed run's newest checkpoint
+    resumed.release()

@@ -33,6 +33,7 @@ from .parallel import (
     wrap_model,
 )
 from .supervision import build_supervision
+from .run_lock import RunLock
 from .optim import build_optimizer, build_param_groups, clip_grad_per_module
 from .schedules import build_schedules
 from .step import PendingStep, Precision, StepOutput, train_step
@@ -186,6 +187,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rank = distributed.get_rank()
+        # One run per directory: the main process holds OUTPUT_DIR/.lock until run() ends.
+        self._lock = RunLock(self.output_dir) if distributed.is_main_process() else None
         self.world_size = distributed.get_world_size()
         self.device, self.precision = resolve_compute(cfg)
 
@@ -390,8 +393,15 @@ class Trainer:
             self.save()
             self.write_summary()
             raise
+        finally:
+            self.release()
         self.write_summary()
         return self.state
+
+    def release(self) -> None:
+        """Give up the output directory's lock (run() does at its end; idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _iterate(self, batches: Iterator[dict], end: int, should_stop: Callable[[], bool] | None) -> None:
         cfg = self.cfg
