@@ -14,7 +14,7 @@ import pytest
 from dinov2_hier.config import load_config
 from dinov2_hier.paths import PROJECT_ROOT
 from dinov2_hier.run.signals import DEFAULT_STOP_SIGNALS
-from dinov2_hier.train.checkpoint import list_checkpoints
+from dinov2_hier.train.checkpoint import CheckpointError, list_checkpoints
 from dinov2_hier.train.data import LOADER_IGNORED_SIGNALS
 from dinov2_hier.train.loop import METRICS_FILE, Trainer
 
@@ -110,3 +110,41 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_is
     resumed = Trainer(load_config(None, TINY_OVERRIDES + ["train.iterations=5000"]), run)
     assert resumed.state.iteration >= 2  # resumed the killed run's newest checkpoint
     resumed.release()
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_partial_writes(tmp_path, caplog):
+    """A kill or a full disk can leave the newest checkpoint truncated (copied in by hand,
+    say) and ``.*.tmp`` files of interrupted atomic writes: resume takes the checkpoint
+    before it, with a warning naming the bad one, and deletes the leftovers."""
+    overrides = TINY_OVERRIDES + ["train.checkpoint_every=2", "train.iterations=6"]
+    _train(tmp_path, overrides, stop_at=4)
+    run = tmp_path / "run"
+    newest = run / "checkpoints" / "ckpt_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    partial = [run / "checkpoints" / ".ckpt_00000006.pt.x1y2.tmp", run / ".teacher_backbone.pt.a9.tmp"]
+    for path in partial:
+        path.write_bytes(b"half a file")
+    with caplog.at_level("WARNING", logger="dinov2_hier.train"):
+        trainer = Trainer(load_config(None, overrides), run)
+    assert trainer.state.iteration == 2
+    assert any("ckpt_00000004.pt" in r.getMessage() and "trying the checkpoint before it" in r.getMessage()
+               for r in caplog.records)
+    assert not any(path.exists() for path in partial)
+    assert [r["iteration"] for r in _records(run)] == [1, 2]  # records after the checkpoint go
+    trainer.run()
+    assert [r["iteration"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
+    # every checkpoint unreadable: a clear error, never a silent start from scratch
+    for _, path in list_checkpoints(run):
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="none of the 3 checkpoint"):
+        Trainer(load_config(None, overrides), run)
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path):
+    """Records of an attempt that died before its first checkpoint are dropped when the
+    run starts again from iteration 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / METRICS_FILE).write_text("".join(json.dumps({"iteration": i, "loss_dino": 7.0}) + "\n" for i in (1, 2)))
+    _train(tmp_path, TINY_OVERRIDES + ["train.iterations=3", "train.checkpoint_every=3"])
+    assert [r["iteration"] for r in _records(run)] == [1, 2, 3]

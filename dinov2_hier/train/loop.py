@@ -260,11 +260,16 @@ class Trainer:
         )
 
     def _maybe_resume(self) -> None:
-        found = list_checkpoints(self.output_dir)
-        if not found:
+        if self._lock is not None:
+            self._remove_partial_writes()
+        distributed.barrier()
+        found = self._newest_readable_checkpoint()
+        if found is None:
+            # Nothing to resume: records of an attempt killed before its first checkpoint go.
+            if distributed.is_main_process():
+                _truncate_metrics(self.output_dir / METRICS_FILE, 0)
             return
-        iteration, path = found[-1]
-        ckpt = load_checkpoint(path)  # every rank reads the full checkpoint (any world size wrote it)
+        path, ckpt = found
         if ckpt.get("hierarchy_fingerprint", "") != self._hierarchy_fingerprint():
             raise CheckpointError(
                 f"{path}: written with another label hierarchy than supervision.hierarchy now names; "
@@ -288,6 +293,35 @@ class Trainer:
             "resumed from %s at iteration %d (written by %d rank(s), now %d)",
             path, self.state.iteration, len(ckpt.get("rng_per_rank", [None])), self.world_size,
         )
+
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its content; an unreadable one (truncated
+        by a kill or a full disk) is skipped with a warning and the previous one is tried.
+        None when there is no checkpoint; CheckpointError when none of them loads."""
+        found = list_checkpoints(self.output_dir)
+        for _, path in reversed(found):
+            try:
+                return path, load_checkpoint(path)  # every rank reads the full checkpoint
+            except CheckpointError as exc:
+                logger.warning("%s; trying the checkpoint before it", exc)
+        if found:
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoint(s) in {self.output_dir / CHECKPOINT_DIR} can be read; "
+                "move them aside to start over (or use --no-resume)"
+            )
+        return None
+
+    def _remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes a kill interrupted (``.NAME.*.tmp`` of
+        :func:`~dinov2_hier.io.atomic_write_file`). Only under the directory's lock: no other
+        process can be writing them."""
+        leftovers = [p for folder in (self.output_dir, self.output_dir / CHECKPOINT_DIR) if folder.is_dir()
+                     for p in folder.glob(".*.tmp") if p.is_file()]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            logger.warning("removed %d partial file(s) of interrupted writes: %s", len(leftovers),
+                           ", ".join(p.name for p in leftovers[:3]))
 
     def _restore_rng(self, ckpt: dict) -> None:
         """Each rank's own RNG state when the world size is unchanged; on one process rank
