@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 a user error (bad config, tree, manifest, label, checkpoint or
 path: one message, no traceback), 3 training stopped on repeated non-finite losses,
-too many unreadable images or a collapse (``train.stop_on_collapse``), 1 anything else (a bug: the traceback is printed).
+too many unreadable images, a collapse (``train.stop_on_collapse``) or a checkpoint that
+could not be written (full disk), 1 anything else (a bug: the traceback is printed).
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def aborted_types() -> tuple[type[BaseException], ...]:
     from .data import TooManyUnreadableImages
+    from .io import WriteFailedError
     from .train.collapse import CollapseError
     from .train.loop import NonFiniteLossError
 
-    return (NonFiniteLossError, TooManyUnreadableImages, CollapseError)
+    return (NonFiniteLossError, TooManyUnreadableImages, CollapseError, WriteFailedError)
 
 
 def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:

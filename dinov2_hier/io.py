@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_file(path, write)
 
 
+class WriteFailedError(RuntimeError):
+    """A file could not be written (full disk, quota, permissions); the earlier file under
+    the same name, if any, is intact."""
+
+
 def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    atomic_write_file(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` to ``path`` atomically. A failed write (torch reports a full disk as a
+    C++ ``inline_container.cc`` error) raises :class:`WriteFailedError` naming the file, the
+    cause and the free space left."""
+    try:
+        atomic_write_file(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 2**30:.2f} GiB free"
+        except OSError:
+            free = "free space unknown"
+        raise WriteFailedError(
+            f"could not write {path} ({free} on its filesystem; a full disk or quota is the usual cause): {cause}"
+        ) from None

@@ -148,3 +148,32 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path
     (run / METRICS_FILE).write_text("".join(json.dumps({"iteration": i, "loss_dino": 7.0}) + "\n" for i in (1, 2)))
     _train(tmp_path, TINY_OVERRIDES + ["train.iterations=3", "train.checkpoint_every=3"])
     assert [r["iteration"] for r in _records(run)] == [1, 2, 3]
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch reports a full disk as a C++ ``inline_container.cc`` error: the CLI says which
+    file, how much space is left and the likely cause in one line (exit 3); the earlier
+    checkpoint is intact and no partial file stays."""
+    import dinov2_hier.io as io_module
+    from dinov2_hier.train.__main__ import main as train_main
+    from dinov2_hier.train.checkpoint import load_checkpoint
+
+    real_save = io_module.torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # checkpoint 2 and its teacher file succeed, checkpoint 4 fails
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4416 vs 4352")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(io_module.torch, "save", failing_save)
+    run = tmp_path / "run"
+    rc = train_main(["--output-dir", str(run), *TINY_OVERRIDES, "train.checkpoint_every=2", "train.iterations=6"])
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if not line.startswith("20")]  # log lines start with the date
+    assert rc == 3 and "Traceback" not in stderr
+    assert len(err) == 1 and err[0].startswith("training stopped: could not write ") and "ckpt_00000004.pt" in err[0]
+    assert "GiB free" in err[0] and "full disk" in err[0] and "inline_container" in err[0]
+    assert [it for it, _ in list_checkpoints(run)] == [2] and load_checkpoint(list_checkpoints(run)[0][1])["iteration"] == 2
+    assert not list((run / "checkpoints").glob(".*.tmp"))
