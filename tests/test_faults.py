@@ -177,3 +177,15 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(
     assert "GiB free" in err[0] and "full disk" in err[0] and "inline_container" in err[0]
     assert [it for it, _ in list_checkpoints(run)] == [2] and load_checkpoint(list_checkpoints(run)[0][1])["iteration"] == 2
     assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_one_training_source_without_brackets_is_one_source(tmp_path):
+    """``data.train=cells.csv`` (the natural way to give one source) is that manifest, not
+    its characters (which made ``/`` an image folder and walked the filesystem)."""
+    from dinov2_hier.data import write_synthetic_dataset
+    from dinov2_hier.hierarchy import Hierarchy
+
+    manifest = write_synthetic_dataset(tmp_path / "cells", 12, Hierarchy.from_json(PROJECT_ROOT / "hierarchies/synthetic.json"),
+                                       image_size=40)
+    trainer = _train(tmp_path, TINY_OVERRIDES + [f"data.train={manifest}", "train.iterations=1", "train.checkpoint_every=1"])
+    assert trainer.data.description == "12 images from 1 source(s), 12 labelled"

@@ -76,8 +76,9 @@ def patch_grid(cfg: DictConfig) -> tuple[int, int]:
 
 
 def build_train_data(cfg: DictConfig) -> TrainData:
-    """The training dataset named by ``data.train`` and its collator."""
-    sources = list(cfg.data.train)
+    """The training dataset named by ``data.train`` (a list of sources, or one source as a
+    plain string: ``data.train=cells.csv``) and its collator."""
+    sources = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
     if not sources:
         raise ConfigError("data.train is empty: name manifests, image folders or 'synthetic'")
     transform = build_augmentation(cfg)
