@@ -189,3 +189,22 @@ def test_one_training_source_without_brackets_is_one_source(tmp_path):
                                        image_size=40)
     trainer = _train(tmp_path, TINY_OVERRIDES + [f"data.train={manifest}", "train.iterations=1", "train.checkpoint_every=1"])
     assert trainer.data.description == "12 images from 1 source(s), 12 labelled"
+
+
+def test_a_supervised_arm_without_any_label_exits_2_naming_the_column(tmp_path, capsys):
+    """A manifest whose label column has another name gives no labelled image: the
+    supervised arm would train to the end on a zero loss. It stops at once instead."""
+    from dinov2_hier.data import write_synthetic_dataset
+    from dinov2_hier.hierarchy import Hierarchy
+    from dinov2_hier.train.__main__ import main as train_main
+
+    manifest = write_synthetic_dataset(tmp_path / "cells", 12, Hierarchy.from_json(PROJECT_ROOT / "hierarchies/synthetic.json"),
+                                       image_size=40)
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "cells" / "wrong.csv").write_text("\n".join(["path,code,dataset,true_label", *lines[1:]]) + "\n")
+    rc = train_main(["--output-dir", str(tmp_path / "run"), *TINY_OVERRIDES, f"data.train={tmp_path / 'cells' / 'wrong.csv'}",
+                     "supervision.hierarchy=hierarchies/synthetic.json", "supervision.losses=[{name: hierce}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "supervision.losses (hierce) is set but none of the 12 training images has a label" in err
+    assert "'label' column" in err

@@ -94,7 +94,32 @@ def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
         index_of[pair] = UNLABELLED if idx is None else idx
     targets = [index_of[p] for p in pairs]
     _log_label_summary(hierarchy, targets)
+    _check_labelled_share(cfg, targets)
     return Supervision(hierarchy=hierarchy, targets=targets, index_of=index_of)
+
+
+#: Under this share of labelled training images a supervised arm gets a loud warning.
+FEW_LABELS_SHARE = 0.01
+
+
+def _check_labelled_share(cfg: DictConfig, targets: list[int]) -> None:
+    """Supervised terms with no labelled image would train to the end on a zero loss:
+    refuse (exit 2); warn when under :data:`FEW_LABELS_SHARE` of the images carry one."""
+    if not len(cfg.supervision.losses):
+        return
+    n_labelled = sum(t != UNLABELLED for t in targets)
+    terms = ", ".join(str(term.get("name")) for term in cfg.supervision.losses)
+    if n_labelled == 0:
+        raise ConfigError(
+            f"supervision.losses ({terms}) is set but none of the {len(targets)} training images has a label: "
+            "a manifest gives labels in its 'label' column (check the header, path,label[,dataset]), an "
+            "ImageFolder in its class folders; train the 'unsup' arm for unlabelled data"
+        )
+    if n_labelled < FEW_LABELS_SHARE * len(targets):
+        logger.warning(
+            "only %d of %d training images (%.2f%%) carry a label for supervision.losses (%s): the supervised "
+            "terms will see a labelled image in few batches", n_labelled, len(targets), 100 * n_labelled / len(targets), terms,
+        )
 
 
 def _log_label_summary(hierarchy: Hierarchy, targets: list[int]) -> None:
