@@ -39,14 +39,21 @@ def tiny_overrides() -> list[str]:
 
 
 def real_data_dir() -> Path | None:
-    """``$DINOV2_HIER_TEST_DATA`` if it points at a folder with bccd/ and pbc_dev/."""
+    """``$DINOV2_HIER_TEST_DATA`` (a folder with bccd/ and pbc_dev/), None when unset; a set
+    path without them stops the session (:func:`pytest_configure`)."""
     root = os.environ.get("DINOV2_HIER_TEST_DATA")
-    if not root:
-        return None
-    path = Path(root)
-    if (path / "bccd").is_dir() and (path / "pbc_dev").is_dir():
-        return path
-    return None
+    return Path(root) if root else None
+
+
+def pytest_configure(config):
+    """A set but wrong ``DINOV2_HIER_TEST_DATA`` is an error, not a silent skip of the
+    real-data tests."""
+    root = os.environ.get("DINOV2_HIER_TEST_DATA")
+    if root and not all((Path(root) / sub).is_dir() for sub in ("bccd", "pbc_dev")):
+        raise pytest.UsageError(
+            f"DINOV2_HIER_TEST_DATA={root} has no bccd/ and pbc_dev/ folders; point it at the real images "
+            "or unset it (the real-data tests are then skipped)"
+        )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -208,3 +208,11 @@ def test_a_supervised_arm_without_any_label_exits_2_naming_the_column(tmp_path, 
     assert rc == 2 and "Traceback" not in err
     assert "supervision.losses (hierce) is set but none of the 12 training images has a label" in err
     assert "'label' column" in err
+
+
+def test_a_wrong_test_data_path_is_an_error_not_a_skip(tmp_path):
+    env = {**os.environ, "DINOV2_HIER_TEST_DATA": str(tmp_path / "nowhere")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_baselines.py"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    assert f"DINOV2_HIER_TEST_DATA={tmp_path / 'nowhere'} has no bccd/ and pbc_dev/" in done.stderr
