@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,3 +64,14 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         raise WriteFailedError(
             f"could not write {path} ({free} on its filesystem; a full disk or quota is the usual cause): {cause}"
         ) from None
+
+
+def load_error_message(path: Path, exc: BaseException) -> str:
+    """One line on why ``torch.load(path, weights_only=True)`` failed. A file that holds
+    pickled Python objects (what the safe load refuses) gets our own advice, never torch's
+    suggestion to load it unsafely; other errors keep their first line."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"{path} holds pickled Python objects, which a safe load refuses: save the tensors alone "
+                "(torch.save(model.state_dict(), ...)) or as .safetensors")
+    text = str(exc).strip()
+    return f"cannot read {path}: {text.splitlines()[0] if text else type(exc).__name__}"

@@ -102,6 +102,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2_hier.io import load_error_message
 from dinov2_hier.constraints import ConstraintMatrix
 
 __all__ = [
@@ -681,8 +682,8 @@ def load_head(path: str | Path, device: Any = "cpu") -> tuple[ConstrainedMultiLa
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConstrainedHeadError(f"{path}: cannot read constrained head: {err}") from None
+    except Exception as err:  # unpickling refusals, truncated or foreign files
+        raise ConstrainedHeadError(f"constrained head: {load_error_message(path, err)}") from None
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
         raise ConstrainedHeadError(f"{path}: not a constrained head file (format {HEAD_FORMAT!r})")
     cfg = ConstrainedConfig.from_dict(dict(payload["config"]))

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from dinov2_hier.io import load_error_message
 from dinov2_hier.models.vision_transformer import VisionTransformer, interpolate_pos_embed
 
 PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
@@ -71,7 +72,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling refusals, truncated or foreign files
-            raise WeightsError(f"cannot read weights file {path} (weights_only=True): {err}") from err
+            raise WeightsError(load_error_message(path, err)) from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, expected a dict")
     return dict(obj)

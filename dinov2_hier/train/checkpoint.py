@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, load_error_message
 
 CHECKPOINT_DIR = "checkpoints"
 TEACHER_FILE = "teacher_backbone.pt"
@@ -57,7 +57,7 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
+        raise CheckpointError(load_error_message(path, exc)) from None
 
 
 def check_state_dict_matches(own: dict, state_dict: dict, source: Path) -> None:
