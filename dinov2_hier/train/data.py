@@ -78,6 +78,8 @@ def patch_grid(cfg: DictConfig) -> tuple[int, int]:
 def build_train_data(cfg: DictConfig) -> TrainData:
     """The training dataset named by ``data.train`` (a list of sources, or one source as a
     plain string: ``data.train=cells.csv``) and its collator."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed!r}")
     sources = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
     if not sources:
         raise ConfigError("data.train is empty: name manifests, image folders or 'synthetic'")
@@ -117,7 +119,10 @@ def build_sampler(cfg: DictConfig, size: int, consumed: int, rank: int, world_si
     if sup.labelled_fraction is None:
         if sup.balance != "none":
             raise ConfigError("supervision.balance needs supervision.labelled_fraction (the labelled share of a batch)")
-        return InfiniteSampler(size, seed=cfg.seed, rank=rank, world_size=world_size, start=consumed)
+        try:
+            return InfiniteSampler(size, seed=cfg.seed, rank=rank, world_size=world_size, start=consumed)
+        except ValueError as exc:  # SamplerConfigError: the seed or an empty dataset
+            raise ConfigError(f"training sampler (seed={cfg.seed}, {size} images): {exc}") from None
     if sup.balance not in ("none", "class", "branch"):
         raise ConfigError(f"supervision.balance must be none, class or branch, got '{sup.balance}'")
     if not 0.0 <= sup.labelled_fraction <= 1.0:

@@ -5,6 +5,7 @@ lives; the training loop, the benchmark and the SLURM job all call it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from .. import distributed
-from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
+from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss, LossInputError
 from ..losses import diagnostics
 from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
@@ -72,6 +73,15 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], if_absent: str 
     return str(value)
 
 
+@contextlib.contextmanager
+def _config_section(section: str):
+    """Turn a loss's argument error into a ConfigError naming the config section (exit 2)."""
+    try:
+        yield
+    except LossInputError as exc:
+        raise ConfigError(f"{section}: {exc}") from None
+
+
 def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
     return DINOHead(
         in_dim=in_dim,
@@ -125,21 +135,24 @@ class SSLMetaArch(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(
-            cfg.dino.head_n_prototypes,
-            student_temp=cfg.dino.student_temp,
-            centering=cfg.dino.centering,
-            center_momentum=cfg.dino.center_momentum,
-            sk_iterations=cfg.dino.sk_iterations,
-        )
+        # The losses check their arguments, which are config values: errors name the section.
+        with _config_section("dino"):
+            self.dino_loss = DINOLoss(
+                cfg.dino.head_n_prototypes,
+                student_temp=cfg.dino.student_temp,
+                centering=cfg.dino.centering,
+                center_momentum=cfg.dino.center_momentum,
+                sk_iterations=cfg.dino.sk_iterations,
+            )
         ibot_cfg = cfg.ibot if self.separate_ibot_head else cfg.dino
-        self.ibot_loss = iBOTPatchLoss(
-            ibot_cfg.head_n_prototypes,
-            student_temp=cfg.ibot.student_temp,
-            centering=cfg.ibot.centering,
-            center_momentum=cfg.ibot.center_momentum,
-            sk_iterations=cfg.ibot.sk_iterations,
-        )
+        with _config_section("ibot"):
+            self.ibot_loss = iBOTPatchLoss(
+                ibot_cfg.head_n_prototypes,
+                student_temp=cfg.ibot.student_temp,
+                centering=cfg.ibot.centering,
+                center_momentum=cfg.ibot.center_momentum,
+                sk_iterations=cfg.ibot.sk_iterations,
+            )
         self.koleo_loss = KoLeoLoss()
         # Student-side supervised heads: optimised with the student, not part of the EMA teacher.
         self.supervised, self.supervised_weights = build_supervised_heads(cfg, hierarchy, embed_dim)
