@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file under the final name."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -75,3 +76,17 @@ def load_error_message(path: Path, exc: BaseException) -> str:
                 "(torch.save(model.state_dict(), ...)) or as .safetensors")
     text = str(exc).strip()
     return f"cannot read {path}: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The JSON records of a JSON-lines file, and the numbers of the lines that are not
+    JSON (torn by a full disk or a kill while appending); blank lines are skipped."""
+    records, torn = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn.append(number)
+    return records, torn

@@ -34,6 +34,9 @@ class ColourBaseline(nn.Module):
 
     HUE_BINS, SAT_BINS, VAL_BINS = 8, 4, 4
     GRID = 16
+    # What extraction reads of a backbone: any crop size fits (one pixel per "patch").
+    patch_size = 1
+    num_register_tokens = 0
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

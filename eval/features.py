@@ -319,8 +319,7 @@ def _baseline(ckpt: object, device: Any) -> EvalBackbone:
     224 px (``--crop-size`` changes it); patch size 1, so any crop size fits."""
     name = _baseline_name(ckpt)
     model = BASELINES[name](IMAGENET_MEAN, IMAGENET_STD)
-    meta = {"arch": f"{PREFIX}{name}", "patch_size": 1, "img_size": 224, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "num_register_tokens": 0, "iteration": None}
+    meta = _meta(model, f"{PREFIX}{name}", 224, IMAGENET_MEAN, IMAGENET_STD, None)
     return _finish(model, meta, f"{PREFIX}{name}", f"{PREFIX}{name}:v1", device)
 
 

@@ -15,11 +15,12 @@ targets sharpen; the collapsed runs measured (docs/training-dynamics.md) sat at 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..io import read_jsonl
 
 logger = logging.getLogger("dinov2_hier.train")
 
@@ -180,11 +181,7 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
     check_after = OmegaConf.select(cfg, "train.collapse_check_after", default=300)
     detector = CollapseDetector(ln_k_of(cfg), int(check_after))
     last = None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line (disk full while appending)
-            continue
+    for record in read_jsonl(metrics)[0]:  # a torn last line (disk full while appending) is left out
         if up_to_iteration is not None and record.get("iteration", 0) > up_to_iteration:
             break
         detector.observe(record, quiet=True)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from .. import distributed
 from ..config import ConfigError, save_config, to_yaml
 from ..data import SkipCounter
-from ..io import atomic_torch_save, atomic_write_text
+from ..io import atomic_torch_save, atomic_write_text, read_jsonl
 from ..models import load_backbone_weights
 from ..paths import resolve_resource
 from .batch import batch_to_device
@@ -135,17 +135,10 @@ def _truncate_metrics(path: Path, last_iteration: int) -> list[dict]:
     appending) is dropped with a warning naming it. Only the main process rewrites the file."""
     if not path.exists():
         return []
-    kept = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s line %d is not a JSON record (torn while writing?); dropped on resume", path, number)
-            continue
-        if record.get("iteration", -1) <= last_iteration:
-            kept.append(record)
+    records, torn = read_jsonl(path)
+    for number in torn:
+        logger.warning("%s line %d is not a JSON record (torn while writing?); dropped on resume", path, number)
+    kept = [record for record in records if record.get("iteration", -1) <= last_iteration]
     if distributed.is_main_process():
         atomic_write_text(path, "".join(f"{json.dumps(record)}\n" for record in kept))
     return kept
