@@ -25,6 +25,7 @@ batch of ``train.batch_size_per_gpu`` images; rank 0 prints per-rank and total i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -280,11 +281,15 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
     augmentation = build_augmentation(cfg)
 
+    calls = itertools.count(1)
+
     def step():
         # With crops.photometric=device this applies the photometric ops (part of the step's cost).
         step_batch = batch_to_device(batch, device, augmentation)
+        # Diagnostics on every train.log_every-th step, as the trainer computes them.
+        logged = next(calls) % cfg.train.log_every == 0
         return train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad,
-                          grad_groups, clip_per_module)
+                          grad_groups, clip_per_module, with_stats=logged)
 
     for _ in range(args.warmup):
         step().read()

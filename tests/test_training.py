@@ -103,9 +103,9 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path, tiny_overrides, monkeyp
     real = trainer.model.compute_losses
     calls = {"n": 0}
 
-    def flaky(batch, teacher_temp):
+    def flaky(batch, teacher_temp, with_stats=True):
         calls["n"] += 1
-        losses, stats = real(batch, teacher_temp)
+        losses, stats = real(batch, teacher_temp, with_stats)
         if calls["n"] >= 3:  # iterations 2, 3, ... (0-based) give NaN
             losses["total"] = losses["total"] * float("nan")
         return losses, stats
@@ -121,6 +121,31 @@ def test_nonfinite_loss_skips_steps_then_stops(tmp_path, tiny_overrides, monkeyp
             assert torch.equal(value, ckpt["model"][key]), key
     records = _metrics(tmp_path / "run")
     assert [r["applied"] for r in records] == [True, True, False]
+
+
+def test_diagnostics_are_computed_only_on_logged_steps(tmp_path, tiny_overrides, monkeypatch):
+    """The diagnostics cost several passes over the [rows, K] targets and logits: the
+    trainer asks for them on the steps it logs (every train.log_every-th and the last)
+    only, and every metrics record still has them. The losses do not depend on them."""
+    cfg = load_config(None, tiny_overrides + ["train.iterations=5", "train.log_every=2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    real = trainer.model.compute_losses
+    asked: list[bool] = []
+
+    def spy(batch, teacher_temp, with_stats=True):
+        asked.append(with_stats)
+        losses, stats = real(batch, teacher_temp, with_stats)
+        if with_stats:  # the same losses without the diagnostics
+            plain, none = real(batch, teacher_temp, False)
+            assert none == {} and {k: v.item() for k, v in plain.items()} == {k: v.item() for k, v in losses.items()}
+        return losses, stats
+
+    monkeypatch.setattr(trainer.model, "compute_losses", spy)
+    trainer.run()
+    assert asked == [False, True, False, True, True]  # iterations 1..5: 2, 4 and the last are logged
+    records = _metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == [2, 4, 5]
+    assert all("dino_teacher_entropy" in r and "grad_norm_backbone" in r for r in records)
 
 
 def _synthetic_manifest(tmp_path, n=24):
@@ -312,7 +337,7 @@ def test_step_skips_a_nonfinite_loss_with_an_enabled_loss_scaler():
             self.w = torch.nn.Parameter(torch.ones(3))
             self.ema_updates = 0
 
-        def forward(self, batch, teacher_temp):
+        def forward(self, batch, teacher_temp, with_stats=True):
             return {"total": (self.w * batch["x"]).sum()}
 
         def update_teacher(self, momentum):
@@ -332,7 +357,7 @@ def test_step_skips_a_nonfinite_loss_with_an_enabled_loss_scaler():
     torch.testing.assert_close(model.w.detach(), torch.tensor([0.9, 0.8, 1.0]))
     assert out.grad_norm == pytest.approx(5 ** 0.5)
     # The gradient norm travels with the losses under a reserved name.
-    model.forward = lambda batch, teacher_temp: {"total": model.w.sum(), "grad_norm": model.w.sum()}
+    model.forward = lambda batch, teacher_temp, with_stats=True: {"total": model.w.sum(), "grad_norm": model.w.sum()}
     with pytest.raises(ValueError, match="grad_norm"):
         train_step(model, optimizer, scaler, {}, schedule, precision, 1.0)
 

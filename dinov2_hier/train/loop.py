@@ -452,6 +452,7 @@ class Trainer:
                 out = train_step(
                     self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
                     self.precision, cfg.optim.clip_grad, self.grad_groups, self.clip_per_group,
+                    with_stats=is_logged(it + 1, cfg.train.log_every, end),
                 )
             self.state.iteration = it + 1
             self._pending.append(_Launched(it, schedule, out, counts["images"]))
@@ -502,7 +503,7 @@ class Trainer:
         done = launched.iteration + 1
         window = self._window
         window.images += launched.n_images
-        if out is None or not (done % cfg.train.log_every == 0 or done == window.end):
+        if out is None or not is_logged(done, cfg.train.log_every, window.end):
             return
         now = time.perf_counter()
         ips = window.images / (now - window.start) if now > window.start else float("nan")
@@ -566,6 +567,12 @@ class Trainer:
                 f"train.max_consecutive_nonfinite={limit}) at iteration {it}; {where}. "
                 "Lower optim.base_lr, raise warm-up, or check the data."
             )
+
+
+def is_logged(done: int, log_every: int, end: int) -> bool:
+    """Whether the step that brings the run to ``done`` iterations gets a log line and a
+    ``metrics.jsonl`` record (and so computes the diagnostics)."""
+    return done % log_every == 0 or done == end
 
 
 def format_stats(stats: dict[str, float], ln_k: dict[str, float]) -> str:

@@ -134,6 +134,7 @@ def train_step(
     clip_grad: float,
     grad_groups: dict[str, list[torch.Tensor]] | None = None,
     clip_per_group: bool = True,
+    with_stats: bool = True,
 ) -> PendingStep:
     """Queue one training step on ``batch`` (already on the model's device); read the
     report with ``.read()``.
@@ -144,6 +145,8 @@ def train_step(
     ``grad_groups`` (``SSLMetaArch.gradient_groups()``; default: one group ``all`` of the
     optimizer's parameters) are the parameter groups whose gradient norms are clipped
     (each on its own with ``clip_per_group``, else together) and reported.
+    ``with_stats=False`` skips the model's diagnostics (the report's ``stats`` then hold
+    the gradient norms only): the trainer computes them only on the steps it logs.
 
     A non-finite total loss, or a non-finite gradient norm without fp16 loss scaling,
     skips the update of the student (weights, AdamW moments and step count unchanged);
@@ -159,7 +162,7 @@ def train_step(
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        output = model(batch, schedule["teacher_temp"])
+        output = model(batch, schedule["teacher_temp"], with_stats)
     losses, stats = output if isinstance(output, tuple) else (output, {})
     if GRAD_NORM in losses:
         raise ValueError(f"a loss may not be named '{GRAD_NORM}'")
