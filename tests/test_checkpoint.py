@@ -15,6 +15,7 @@ from dinov2_hier.train.checkpoint import (
     load_checkpoint,
     load_model_state,
     save_checkpoint,
+    why_not_good,
 )
 
 
@@ -28,6 +29,17 @@ def test_save_list_load_and_keep(tmp_path):
     assert [it for it, _ in list_checkpoints(tmp_path)] == [2, 3]
     loaded = load_checkpoint(checkpoint_path(tmp_path, 3))
     assert loaded["iteration"] == 3 and torch.equal(loaded["model"]["w"], torch.full((3,), 3.0))
+
+
+def test_pruning_keeps_the_newest_good_checkpoint_and_goodness_is_judged_on_content(tmp_path):
+    good = save_checkpoint(_state(1), tmp_path, 1, keep=2)
+    for it in (2, 3, 4):  # written during a non-finite streak
+        save_checkpoint({**_state(it), "nonfinite_streak": it - 1}, tmp_path, it, keep=2, newest_good=good)
+    assert [it for it, _ in list_checkpoints(tmp_path)] == [1, 3, 4]
+    assert why_not_good(load_checkpoint(good)) is None  # no streak entry, finite weights: good
+    assert why_not_good(load_checkpoint(checkpoint_path(tmp_path, 4))) == "written after 3 non-finite step(s) in a row"
+    assert why_not_good({"model": {"w": torch.tensor([1.0, float("nan")])}}) == "its weights are not finite"
+    assert why_not_good({"model": {"w": torch.ones(2)}, "good": False}) == "recorded as not good when it was written"
 
 
 def test_failure_before_rename_keeps_old_checkpoint(tmp_path, monkeypatch):

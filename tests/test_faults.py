@@ -140,6 +140,61 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_partial_writes
         Trainer(load_config(None, overrides), run)
 
 
+def test_a_nonfinite_streak_never_prunes_the_last_good_checkpoint_and_resume_skips_poisoned_ones(
+        tmp_path, monkeypatch, caplog):
+    """Checkpoints written during a non-finite streak hold the weights that led into it: they
+    are recorded as not good, pruning (``train.keep_checkpoints``) keeps the newest good one
+    they would push out, the stop message names it, and resume skips every checkpoint that
+    is not good (also one of an older version whose weights are not finite) with one line
+    each, falling back to it."""
+    import torch
+
+    from dinov2_hier.train.checkpoint import TEACHER_FILE, checkpoint_path, load_checkpoint
+    from dinov2_hier.train.loop import NonFiniteLossError
+
+    overrides = TINY_OVERRIDES + ["train.checkpoint_every=1", "train.keep_checkpoints=2",
+                                  "train.max_consecutive_nonfinite=4", "train.iterations=8"]
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, overrides), run)
+    real = trainer.model.compute_losses
+    calls = {"n": 0}
+
+    def nan_from_iteration_2(batch, teacher_temp):
+        calls["n"] += 1
+        losses, stats = real(batch, teacher_temp)
+        if calls["n"] >= 3:
+            losses["total"] = losses["total"] * float("nan")
+        return losses, stats
+
+    monkeypatch.setattr(trainer.model, "compute_losses", nan_from_iteration_2)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 5; the last good checkpoint is \S*ckpt_00000002\.pt\."):
+        trainer.run()
+    # 3, 4, 5 were written during the streak; 2 outlives keep_checkpoints=2 as the newest good one
+    assert [it for it, _ in list_checkpoints(run)] == [2, 4, 5]
+    assert [load_checkpoint(path).get("good") for _, path in list_checkpoints(run)] == [True, False, False]
+    assert torch.load(run / TEACHER_FILE, weights_only=True)["meta"]["iteration"] == 2
+    # a checkpoint of an older version (no "good" entry, streak 0) whose weights overflowed
+    old_format = load_checkpoint(checkpoint_path(run, 2))
+    del old_format["good"]
+    old_format["iteration"] = 3
+    next(v for v in old_format["model"].values() if v.is_floating_point()).fill_(float("inf"))
+    torch.save(old_format, checkpoint_path(run, 3))
+
+    with caplog.at_level("WARNING", logger="dinov2_hier.train"):
+        resumed = Trainer(load_config(None, overrides), run)
+    resumed.release()
+    assert resumed.state.iteration == 2 and resumed.state.nonfinite_streak == 0
+    skipped = [r.getMessage() for r in caplog.records if "is not a good checkpoint" in r.getMessage()]
+    assert skipped == [
+        f"{checkpoint_path(run, 5)} is not a good checkpoint (written after 3 non-finite step(s) in a row); "
+        "trying the checkpoint before it",
+        f"{checkpoint_path(run, 4)} is not a good checkpoint (written after 2 non-finite step(s) in a row); "
+        "trying the checkpoint before it",
+        f"{checkpoint_path(run, 3)} is not a good checkpoint (its weights are not finite); "
+        "trying the checkpoint before it",
+    ]
+
+
 def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path):
     """Records of an attempt that died before its first checkpoint are dropped when the
     run starts again from iteration 0."""

@@ -1,4 +1,5 @@
-"""Full training checkpoints: atomic writes, discovery for auto-resume, safe loading.
+"""Full training checkpoints: atomic writes, discovery for auto-resume, safe loading,
+and which of them are good to resume from.
 
 A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
 ``torch.load(..., weights_only=True)``: no pickled code is ever executed.
@@ -15,6 +16,9 @@ from ..io import atomic_torch_save, load_error_message
 CHECKPOINT_DIR = "checkpoints"
 TEACHER_FILE = "teacher_backbone.pt"
 _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+#: Entry of every checkpoint recording :func:`why_not_good`'s verdict when it was written,
+#: for readers that do not want to scan the weights.
+GOOD_KEY = "good"
 
 
 class CheckpointError(ValueError):
@@ -39,15 +43,48 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(state: dict, output_dir: Path, iteration: int, keep: int) -> Path:
+def save_checkpoint(
+    state: dict, output_dir: Path, iteration: int, keep: int, newest_good: Path | None = None
+) -> Path:
     """Write ``state`` atomically as the checkpoint of ``iteration``; keep the newest ``keep``
-    (0 = all). Older ones are removed only after the new one is in place."""
+    (0 = all) and, whatever ``keep`` says, ``newest_good``: the checkpoint a run stopped by
+    non-finite losses resumes from, which checkpoints written during the streak (not good,
+    :func:`why_not_good`) would otherwise push out. Older ones are removed only after the
+    new one is in place."""
     path = checkpoint_path(output_dir, iteration)
     atomic_torch_save(state, path)
     if keep > 0:
+        protected = newest_good.name if newest_good is not None else None
         for _, old in list_checkpoints(output_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            if old.name != protected:
+                old.unlink(missing_ok=True)
     return path
+
+
+def weights_finite(model_state: dict) -> bool:
+    """Whether every floating-point tensor of ``model_state`` is finite (one pass over the
+    weights: cheap next to writing or reading them)."""
+    return all(bool(torch.isfinite(value).all()) for value in model_state.values()
+               if torch.is_tensor(value) and value.is_floating_point())
+
+
+def why_not_good(ckpt: dict) -> str | None:
+    """Why training must not resume from ``ckpt``; None when it is good: written after a
+    finite, applied step (``nonfinite_streak`` 0) and with finite weights.
+
+    A checkpoint written during a non-finite streak holds the weights that led into it, so
+    resuming there replays the streak. Judged on the content (the streak counter and the
+    weights, which every checkpoint has), so one written before :data:`GOOD_KEY` existed is
+    judged the same way.
+    """
+    streak = int(ckpt.get("nonfinite_streak", 0))
+    if streak:
+        return f"written after {streak} non-finite step(s) in a row"
+    if not weights_finite(ckpt["model"]):
+        return "its weights are not finite"
+    if not ckpt.get(GOOD_KEY, True):
+        return "recorded as not good when it was written"
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:

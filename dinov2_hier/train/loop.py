@@ -21,7 +21,17 @@ from ..models import load_backbone_weights
 from ..paths import resolve_resource
 from .batch import batch_to_device
 from .collapse import CollapseDetector, CollapseError, ln_k_of
-from .checkpoint import CHECKPOINT_DIR, TEACHER_FILE, CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    GOOD_KEY,
+    TEACHER_FILE,
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    why_not_good,
+)
 from .data import build_train_data, build_train_loader
 from .meta_arch import SSLMetaArch
 from .parallel import (
@@ -218,6 +228,9 @@ class Trainer:
             log=distributed.is_main_process(),  # every rank decides the same; one rank tells it
         )
         self._last_record: dict | None = None
+        # The newest checkpoint to resume from (checkpoint.why_not_good): named when
+        # non-finite losses stop the run, and never pruned.
+        self._newest_good: Path | None = None
         if resume:
             self._maybe_resume()
         else:
@@ -256,13 +269,14 @@ class Trainer:
         if self._lock is not None:
             self._remove_partial_writes()
         distributed.barrier()
-        found = self._newest_readable_checkpoint()
+        found = self._newest_good_checkpoint()
         if found is None:
             # Nothing to resume: records of an attempt killed before its first checkpoint go.
             if distributed.is_main_process():
                 _truncate_metrics(self.output_dir / METRICS_FILE, 0)
             return
         path, ckpt = found
+        self._newest_good = path
         if ckpt.get("hierarchy_fingerprint", "") != self._hierarchy_fingerprint():
             raise CheckpointError(
                 f"{path}: written with another label hierarchy than supervision.hierarchy now names; "
@@ -287,20 +301,27 @@ class Trainer:
             path, self.state.iteration, len(ckpt.get("rng_per_rank", [None])), self.world_size,
         )
 
-    def _newest_readable_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that loads, and its content; an unreadable one (truncated
-        by a kill or a full disk) is skipped with a warning and the previous one is tried.
-        None when there is no checkpoint; CheckpointError when none of them loads."""
+    def _newest_good_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads and is good (:func:`~.checkpoint.why_not_good`),
+        and its content. An unreadable one (truncated by a kill or a full disk) or one that is
+        not good (written during a non-finite streak, non-finite weights) is skipped with a
+        warning and the previous one is tried. None when there is no checkpoint;
+        CheckpointError when none of them is readable and good."""
         found = list_checkpoints(self.output_dir)
         for _, path in reversed(found):
             try:
-                return path, load_checkpoint(path)  # every rank reads the full checkpoint
+                ckpt = load_checkpoint(path)  # every rank reads the full checkpoint
             except CheckpointError as exc:
                 logger.warning("%s; trying the checkpoint before it", exc)
+                continue
+            flaw = why_not_good(ckpt)
+            if flaw is None:
+                return path, ckpt
+            logger.warning("%s is not a good checkpoint (%s); trying the checkpoint before it", path, flaw)
         if found:
             raise CheckpointError(
-                f"none of the {len(found)} checkpoint(s) in {self.output_dir / CHECKPOINT_DIR} can be read; "
-                "move them aside to start over (or use --no-resume)"
+                f"none of the {len(found)} checkpoint(s) in {self.output_dir / CHECKPOINT_DIR} can be read "
+                "and is good (see the warnings above); move them aside to start over (or use --no-resume)"
             )
         return None
 
@@ -332,18 +353,28 @@ class Trainer:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write the full checkpoint and the teacher backbone file.
+        """Write the full checkpoint and, if it is good, the teacher backbone file.
 
         Called on every rank: a sharded model's full state is gathered onto rank 0
         (collective), which alone writes; the ranks wait for the write (barrier).
+        A checkpoint written during a non-finite streak or with non-finite weights is
+        recorded as not good (:func:`~.checkpoint.why_not_good`): resume skips it, and
+        pruning and the teacher file keep the newest good one.
         Returns the checkpoint path on rank 0, None elsewhere.
         """
         it = self.state.iteration
         model_state = gather_model_state(self.engine)
         optimizer_state = gather_optimizer_state(self.engine, self.optimizer)
         rng_per_rank = distributed.all_gather_objects(_rng_state(self.device)) if self.world_size > 1 else None
+        # Judged on rank 0, which alone holds the full weights; every rank learns the verdict
+        # so that each names the same last good checkpoint if training stops.
+        flaw = (why_not_good({"nonfinite_streak": self.state.nonfinite_streak, "model": model_state})
+                if distributed.is_main_process() else None)
+        good = not distributed.any_rank(flaw is not None, "cpu", self.host_group)
+        newest_good = checkpoint_path(self.output_dir, it) if good else self._newest_good
         if not distributed.is_main_process():
             distributed.barrier()
+            self._newest_good = newest_good
             return None
         state = {
             "iteration": it,
@@ -359,14 +390,20 @@ class Trainer:
             # Images this rank consumed; the sampler resumes from here.
             "consumed_per_rank": it * self.cfg.train.batch_size_per_gpu,
             "world_size": self.world_size,
+            GOOD_KEY: good,
         }
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
-        path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints)
-        atomic_torch_save(
-            teacher_backbone_payload(self.model, self.cfg, it, model_state), self.output_dir / TEACHER_FILE
-        )
-        logger.info("saved %s", path)
+        path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints, newest_good)
+        self._newest_good = newest_good
+        if good:
+            atomic_torch_save(
+                teacher_backbone_payload(self.model, self.cfg, it, model_state), self.output_dir / TEACHER_FILE
+            )
+            logger.info("saved %s", path)
+        else:
+            logger.warning("saved %s, not a good checkpoint (%s): resume will skip it; the last good one is %s",
+                           path, flaw, newest_good or "none yet")
         distributed.barrier()
         return path
 
@@ -560,8 +597,8 @@ class Trainer:
         )
         limit = self.cfg.train.max_consecutive_nonfinite
         if self.state.nonfinite_streak >= limit:
-            last = list_checkpoints(self.output_dir)
-            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+            where = (f"the last good checkpoint is {self._newest_good}" if self._newest_good is not None
+                     else "no good checkpoint was written yet")
             raise NonFiniteLossError(
                 f"{self.state.nonfinite_streak} consecutive non-finite losses (limit "
                 f"train.max_consecutive_nonfinite={limit}) at iteration {it}; {where}. "
