@@ -8,12 +8,45 @@ could not be written (full disk), 1 anything else (a bug: the traceback is print
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_ABORTED = 3
+
+
+class OutputDirError(ValueError):
+    """An output directory cannot be created or written to (exit 2)."""
+
+
+def prepare_output_dir(path: Path, flag: str = "--output-dir") -> Path:
+    """Create ``path`` (with its parents) and check that a file can be written in it.
+
+    Without the check an unwritable directory (read-only file system, no permission, a
+    file in the way) fails later with a PermissionError traceback at the first log line,
+    after the data was read. The check writes and removes a ``.NAME.tmp`` file, the
+    pattern of interrupted atomic writes that a resuming trainer deletes, because
+    ``os.access`` answers yes to root on a read-only mount's files and to ACL-denied paths.
+
+    Raises:
+        OutputDirError: naming ``flag`` and the directory, and why.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputDirError(f"{flag} {path} exists and is not a directory") from None
+    except OSError as exc:
+        raise OutputDirError(f"{flag} {path}: cannot create the directory: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"{flag} {path} is not writable: {exc.strerror or exc}") from None
+    return path
 
 
 #: User-error types registered by faces above the library (the eval package); see
@@ -42,7 +75,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from .train.run_lock import RunDirectoryBusy
 
     return (
-        RunDirectoryBusy,
+        RunDirectoryBusy, OutputDirError,
         ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
         ResourceNotFoundError, CheckpointError, SupervisedConfigError, DataSourceError,
         *_REGISTERED_USER_ERRORS,

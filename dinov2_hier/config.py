@@ -1,10 +1,13 @@
 """Layered OmegaConf configuration: default yaml < override yaml < ``key=value``.
 
 The default file declares every key; override files and command-line arguments may
-only change keys that exist there (a typo is an error, not a silently ignored key).
+only change keys that exist there (a typo is an error naming the closest key, not a
+silently ignored key). The resolved config is then checked once, key by key, for type
+and range (:mod:`dinov2_hier.config_schema`); every failure is a :class:`ConfigError`.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Iterable
 
@@ -12,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config_schema import validate_config
 from .io import atomic_write_text
 from .paths import PROJECT_ROOT
 
@@ -68,18 +72,38 @@ def _mark_missing(cfg: DictConfig, layer: DictConfig, prefix: str = "") -> None:
             _mark_missing(cfg, layer[key], prefix=f"{prefix}{key}.")
 
 
-def _check_known_keys(base: DictConfig, override: DictConfig, source: str, prefix: str = "") -> None:
-    """Reject keys of ``override`` absent from ``base`` (mappings are checked recursively)."""
+def _did_you_mean(key: str, prefix: str, base: DictConfig, defaults: DictConfig) -> str:
+    """``"; did you mean 'train.iterations'?"`` for the key of ``base`` (a section of the
+    default config, at ``prefix``) closest to ``key``; failing that, the closest dotted
+    key anywhere in ``defaults`` (a key put in the wrong section)."""
+    from .config_schema import leaf_keys
+
+    siblings = [str(k) for k in base.keys()]
+    close = [f"{prefix}{k}" for k in difflib.get_close_matches(str(key), siblings, n=1, cutoff=0.6)]
+    if not close:
+        dotted = [k for k, _ in leaf_keys(defaults)]
+        # The right name in the wrong section ('optim.student_temp'), else any close dotted key.
+        close = [k for k in dotted if k.rsplit(".", 1)[-1] == str(key)][:2]
+        close = close or difflib.get_close_matches(f"{prefix}{key}", dotted, n=1, cutoff=0.6)
+    return "; did you mean " + " or ".join(f"'{k}'" for k in close) + "?" if close else ""
+
+
+def _check_known_keys(
+    base: DictConfig, override: DictConfig, source: str, prefix: str = "", defaults: DictConfig | None = None
+) -> None:
+    """Reject keys of ``override`` absent from ``base`` (mappings are checked recursively),
+    naming the closest known key."""
+    defaults = base if defaults is None else defaults
     for key in override.keys():
         full = f"{prefix}{key}"
         if key not in base.keys():
-            raise ConfigError(f"{source}: unknown config key '{full}'")
+            raise ConfigError(f"{source}: unknown config key '{full}'{_did_you_mean(key, prefix, base, defaults)}")
         if OmegaConf.is_missing(base, key) or OmegaConf.is_missing(override, key):
             continue
         sub_base, sub_over = base[key], override[key]
         # Lists and null-valued defaults may be replaced freely; mappings are checked deeply.
         if isinstance(sub_base, DictConfig) and isinstance(sub_over, DictConfig):
-            _check_known_keys(sub_base, sub_over, source, prefix=f"{full}.")
+            _check_known_keys(sub_base, sub_over, source, prefix=f"{full}.", defaults=defaults)
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -116,9 +140,15 @@ def load_config(
         overrides: ``key=value`` strings from the command line.
         default_file: the yaml that declares every key.
     Returns:
-        The merged config; interpolations are resolved.
+        The merged config; interpolations are resolved, and every value was checked
+        against its type in ``default_file`` and its range
+        (:func:`dinov2_hier.config_schema.validate_config`; numeric strings such as
+        YAML's ``1e-3`` become numbers).
+    Raises:
+        ConfigError: one line naming the file, key or value at fault.
     """
-    cfg = _load_yaml(Path(default_file))
+    defaults = _load_yaml(Path(default_file))
+    cfg = defaults  # OmegaConf.merge returns a new config: ``defaults`` stays as read
     layers: list[tuple[str, DictConfig]] = []
     if config_file is not None:
         layers.extend(_load_override_chain(Path(config_file)))
@@ -137,6 +167,7 @@ def load_config(
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config values still to be given (marked ???): {', '.join(missing)}; e.g. {missing[0]}=...")
+    validate_config(cfg, defaults)
     return cfg
 
 

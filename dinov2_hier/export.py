@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dinov2_hier import __version__
-from dinov2_hier.cli import register_user_errors, run_cli, setup_logging
+from dinov2_hier.cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
 from dinov2_hier.hub import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -642,10 +642,7 @@ def export_backbone(
     check_state_dict(shapes, teacher.state, teacher.source)
     tensors = {k: teacher.state[k].detach().to("cpu", torch_dtype).contiguous() for k in shapes}
 
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--output-dir {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(Path(output_dir))  # OutputDirError: a file in the way, not writable
     weights_name = SAFETENSORS_FILE if fmt == "safetensors" else PTH_FILE
     document = build_export_config(teacher, model, torch_dtype, weights_name)
     weights_path = out / weights_name

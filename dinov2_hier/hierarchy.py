@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "MAX_DEPTH",
     "Hierarchy",
     "HierarchyError",
     "LocatedError",
@@ -40,6 +41,12 @@ _FLAT_NODE_KEYS = ("id", "name", "meta", "parent")
 _TOP_LEVEL_KEYS = ("name", "description", "root", "nodes")
 # Version tag inside the fingerprinted JSON: bump it if the canonical form ever changes.
 _FINGERPRINT_FORMAT = "dinov2_hier.hierarchy.structure/1"
+#: The deepest tree accepted (the root is at depth 0). Class trees are a few levels deep;
+#: the limit keeps every tree within what recurses once per level with room to spare:
+#: Python's JSON reader and ``json.dumps(to_dict())`` spend two of Python's ~1000 recursion
+#: levels per tree level (an object inside a list), pickling (a tree sent to DataLoader
+#: workers) about four (measured: a 256-level tree no longer pickles).
+MAX_DEPTH = 100
 
 
 class LocatedError(ValueError):
@@ -173,6 +180,10 @@ def read_json_file(path: str | Path, error_cls: type[LocatedError] = LocatedErro
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise error_cls(f"invalid JSON: {exc.msg}", source=source, line=exc.lineno, column=exc.colno) from None
+    except RecursionError:  # Python's reader recurses per nested object or list (~1000 in all)
+        is_tree = issubclass(error_cls, HierarchyError)
+        limit = f" (a hierarchy may be at most {MAX_DEPTH} levels deep)" if is_tree else ""
+        raise error_cls(f"JSON nested too deeply to read{limit}", source=source) from None
     except _DuplicateJsonKey as exc:
         where = ""
         node_id = dict(exc.pairs).get("id")
@@ -413,6 +424,12 @@ class _Parser:
             root_id = self.parse_flat(data["nodes"])
         if not self.children[root_id]:
             self.fail(f"root {root_id!r} has no children: a hierarchy needs at least one class", node_id=root_id)
+        depth = {root_id: 0}
+        for node_id in self._preorder(root_id)[1:]:
+            depth[node_id] = depth[self.parent[node_id]] + 1
+            if depth[node_id] > MAX_DEPTH:
+                self.fail(f"the tree is deeper than {MAX_DEPTH} levels (node {node_id!r} is at depth "
+                          f"{MAX_DEPTH + 1})", node_id=node_id)
         return name, description, root_id
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_hier.cli import register_user_errors, run_cli, setup_logging
+from dinov2_hier.cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
 from dinov2_hier.io import atomic_write_text
 
 from .baselines import is_baseline
@@ -515,7 +515,7 @@ def run_evaluation(args: argparse.Namespace, run, fmt) -> int:
     ``fmt(run(args))``; exit codes from :func:`dinov2_hier.cli.run_cli` (2 = user error)."""
 
     def job() -> None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args.output_dir)
         setup_logging(args.output_dir / "log.txt")
         print(fmt(run(args)), end="")
 

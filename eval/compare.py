@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dinov2_hier.cli import run_cli, setup_logging
+from dinov2_hier.cli import prepare_output_dir, run_cli, setup_logging
 from dinov2_hier.io import atomic_write_text
 
 from .cli_common import SUMMARY_FILE, EvalUsageError
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> None:
         if args.output_dir is not None:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
+            prepare_output_dir(args.output_dir)
         setup_logging(args.output_dir / "log.txt" if args.output_dir else None)
         rows = compare_dirs(args.dirs, n_resamples=args.n_resamples, seed=args.seed, hierarchy=args.hierarchy)
         if args.output_dir is not None:

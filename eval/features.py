@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -559,7 +560,9 @@ def _load_cache(path: Path, paths: Sequence[str], dim: int) -> tuple[np.ndarray,
         index = np.array([row[p] for p in paths], dtype=np.int64)
         if feats.ndim != 2 or feats.shape[1] != dim or feats.dtype != np.float32 or ok.shape != (feats.shape[0],):
             raise ValueError(f"unexpected arrays {feats.shape} {feats.dtype} / {ok.shape}")
-    except (OSError, KeyError, ValueError) as err:  # corrupt, foreign or truncated file
+    # Corrupt, foreign or truncated (a kill or a full disk while copying it in): a truncated
+    # .npz is a broken zip (BadZipFile) or ends inside an array (EOFError).
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
         logger.warning("ignoring unusable feature cache %s (%s); extracting again", path, err)
         return None
     return np.ascontiguousarray(feats[index]), ok[index].astype(bool)

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import register_user_errors, run_cli, setup_logging
+from ..cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
 from ..config import load_config
 from ..distributed import DistributedSetupError, destroy_distributed, init_distributed, settle_before_destroy
 
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
         info = init_distributed()
         try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
+            # A bad config or an unwritable directory stops here, before anything is created.
+            cfg = load_config(args.config, args.overrides)
+            prepare_output_dir(args.output_dir)
             if info.is_main:
                 setup_logging(args.output_dir / "log.txt")
             else:
@@ -59,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger("dinov2_hier.train").info(
                     "distributed: %d ranks via %s, backend %s", info.world_size, info.launcher, info.backend
                 )
-            cfg = load_config(args.config, args.overrides)
             trainer = Trainer(cfg, args.output_dir, resume=args.resume)
             # SIGUSR1/SIGUSR2/SIGTERM (SLURM time limit, preemption) only set a flag; the loop
             # checkpoints after the current iteration, agreed over the ranks, and returns (exit 0).

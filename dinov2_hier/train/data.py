@@ -17,6 +17,7 @@ from ..data import (
     ImageRecordDataset,
     InfiniteSampler,
     LabelledShareSampler,
+    ManifestError,
     labelled_per_batch_from_fraction,
     SyntheticCellDataset,
     SyntheticCellGenerator,
@@ -75,6 +76,17 @@ def patch_grid(cfg: DictConfig) -> tuple[int, int]:
     return size // patch, size // patch
 
 
+def _training_records(source: str) -> list:
+    """The records of one training source; a manifest with a header but no rows is an error
+    naming it (an image folder without images already is): training on it would stop later
+    with an empty-sampler message that names no file."""
+    path = resolve_resource(source, "training source")
+    records = records_from_source(str(path))
+    if not records:
+        raise ManifestError(f"{path}: no rows (a header only): a training manifest needs at least one image")
+    return records
+
+
 def build_train_data(cfg: DictConfig) -> TrainData:
     """The training dataset named by ``data.train`` (a list of sources, or one source as a
     plain string: ``data.train=cells.csv``) and its collator."""
@@ -99,7 +111,7 @@ def build_train_data(cfg: DictConfig) -> TrainData:
         )
         description = f"synthetic cells: {syn.num_images} images of {syn.image_size} px, {hierarchy.num_leaves} classes"
     else:
-        records = [r for s in sources for r in records_from_source(str(resolve_resource(s, "training source")))]
+        records = [r for s in sources for r in _training_records(s)]
         dataset = ImageRecordDataset(records, transform)
         n_labelled = sum(r.label is not None for r in records)
         description = f"{len(records)} images from {len(sources)} source(s), {n_labelled} labelled"
