@@ -44,8 +44,8 @@ from dinov2_hier.hub import (
     check_state_dict,
     load_backbone,
 )
-from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text
-from dinov2_hier.models import WeightsError, build_backbone, read_state_dict
+from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text, file_sha256
+from dinov2_hier.models import WeightsError, build_backbone, extract_backbone_state_dict, read_state_dict
 from dinov2_hier.models.vision_transformer import Mlp
 from dinov2_hier.train.checkpoint import CHECKPOINT_DIR, TEACHER_FILE, list_checkpoints
 
@@ -81,7 +81,7 @@ class TrainedTeacher:
     (``arch, patch_size, img_size, num_register_tokens, ffn_layer, layerscale, qkv_bias,
     mean, std``); ``cfg``: the run's resolved configuration when available;
     ``hierarchy_fingerprint``: recorded by a full checkpoint ("" for unsupervised runs,
-    None when unknown); ``source``: file name shown in the card.
+    None when unknown); ``source``: file name shown in the card; ``path``: the file read.
     """
 
     state: dict[str, Tensor]
@@ -90,6 +90,7 @@ class TrainedTeacher:
     iteration: int | None
     hierarchy_fingerprint: str | None
     source: str
+    path: Path | None = None
 
 
 def _parse_run_config(text: str, source: str) -> DictConfig:
@@ -167,7 +168,7 @@ def _from_checkpoint(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig | N
     return TrainedTeacher(
         state=state, arch=_arch_from_cfg(cfg, str(path)), cfg=cfg,
         iteration=int(iteration) if isinstance(iteration, int) else None,
-        hierarchy_fingerprint=fingerprint if isinstance(fingerprint, str) else None, source=path.name,
+        hierarchy_fingerprint=fingerprint if isinstance(fingerprint, str) else None, source=path.name, path=path,
     )
 
 
@@ -185,7 +186,7 @@ def _from_teacher_file(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig |
     return TrainedTeacher(
         state=_tensor_dict(obj["model"], str(path), "model"), arch=arch, cfg=run_cfg,
         iteration=int(iteration) if isinstance(iteration, int) else None,
-        hierarchy_fingerprint=None, source=path.name,
+        hierarchy_fingerprint=None, source=path.name, path=path,
     )
 
 
@@ -212,18 +213,21 @@ def load_trained_teacher(ckpt: str | Path) -> TrainedTeacher:
         target = path
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
         run_cfg = _read_run_config(run_dir / _RUN_CONFIG)
-    obj = read_state_dict(target)  # weights_only=True: refuses pickled code
-    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
-        teacher = _from_teacher_file(target, obj, run_cfg)
-    elif "model" in obj and ("config" in obj or "iteration" in obj):
-        teacher = _from_checkpoint(target, obj, run_cfg)
-    else:
-        raise ExportError(
-            f"{target}: not a dinov2_hier training checkpoint or teacher_backbone.pt "
-            f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})"
-        )
+    teacher = _read_teacher(target, run_cfg)
     logger.info("exporting the teacher backbone of %s (iteration %s)", target, teacher.iteration)
     return teacher
+
+
+def _read_teacher(target: Path, run_cfg: DictConfig | None) -> TrainedTeacher:
+    obj = read_state_dict(target)  # weights_only=True: refuses pickled code
+    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
+        return _from_teacher_file(target, obj, run_cfg)
+    if "model" in obj and ("config" in obj or "iteration" in obj):
+        return _from_checkpoint(target, obj, run_cfg)
+    raise ExportError(
+        f"{target}: not a dinov2_hier training checkpoint or teacher_backbone.pt "
+        f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})"
+    )
 
 
 # --------------------------------------------------------------------------- config.json
@@ -355,7 +359,13 @@ def _synthetic_source(cfg: DictConfig) -> dict[str, Any]:
 
 @dataclass
 class EvalSummary:
-    """Probe results of one ``eval.run`` output directory, for the card."""
+    """Probe results of one ``eval.run`` output directory, for the card.
+
+    ``fingerprint`` / ``evaluated``: ``checkpoint.fingerprint`` (sha256 of the evaluated
+    weights file) and ``checkpoint.path`` as ``metrics.json`` records them (None when it
+    does not); ``verified``: False when the weights could not be checked against the
+    exported ones (see :func:`check_eval_weights`); the card then says so.
+    """
 
     name: str
     data: str
@@ -363,6 +373,10 @@ class EvalSummary:
     iteration: int | None
     n_samples: int | None
     probes: dict[str, dict[str, Any]]
+    metrics_path: Path | None = None
+    fingerprint: str | None = None
+    evaluated: str | None = None
+    verified: bool = True
 
 
 def read_eval_summary(directory: str | Path) -> EvalSummary:
@@ -403,7 +417,62 @@ def read_eval_summary(directory: str | Path) -> EvalSummary:
         iteration=checkpoint.get("iteration"),
         n_samples=doc.get("n_samples"),
         probes={str(p): dict(m) for p, m in probes.items()},
+        metrics_path=path,
+        fingerprint=checkpoint.get("fingerprint") if isinstance(checkpoint.get("fingerprint"), str) else None,
+        evaluated=checkpoint.get("path") if isinstance(checkpoint.get("path"), str) else None,
     )
+
+
+def _short(fingerprint: str) -> str:
+    """The first 16 hex digits of a sha256; other fingerprints (``untrained:...``) whole."""
+    return fingerprint[:16] if re.fullmatch(r"[0-9a-f]{64}", fingerprint) else fingerprint
+
+
+def _holds_weights(path: Path, state: Mapping[str, Tensor]) -> bool:
+    """Whether ``path`` (a checkpoint, teacher file or plain weights file) holds exactly the
+    backbone tensors ``state``: another file of the same weights."""
+    try:
+        other = _read_teacher(path, None).state
+    except (ExportError, WeightsError):
+        try:
+            other = extract_backbone_state_dict(read_state_dict(path))
+        except WeightsError:
+            return False
+    return other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
+
+
+def check_eval_weights(evals: Sequence[EvalSummary], teacher: TrainedTeacher) -> None:
+    """Refuse evaluation results of other weights than ``teacher``'s.
+
+    An evaluation is of the exported weights when the fingerprint its ``metrics.json``
+    records is the sha256 of the exported checkpoint file, or when the file it names still
+    has that fingerprint and holds the same backbone tensors (e.g. the run's
+    ``teacher_backbone.pt`` evaluated, its final ``ckpt_*.pt`` exported). Otherwise
+    :class:`ExportError` naming the metrics file and both fingerprints. An evaluation that
+    records no fingerprint (written by hand or by an old version) cannot be checked: it is
+    marked ``verified=False`` (the card says so) with a warning.
+    """
+    if not evals or teacher.path is None:
+        return
+    exported = file_sha256(teacher.path)
+    for ev in evals:
+        if ev.fingerprint is None:
+            ev.verified = False
+            logger.warning("%s records no checkpoint fingerprint: its metrics go into the model card marked as "
+                           "not verified to be of the exported weights", ev.metrics_path)
+            continue
+        if ev.fingerprint == exported:
+            continue
+        evaluated = Path(ev.evaluated).expanduser() if ev.evaluated else None
+        if (evaluated is not None and evaluated.is_file() and file_sha256(evaluated) == ev.fingerprint
+                and _holds_weights(evaluated, teacher.state)):
+            logger.info("%s: the evaluated %s holds the exported weights", ev.metrics_path, evaluated)
+            continue
+        raise ExportError(
+            f"{ev.metrics_path}: evaluated other weights (fingerprint {_short(ev.fingerprint)}, "
+            f"{ev.evaluated or 'path not recorded'}) than those exported (fingerprint {_short(exported)}, "
+            f"{teacher.path}); export the evaluated checkpoint or leave this --eval out"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -591,6 +660,10 @@ def _evaluation_section(config: Mapping[str, Any], evals: Sequence[EvalSummary])
     if other:
         lines += ["", f"Note: evaluated at iteration(s) {', '.join(map(str, other))}; "
                       f"the exported weights are from iteration {config.get('iteration')}."]
+    unverified = [ev.name for ev in evals if not ev.verified]
+    if unverified:
+        lines += ["", f"Note: the weights evaluated in {', '.join(f'`{n}`' for n in unverified)} are not verified "
+                      "to be the exported ones (no checkpoint fingerprint recorded in metrics.json)."]
     return lines + [""]
 
 
@@ -620,7 +693,8 @@ def export_backbone(
         fmt: ``safetensors`` (``model.safetensors``) or ``pth`` (``model.pth``, a plain
             ``torch.save`` dict name -> tensor, readable with ``weights_only=True``).
         dtype: ``fp32`` (default), ``bf16`` or ``fp16`` for the stored tensors.
-        eval_dirs: ``eval.run`` output directories for the card's evaluation table.
+        eval_dirs: ``eval.run`` output directories for the card's evaluation table; each
+            must have evaluated the exported weights (:func:`check_eval_weights`).
     """
     if fmt not in ("safetensors", "pth"):
         raise ExportError(f"--format must be safetensors or pth, got '{fmt}'")
@@ -629,6 +703,7 @@ def export_backbone(
     torch_dtype = _DTYPES[dtype]
     evals = [read_eval_summary(d) for d in eval_dirs]  # fail on bad input before writing
     teacher = load_trained_teacher(ckpt)
+    check_eval_weights(evals, teacher)  # another model's metrics never reach the card
     a = teacher.arch
     try:
         with torch.device("meta"):
@@ -685,7 +760,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="weights file format (default safetensors)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="stored tensor dtype (default fp32)")
     parser.add_argument("--eval", nargs="+", default=[], metavar="DIR",
-                        help="output directories of python -m eval.run, tabulated in the model card")
+                        help="output directories of python -m eval.run, tabulated in the model card; each must "
+                             "have evaluated the exported weights (checked by their recorded fingerprint)")
     return parser.parse_args(argv)
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from dinov2_hier.models.vision_transformer import VisionTransformer
-from dinov2_hier.models.weights import WeightsError, read_state_dict
+from dinov2_hier.models.weights import WeightsError, dtype_name, read_state_dict
 
 PathLike = Union[str, os.PathLike]
 
@@ -127,9 +127,11 @@ def build_from_config(config: Mapping[str, Any], source: str = "config", device:
 def check_state_dict(model_shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str) -> None:
     """Strict comparison of a state dict with the model's ``name -> shape``.
 
-    Walks the model's parameters in order; the first one that is absent from ``state`` or
-    has another shape raises :class:`WeightsError` naming the key and (for shapes) both
-    shapes. Then the first key of ``state`` the model does not have, or a non-tensor entry.
+    Walks the model's parameters in order; the first one that is absent from ``state``,
+    has another shape or is not a floating-point tensor (an integer or bool tensor would be
+    cast silently) raises :class:`WeightsError` naming the key and (for shapes) both
+    shapes or (for dtypes) the dtype. Then the first key of ``state`` the model does not
+    have, or a non-tensor entry. Every backbone parameter is floating-point.
     """
     for key, shape in model_shapes.items():
         if key not in state:
@@ -140,6 +142,10 @@ def check_state_dict(model_shapes: Mapping[str, tuple[int, ...]], state: Mapping
         if tuple(value.shape) != tuple(shape):
             raise WeightsError(
                 f"{source}: shape mismatch at '{key}': file {tuple(value.shape)} vs model {tuple(shape)}"
+            )
+        if not value.is_floating_point():
+            raise WeightsError(
+                f"{source}: '{key}' is {dtype_name(value.dtype)} {tuple(value.shape)}, expected floating-point weights"
             )
     for key in state:
         if key not in model_shapes:

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file under the final name."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -65,6 +66,16 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         raise WriteFailedError(
             f"could not write {path} ({free} on its filesystem; a full disk or quota is the usual cause): {cause}"
         ) from None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes: the fingerprint of weights that evaluation records
+    (``metrics.json``: ``checkpoint.fingerprint``) and export checks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_error_message(path: Path, exc: BaseException) -> str:

@@ -44,6 +44,7 @@ from dinov2_hier.data import (
     records_from_source,
 )
 from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.io import file_sha256
 from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver
 from dinov2_hier.models import (
     WeightsError,
@@ -108,14 +109,6 @@ class EvalBackbone:
     @property
     def device(self) -> torch.device:
         return next(itertools.chain(self.model.parameters(), self.model.buffers())).device
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _finish(model: nn.Module, meta: dict, source: str, fingerprint: str, device: Any) -> EvalBackbone:
@@ -305,7 +298,7 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
         model, meta = _from_training_checkpoint(dict(obj), path, arch)
     else:
         model, meta = _from_foreign_weights(obj, path, arch)
-    return _finish(model, meta, str(path), _file_sha256(path), device)
+    return _finish(model, meta, str(path), file_sha256(path), device)
 
 
 def _baseline_name(ckpt: object) -> str:

@@ -15,8 +15,11 @@ long run; the collator drops them and the training loop feeds their paths to a
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+import numpy as np
 from PIL import Image
 
 from .records import Record
@@ -25,6 +28,23 @@ logger = logging.getLogger("dinov2_hier.data")
 
 #: ``transform(image, draw_id) -> {"global_crops": [...]}``
 Transform = Callable[[Image.Image, int], dict]
+
+#: Largest image decoded, in pixels (width x height): 8192 x 8192 = 67,108,864, about 200 MB
+#: as RGB per loader worker. A larger JPEG is decoded at the smallest of 1/2, 1/4 or 1/8
+#: scale that fits (``PIL.Image.draft``; the crops keep referring to the full size); any
+#: other larger image is refused as unreadable (skipped and counted in training, excluded
+#: in evaluation). Both are logged once per file and process, naming the file and size.
+#: PIL's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP) is refused
+#: before any decode whatever the format.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+#: PIL modes of grey images with more than 8 bits per pixel; see :func:`to_8bit_grey`.
+HIGH_DEPTH_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+# Files whose size (or PIL's decompression-bomb warning) was logged by this process.
+_reported: set[str] = set()
+# Other warnings raised while opening, re-issued once per text like Python's default filter.
+_warning_registry: dict = {}
 
 
 class UnreadableImageError(ValueError):
@@ -49,6 +69,87 @@ def load_image(path: str) -> Image.Image:
     return load_image_reduced(path, None)[0]
 
 
+def to_8bit_grey(image: Image.Image) -> Image.Image:
+    """A grey image of more than 8 bits per pixel (:data:`HIGH_DEPTH_GREY_MODES`: 16-bit
+    PNG/TIFF open as ``I;16``, 32-bit integer as ``I``, float TIFF as ``F``) as 8-bit ``L``.
+
+    PIL's own conversion clips such values at 255 (a 16-bit image becomes almost all white).
+    Here the values are scaled by the bit depth the brightest pixel needs,
+    ``b = max(8, bit length of the maximum)``: ``v * 255 / (2**b - 1)``, rounded. A
+    full-range 16-bit image is so divided by 257; 12-bit camera data stored in 16 bits
+    (maximum <= 4095) by 4095/255 rather than coming out nearly black. Float images with
+    all values in [0, 1] are multiplied by 255; other float images follow the integer rule
+    on their maximum. Negative values and NaN become 0. Other modes are returned as they are.
+    """
+    if image.mode not in HIGH_DEPTH_GREY_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float32)  # exact for 16-bit values
+    values = np.where(np.isfinite(values), values, np.float32(0.0))
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F" and top <= 1.0:
+        scale = 255.0
+    else:
+        bits = max(8, int(math.ceil(max(top, 0.0))).bit_length())
+        scale = 255.0 / (2**bits - 1)
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as a new RGB image; grey of more than 8 bits scaled by :func:`to_8bit_grey`."""
+    return to_8bit_grey(image).convert("RGB")
+
+
+def _report_once(path: str, message: str) -> None:
+    if path not in _reported:
+        _reported.add(path)
+        logger.warning("%s", message)
+
+
+def _open(path: str) -> Image.Image:
+    """``Image.open`` with PIL's ``DecompressionBombWarning`` turned into a log line naming
+    the file (other warnings pass on unchanged)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img = Image.open(path)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            _report_once(path, f"image '{path}': PIL DecompressionBombWarning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_warning_registry,
+                                   source=w.source)
+    return img
+
+
+def _limited_request(path: str, img: Image.Image, requested: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The draft size that brings a JPEG over :data:`MAX_IMAGE_PIXELS` within it (the
+    smallest reduction of 1/2, 1/4, 1/8 that fits), combined with ``requested``; images
+    within the limit keep ``requested``. :class:`UnreadableImageError` (logged) for a larger
+    image of another format, or a JPEG that is too large even at 1/8."""
+    width, height = img.size
+    if width * height <= MAX_IMAGE_PIXELS:
+        return requested
+    if img.format not in ("JPEG", "MPO"):
+        _refuse_large(path, img, f"only a JPEG is decoded reduced, this is {img.format or 'of unknown format'}")
+    scale = next((s for s in (2, 4, 8) if math.ceil(width / s) * math.ceil(height / s) <= MAX_IMAGE_PIXELS), None)
+    if scale is None:
+        _refuse_large(path, img, "even at 1/8 scale")
+    # draft picks the largest scale s with width // s >= the request: ask for width // scale.
+    limit = (max(1, width // scale), max(1, height // scale))
+    return limit if requested is None else (min(limit[0], requested[0]), min(limit[1], requested[1]))
+
+
+def _size_text(width: int, height: int) -> str:
+    return f"{width} x {height} = {width * height:,} pixels"
+
+
+def _refuse_large(path: str, img: Image.Image, why: str) -> None:
+    message = (f"image '{path}' is {_size_text(*img.size)}, more than MAX_IMAGE_PIXELS {MAX_IMAGE_PIXELS:,} "
+               f"({why}): not decoded")
+    _report_once(path, message)
+    raise UnreadableImageError(message)
+
+
 def load_image_reduced(
     path: str, decode_size: Callable[[int, int], tuple[int, int] | None] | None
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -56,16 +157,32 @@ def load_image_reduced(
     size) ask for a smaller decode: a JPEG is then decoded at the smallest of 1/2, 1/4 or
     1/8 scale that is still at least the requested size (``PIL.Image.draft``); other
     formats decode at full size. Returns the RGB image and the full size.
+
+    The one decoder of training and evaluation: grey images of more than 8 bits are scaled
+    to 8 bits (:func:`to_8bit_grey`); an image over :data:`MAX_IMAGE_PIXELS` is decoded
+    reduced when it is a JPEG and refused (:class:`UnreadableImageError`) otherwise, with
+    a log line naming the file and size.
     """
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             full_size = img.size
             requested = decode_size(*full_size) if decode_size is not None else None
+            requested = _limited_request(path, img, requested)
             if requested is not None:
                 img.draft("RGB", requested)
+            if full_size[0] * full_size[1] > MAX_IMAGE_PIXELS:
+                if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:  # e.g. a JPEG of several tiles
+                    _refuse_large(path, img, "the decoder did not reduce it")
+                _report_once(path, f"image '{path}' is {_size_text(*full_size)}, more than MAX_IMAGE_PIXELS "
+                                   f"{MAX_IMAGE_PIXELS:,}: decoded reduced to {img.size[0]} x {img.size[1]}")
             img.load()
-            return img.convert("RGB"), full_size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return to_rgb(img), full_size
+    except UnreadableImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        _report_once(path, f"image '{path}': {e}: not decoded")
+        raise UnreadableImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
         # OSError covers missing files, UnidentifiedImageError and truncation;
         # some decoders raise SyntaxError or ValueError on corrupt headers.
         raise UnreadableImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e

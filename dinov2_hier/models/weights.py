@@ -32,6 +32,15 @@ _HEAD_PREFIXES = ("dino_head.", "ibot_head.")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
+#: Least share of the model's weights (counted in elements) that a file given for
+#: :func:`load_backbone_weights` must provide; below it the file is refused as not this
+#: backbone's weights. Legitimate partial loads (a checkpoint without register tokens or
+#: mask token, another resolution's ``pos_embed``) keep far more than this.
+MIN_MATCHED_SHARE = 0.5
+#: Example keys named on each side when a file matches too little.
+_EXAMPLE_KEYS = 3
+
+
 class WeightsError(ValueError):
     """A weights file or state dict that cannot be read or does not fit the model."""
 
@@ -129,13 +138,61 @@ def extract_backbone_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     return result
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``int64`` for ``torch.int64``: how messages name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_floating(own: Mapping[str, Tensor], state: Mapping[str, Any], source: str,
+                   error: type[Exception] = WeightsError) -> None:
+    """Raise ``error`` naming ``source``, the first key and its dtype when ``state`` holds an
+    integer or bool tensor where the model (``own``: name -> tensor) has floating weights.
+    Loading would cast it silently (``7`` -> ``7.0``, ``True`` -> ``1.0``): never weights."""
+    for key, value in state.items():
+        target = own.get(key)
+        if (isinstance(value, Tensor) and target is not None and target.is_floating_point()
+                and not value.is_floating_point()):
+            raise error(
+                f"{source}: '{key}' is {dtype_name(value.dtype)} {tuple(value.shape)}, expected floating-point "
+                f"weights ({dtype_name(target.dtype)})"
+            )
+
+
+def _examples(keys: list[str]) -> str:
+    if not keys:
+        return "(none)"
+    more = f", ... ({len(keys)} in all)" if len(keys) > _EXAMPLE_KEYS else ""
+    return ", ".join(repr(k) for k in keys[:_EXAMPLE_KEYS]) + more
+
+
+def _check_matched_share(model_state: Mapping[str, Tensor], state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse a file that provides less than :data:`MIN_MATCHED_SHARE` of the model's
+    weights (by element count), naming unmatched keys of both sides."""
+    total = sum(v.numel() for v in model_state.values())
+    matched = [k for k in model_state if k in state]
+    share = sum(model_state[k].numel() for k in matched) / total if total else 1.0
+    if share >= MIN_MATCHED_SHARE:
+        return
+    missing = [k for k in model_state if k not in state]
+    foreign = [k for k in state if k not in model_state]
+    raise WeightsError(
+        f"{source}: matches {len(matched)} of {len(model_state)} backbone tensors ({100 * share:.1f}% of the "
+        f"weights; at least {100 * MIN_MATCHED_SHARE:.0f}% must match): not weights of this backbone? "
+        f"model keys not in the file e.g. {_examples(missing)}; file keys not in the model e.g. {_examples(foreign)}"
+    )
+
+
 def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) -> LoadReport:
     """Load backbone weights into ``model`` in place (non-strict).
 
     ``pos_embed`` is resampled (bicubic) to the model's patch grid when the checkpoint
     was trained at another resolution. Any other key present in both with a different
-    shape raises :class:`WeightsError` naming the first such key and both shapes; keys
-    present on one side only are returned in the report for the caller to log.
+    shape raises :class:`WeightsError` naming the first such key and both shapes; so does
+    an integer or bool tensor where the model has floating weights (naming key and dtype),
+    and a file providing less than :data:`MIN_MATCHED_SHARE` of the model's weights
+    (by element count; naming example keys of both sides). The model is left untouched
+    when it raises. Keys present on one side only are returned in the report for the
+    caller to log.
     """
     if isinstance(path_or_state, Mapping):
         source, raw = "state dict", path_or_state
@@ -147,6 +204,7 @@ def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) 
         raise WeightsError(f"{source}: {err}") from err
 
     model_state = model.state_dict()
+    check_floating(model_state, state, source)  # before pos_embed is resampled as floats
     report = LoadReport()
     ckpt_pos = state.get("pos_embed")
     if ckpt_pos is not None and ckpt_pos.shape != model_state["pos_embed"].shape:
@@ -166,6 +224,7 @@ def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) 
                 f"{source}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} "
                 f"vs model {tuple(model_state[key].shape)}"
             )
+    _check_matched_share(model_state, state, source)
     result = model.load_state_dict(state, strict=False)
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)

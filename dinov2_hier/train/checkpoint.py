@@ -99,7 +99,8 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_state_dict_matches(own: dict, state_dict: dict, source: Path) -> None:
     """Raise :class:`CheckpointError` naming the first missing, unexpected or mis-shaped key
-    of ``state_dict`` against the model's own ``own`` state dict."""
+    of ``state_dict`` against the model's own ``own`` state dict, or the first integer or
+    bool tensor where the model has floating weights (with its dtype)."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
@@ -113,6 +114,9 @@ def check_state_dict_matches(own: dict, state_dict: dict, source: Path) -> None:
             raise CheckpointError(
                 f"{source}: shape mismatch at '{key}': checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
             )
+    from ..models.weights import check_floating
+
+    check_floating(own, state_dict, str(source), CheckpointError)
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict, source: Path) -> None:

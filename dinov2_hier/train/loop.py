@@ -259,8 +259,13 @@ class Trainer:
         resolved = resolve_resource(path, "student.pretrained_weights")
         report = load_backbone_weights(self.model.student["backbone"], resolved)
         self.model.teacher["backbone"].load_state_dict(self.model.student["backbone"].state_dict())
-        logger.info(
-            "loaded pretrained backbone %s: %d missing keys %s, %d unexpected keys %s, interpolated %s",
+        # A partial match is allowed (see MIN_MATCHED_SHARE) but never quiet: what stays
+        # randomly initialised and what was ignored is a warning.
+        level = logging.WARNING if report.missing or report.unexpected else logging.INFO
+        logger.log(
+            level,
+            "loaded pretrained backbone %s: %d missing keys %s (left randomly initialised), %d unexpected keys %s "
+            "(ignored), interpolated %s",
             resolved, len(report.missing), report.missing[:5], len(report.unexpected), report.unexpected[:5],
             report.interpolated,
         )
