@@ -79,6 +79,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "supervision.losses": ("list",),
     "data.train": ("list[str]", "str"),               # one source may be given without brackets
     "optim.fused": ("bool", "str"),                   # true | false | auto
+    "student.pretrained_heads": ("bool", "str"),      # true | false | auto
 }
 
 #: Ranges and allowed words. The enumerations repeat the names the building code accepts;
@@ -169,6 +170,8 @@ RULES: dict[str, Rule] = {
     "optim.clip_grad_mode": _choices("per_module", "global"),
     "optim.betas": Rule(low=0, high=1, high_open=True),
     "optim.fused": Rule(choices=("auto",), expect="true, false or auto"),
+    "student.pretrained_heads": Rule(choices=("auto",), expect="true, false or auto"),
+    "student.head_warmup_epochs": NON_NEGATIVE,
 }
 
 

@@ -98,15 +98,10 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def extract_backbone_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Backbone state dict (DINOv2 parameter names) from any accepted layout.
-
-    Unwraps ``teacher`` / ``model`` / ``state_dict`` containers; when student and teacher
-    weights sit side by side (``teacher.`` prefixed keys), keeps the teacher's; strips
-    ``module.``, ``_orig_mod.``, ``teacher.`` and ``backbone.`` prefixes; drops
-    ``dino_head.`` / ``ibot_head.`` keys; renames chunked ``blocks.c.i.`` to ``blocks.i.``.
-    Raises :class:`WeightsError` for non-tensor entries or names that collide.
-    """
+def _teacher_state(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The mapping that holds the weights: ``teacher`` / ``model`` / ``state_dict``
+    containers unwrapped and, when student and teacher weights sit side by side
+    (``teacher.`` prefixed keys), the teacher's only."""
     state: Mapping[str, Any] = obj
     for _ in range(len(_WRAPPER_KEYS)):  # wrappers may nest, e.g. {"model": {"teacher": ...}}
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -121,21 +116,52 @@ def extract_backbone_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 
     if any(outer_stripped(k).startswith("teacher.") for k in state):
         state = {k: v for k, v in state.items() if outer_stripped(k).startswith("teacher.")}
+    return state
 
+
+def _named_tensors(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Keys stripped of wrapper prefixes (chunked block names made global), values checked
+    to be tensors; raises :class:`WeightsError` on a non-tensor or two keys that collide."""
     result: dict[str, Tensor] = {}
     for key, value in state.items():
-        name = _strip_prefixes(key)
-        if name.startswith(_HEAD_PREFIXES):
-            continue
-        name = _CHUNKED_BLOCK.sub(r"blocks.\1.", name)
+        name = _CHUNKED_BLOCK.sub(r"blocks.\1.", _strip_prefixes(key))
         if not isinstance(value, Tensor):
             raise WeightsError(f"entry {key!r} is a {type(value).__name__}, expected a tensor")
         if name in result:
             raise WeightsError(f"two checkpoint entries map to the parameter name {name!r} (one is {key!r})")
         result[name] = value
+    return result
+
+
+def extract_backbone_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Backbone state dict (DINOv2 parameter names) from any accepted layout.
+
+    Unwraps ``teacher`` / ``model`` / ``state_dict`` containers; when student and teacher
+    weights sit side by side (``teacher.`` prefixed keys), keeps the teacher's; strips
+    ``module.``, ``_orig_mod.``, ``teacher.`` and ``backbone.`` prefixes; drops
+    ``dino_head.`` / ``ibot_head.`` keys (:func:`extract_head_state_dicts` reads them);
+    renames chunked ``blocks.c.i.`` to ``blocks.i.``. Raises :class:`WeightsError` for
+    non-tensor entries or names that collide.
+    """
+    named = _named_tensors(_teacher_state(obj))
+    result = {name: value for name, value in named.items() if not name.startswith(_HEAD_PREFIXES)}
     if not result:
         raise WeightsError("no backbone tensors found in the checkpoint")
     return result
+
+
+def extract_head_state_dicts(obj: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """The DINO and iBOT heads of a DINOv2 / DinoBloom / dinov2_hier training checkpoint
+    (the teacher's, as :func:`extract_backbone_state_dict`): ``{"dino_head": {name:
+    tensor}, "ibot_head": {...}}`` with the head prefix removed (``mlp.0.weight``,
+    ``last_layer.weight_g``, ...); only the heads the file has; empty for a released
+    backbone or an export."""
+    heads: dict[str, dict[str, Tensor]] = {}
+    for name, value in _named_tensors(_teacher_state(obj)).items():
+        for prefix in _HEAD_PREFIXES:
+            if name.startswith(prefix):
+                heads.setdefault(prefix[:-1], {})[name[len(prefix):]] = value
+    return heads
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -182,7 +208,7 @@ def _check_matched_share(model_state: Mapping[str, Tensor], state: Mapping[str, 
     )
 
 
-def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) -> LoadReport:
+def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState, source: str | None = None) -> LoadReport:
     """Load backbone weights into ``model`` in place (non-strict).
 
     ``pos_embed`` is resampled (bicubic) to the model's patch grid when the checkpoint
@@ -192,10 +218,10 @@ def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState) 
     and a file providing less than :data:`MIN_MATCHED_SHARE` of the model's weights
     (by element count; naming example keys of both sides). The model is left untouched
     when it raises. Keys present on one side only are returned in the report for the
-    caller to log.
+    caller to log. ``source`` names a mapping's origin in the errors (a file already read).
     """
     if isinstance(path_or_state, Mapping):
-        source, raw = "state dict", path_or_state
+        source, raw = source or "state dict", path_or_state
     else:
         source, raw = os.fspath(path_or_state), read_state_dict(path_or_state)
     try:

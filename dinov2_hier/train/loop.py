@@ -17,7 +17,6 @@ from .. import distributed
 from ..config import ConfigError, save_config, to_yaml
 from ..data import SkipCounter
 from ..io import atomic_torch_save, atomic_write_text, read_jsonl
-from ..models import load_backbone_weights
 from ..paths import resolve_resource
 from .batch import batch_to_device
 from .collapse import CollapseDetector, CollapseError, ln_k_of
@@ -42,6 +41,7 @@ from .parallel import (
     resolve_parallel,
     wrap_model,
 )
+from .pretrained import head_warmup_iterations, heads_mode, load_pretrained, log_pretrained
 from .supervision import build_supervision
 from .run_lock import RunLock
 from .optim import build_optimizer, build_param_groups, clip_grad_per_module
@@ -205,8 +205,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         hierarchy = self.supervision.hierarchy if self.supervision is not None else None
         self.model = SSLMetaArch(cfg, hierarchy).to(self.device)
+        # Iterations at the start with the backbone frozen (fresh heads on a pretrained backbone).
+        self.head_warmup_iterations = 0
         if cfg.student.pretrained_weights:
-            self._load_pretrained(cfg.student.pretrained_weights)
+            self.head_warmup_iterations = self._load_pretrained(cfg.student.pretrained_weights)
         if self.world_size > 1:
             torch.manual_seed(cfg.seed + self.rank)  # own stochastic-depth draws per rank
         # What the step calls: a DDP wrapper, the FSDP2-sharded model itself, or the model.
@@ -255,20 +257,15 @@ class Trainer:
             logger.warning("--no-resume: starting over; the previous run's %s moved to %s", ", ".join(present), target)
         distributed.barrier()  # every rank, whatever it saw: rank 0 may have moved the files already
 
-    def _load_pretrained(self, path: str) -> None:
+    def _load_pretrained(self, path: str) -> int:
+        """Backbone and fitting heads from ``path`` (:mod:`.pretrained`); returns the
+        head warm-up's length in iterations."""
         resolved = resolve_resource(path, "student.pretrained_weights")
-        report = load_backbone_weights(self.model.student["backbone"], resolved)
-        self.model.teacher["backbone"].load_state_dict(self.model.student["backbone"].state_dict())
-        # A partial match is allowed (see MIN_MATCHED_SHARE) but never quiet: what stays
-        # randomly initialised and what was ignored is a warning.
-        level = logging.WARNING if report.missing or report.unexpected else logging.INFO
-        logger.log(
-            level,
-            "loaded pretrained backbone %s: %d missing keys %s (left randomly initialised), %d unexpected keys %s "
-            "(ignored), interpolated %s",
-            resolved, len(report.missing), report.missing[:5], len(report.unexpected), report.unexpected[:5],
-            report.interpolated,
+        start = load_pretrained(
+            self.model.student, self.model.teacher, str(resolved), heads_mode(self.cfg), head_warmup_iterations(self.cfg)
         )
+        log_pretrained(str(resolved), start)
+        return start.head_warmup_iterations
 
     def _maybe_resume(self) -> None:
         if self._lock is not None:
@@ -495,6 +492,7 @@ class Trainer:
                     self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
                     self.precision, cfg.optim.clip_grad, self.grad_groups, self.clip_per_group,
                     with_stats=is_logged(it + 1, cfg.train.log_every, end),
+                    frozen=self.grad_groups["backbone"] if it < self.head_warmup_iterations else (),
                 )
             self.state.iteration = it + 1
             self._pending.append(_Launched(it, schedule, out, counts["images"]))

@@ -190,6 +190,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     Under DDP the gradients are already averaged, so every rank computes the same norm;
     under FSDP the norm of the sharded gradients is reduced over the ranks.
     """
+    if params and all(p.grad is None for p in params):  # e.g. the backbone frozen in the head warm-up
+        return torch.zeros((), device=params[0].device)  # clip_grad_norm_ would give a CPU 0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()

@@ -135,6 +135,7 @@ def train_step(
     grad_groups: dict[str, list[torch.Tensor]] | None = None,
     clip_per_group: bool = True,
     with_stats: bool = True,
+    frozen: Sequence[torch.Tensor] = (),
 ) -> PendingStep:
     """Queue one training step on ``batch`` (already on the model's device); read the
     report with ``.read()``.
@@ -147,6 +148,9 @@ def train_step(
     (each on its own with ``clip_per_group``, else together) and reported.
     ``with_stats=False`` skips the model's diagnostics (the report's ``stats`` then hold
     the gradient norms only): the trainer computes them only on the steps it logs.
+    ``frozen`` parameters get no update in this step (their gradients are dropped before
+    clipping, so AdamW leaves them, their moments and their weight decay alone): the
+    head warm-up freezes the backbone this way.
 
     A non-finite total loss, or a non-finite gradient norm without fp16 loss scaling,
     skips the update of the student (weights, AdamW moments and step count unchanged);
@@ -167,6 +171,8 @@ def train_step(
     if GRAD_NORM in losses:
         raise ValueError(f"a loss may not be named '{GRAD_NORM}'")
     scaler.scale(losses["total"]).backward()
+    for param in frozen:
+        param.grad = None
     scalars = dict(losses)
     stats = dict(stats)
     if clip_grad > 0:
