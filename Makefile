@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 # torch/torchvision wheels to install; override for another CUDA/CPU build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Package index for TORCH_SPEC; empty = PyPI, whose Linux x86-64 torch is the CUDA build and
+# pulls several GB of nvidia-* libraries and triton. CPU-only machines:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test
@@ -13,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 

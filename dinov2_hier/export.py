@@ -290,12 +290,11 @@ def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: 
         "dinov2_hier_version": __version__,
         "torch_version": torch.__version__,
     }
-    try:
-        from dinov2_hier.models.timm_compat import timm_model_args
+    from dinov2_hier.models.timm_compat import timm_registered_name
 
-        config["timm_model"] = timm_model_args(model, 224, a["arch"])[0] if 224 % a["patch_size"] == 0 else None
-    except ValueError:
-        config["timm_model"] = None
+    # Only a timm model of exactly this shape is named; any other backbone still loads into
+    # timm's VisionTransformer through create_timm_model (the card says so).
+    config["timm_model"] = timm_registered_name(model, a["arch"])
     return config
 
 
@@ -553,14 +552,20 @@ def render_model_card(config: Mapping[str, Any], cfg: DictConfig | None, evals: 
         "sizes interpolate the position embeddings).",
         "",
     ]
-    if config.get("timm_model"):
+    size, patch = int(config["img_size"]), int(config["patch_size"])
+    if size % patch == 0:
+        if config.get("timm_model"):
+            what = f"timm's `{config['timm_model']}` (the registered model of this shape)"
+        else:
+            what = (f"timm's `VisionTransformer` built with this model's shapes ({arch}, patch {patch}, "
+                    f"{config['num_register_tokens']} register tokens; timm registers no DINOv2 model of this shape)")
         lines += [
-            f"timm (`{config['timm_model']}` family, built with this model's shapes, strict load; "
-            "`forward_features(x)[:, 0]` equals `x_norm_clstoken` at 224 px):",
+            f"timm: {what}, strict load; `forward_features(x)[:, 0]` equals `x_norm_clstoken` for "
+            f"inputs of the `img_size` it is built for (here {size} px, the training crop size):",
             "",
             "```python",
             "from dinov2_hier.hub import create_timm_model",
-            "model = create_timm_model(\"PATH/TO/THIS/FOLDER\", img_size=224)",
+            f"model = create_timm_model(\"PATH/TO/THIS/FOLDER\", img_size={size})",
             "```",
             "",
         ]
@@ -648,7 +653,7 @@ def _evaluation_section(config: Mapping[str, Any], evals: Sequence[EvalSummary])
         "## Evaluation",
         "",
         "Frozen CLS features (`x_norm_clstoken`) probed by `python -m eval.run` (kNN and logistic regression); "
-        "mean ± standard deviation over the folds.",
+        "mean ± standard deviation over the folds; higher is better for every metric shown.",
         "",
     ]
     rows = []

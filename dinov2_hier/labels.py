@@ -51,6 +51,20 @@ def _known_labels(labels: Iterable[str], limit: int = 30) -> str:
     return f" (known labels: {shown}{more})"
 
 
+def _tree_file(tree: str | None, map_source: str) -> str:
+    """How to name the tree ``tree`` on a command line: ``<maps folder>/../<tree>.json`` when
+    it exists (relative to the project checkout when inside it), else the bare name."""
+    from dinov2_hier.paths import PROJECT_ROOT
+
+    candidate = Path(map_source).resolve().parent.parent / f"{tree}.json"
+    if not tree or not candidate.is_file():
+        return repr(tree)
+    try:
+        return candidate.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(candidate)
+
+
 def normalize_label(label: str) -> str:
     """Case-folded label with runs of whitespace, ``-`` and ``_`` collapsed to one ``_``."""
     return re.sub(r"[\s_\-]+", "_", label.strip()).strip("_").casefold()
@@ -305,9 +319,15 @@ class LabelResolver:
       equal after :func:`normalize_label` when that is unambiguous).
     * anything else -> :class:`LabelMapError` naming label and dataset, or None
       when ``unmapped == "unlabelled"`` (the sample then trains without supervision).
+
+    ``other_maps`` (label maps written for other trees, e.g. the ``wbc`` maps while the
+    tree is ``synthetic``) are never applied; an unresolvable label that one of them knows
+    gets a hint naming that tree's file, given as ``hierarchy_option`` (e.g.
+    ``"supervision.hierarchy="`` or ``"--hierarchy "``) followed by its path.
     """
 
-    __slots__ = ("_hierarchy", "_maps", "_unmapped", "_default_dataset", "_node_by_norm")
+    __slots__ = ("_hierarchy", "_maps", "_unmapped", "_default_dataset", "_node_by_norm", "_other_maps",
+                 "_hierarchy_option")
 
     def __init__(
         self,
@@ -315,6 +335,9 @@ class LabelResolver:
         label_maps: Mapping[str, LabelMap] | None = None,
         unmapped: str = "error",
         default_dataset: str | None = None,
+        *,
+        other_maps: Mapping[str, LabelMap] | None = None,
+        hierarchy_option: str = "the hierarchy ",
     ) -> None:
         if unmapped not in _UNMAPPED_MODES:
             raise LabelMapError(f"unmapped must be one of {', '.join(map(repr, _UNMAPPED_MODES))}, got {unmapped!r}")
@@ -340,6 +363,8 @@ class LabelResolver:
         self._unmapped = unmapped
         self._default_dataset = default_dataset
         self._node_by_norm = {k: v for k, v in by_norm.items() if v is not None}
+        self._other_maps = {k: m for k, m in (other_maps or {}).items() if m.hierarchy_name != hierarchy.name}
+        self._hierarchy_option = hierarchy_option
 
     @property
     def hierarchy(self) -> Hierarchy:
@@ -381,11 +406,46 @@ class LabelResolver:
         node = self._node_by_norm.get(normalize_label(label))
         if node is not None:
             return node
-        origin = f"dataset {name!r} has no label map" if name else "no dataset given"
+        origin = "no dataset given"
+        if name:
+            origin = f"dataset {name!r} has no label map{' for this hierarchy' if name in self._other_maps else ''}"
         return self._unresolved(
             f"label {label!r} is not a node of hierarchy {self._hierarchy.name!r} ({origin}; known maps:"
-            f" {sorted(self._maps) or 'none'}){suggest(label, self._hierarchy.nodes)}"
+            f" {sorted(self._maps) or 'none'}){suggest(label, self._hierarchy.nodes)}{self._hint(label, name)}"
         )
+
+    def _hint(self, label: str, name: str | None) -> str:
+        """Where a label that is no node of the tree (and has no map of this tree) could resolve:
+        a map of this tree that knows it (the rows name no dataset, or another one), or the
+        maps written for another tree (that tree's file is named)."""
+        knowing = sorted(d for d, m in self._maps.items() if label in m)
+        if knowing:
+            listed = ", ".join(repr(d) for d in knowing)
+            return (f"; the label map of dataset{'s' if len(knowing) > 1 else ''} {listed} knows {label!r}: "
+                    "give these rows that dataset name (a manifest's 'dataset' column) or apply that map")
+        if not self._other_maps:
+            return ""
+        own = self._other_maps.get(name) if name else None
+        if own is not None:
+            return (f"; the label map of dataset {name!r} ({own.source}) is written for hierarchy "
+                    f"{own.hierarchy_name!r}, not {self._hierarchy.name!r}: set "
+                    f"{self._hierarchy_option}{_tree_file(own.hierarchy_name, own.source)}")
+        fitting = sorted((m for m in self._other_maps.values() if label in m), key=lambda m: m.dataset)
+        if fitting:
+            tree = fitting[0].hierarchy_name
+            fitting = [m for m in fitting if m.hierarchy_name == tree]
+            listed = ", ".join(repr(m.dataset) for m in fitting)
+            return (f"; {label!r} is a label of the map{'s' if len(fitting) > 1 else ''} of dataset"
+                    f"{'s' if len(fitting) > 1 else ''} {listed}, written for hierarchy {tree!r}, not "
+                    f"{self._hierarchy.name!r}: set {self._hierarchy_option}{_tree_file(tree, fitting[0].source)}, "
+                    f"and name the dataset (a 'dataset' column) unless the labels are node ids of {tree!r}")
+        if not self._maps:
+            trees = sorted({str(m.hierarchy_name) for m in self._other_maps.values()})
+            some = next(iter(self._other_maps.values()))
+            files = ", ".join(_tree_file(t, some.source) for t in trees)
+            return (f"; no label map is written for hierarchy {self._hierarchy.name!r} (the label maps found are "
+                    f"for {', '.join(map(repr, trees))}: {self._hierarchy_option}{files})")
+        return ""
 
     def _unresolved(self, message: str) -> None:
         if self._unmapped == "unlabelled":

@@ -60,6 +60,7 @@ __all__ = [
     "classification_report",
     "hierarchical_prf",
     "lineage_accuracy",
+    "metric_label",
     "mistake_severity",
 ]
 
@@ -73,8 +74,15 @@ HIERARCHICAL_SCALAR_METRICS: tuple[str, ...] = (
 )
 # Names of the scalar entries of all_metrics(), in report order (hierarchical ones need a tree).
 SCALAR_METRICS: tuple[str, ...] = FLAT_SCALAR_METRICS + HIERARCHICAL_SCALAR_METRICS
-# Every scalar metric is "higher is better" except these.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"mistake_severity"})
+# Every scalar metric is "higher is better" except these (with the multi-label rates of
+# eval.multilabel); tables mark them with metric_label().
+LOWER_IS_BETTER: frozenset[str] = frozenset({"mistake_severity", "impossible_rate", "impossible_rate_before"})
+
+
+def metric_label(name: str) -> str:
+    """``name`` as a metric table shows it: ``"mistake_severity (lower better)"`` for the
+    metrics of :data:`LOWER_IS_BETTER`, the name itself for every other (higher better)."""
+    return f"{name} (lower better)" if name in LOWER_IS_BETTER else name
 
 
 class MetricInputError(ValueError):

@@ -332,7 +332,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     if fs_test is not None:
         unreadable += [p for p, ok in zip(test.paths, fs_test.ok) if not ok]
     if n_unreadable:
-        log.warning("%d unreadable image(s) skipped and counted in metrics.json", n_unreadable)
+        log.warning("%d missing or unreadable image(s) skipped and counted in metrics.json (n_unreadable)",
+                    n_unreadable)
 
     labels = np.asarray(data.labels, dtype=object)
     if test is None:
@@ -343,7 +344,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
         try:
             split: Any = stratified_folds(y, args.folds, args.seed)
         except EvalDataError as exc:  # only possible when unreadable images thinned a class
-            raise EvalDataError(f"after skipping {n_unreadable} unreadable image(s): {exc}") from None
+            raise EvalDataError(f"after skipping {n_unreadable} missing or unreadable image(s): {exc}") from None
         test_rows = np.arange(len(keep))
         fold_of = np.empty(len(keep), dtype=np.int64)
         for i, (_, te) in enumerate(split):
@@ -483,6 +484,8 @@ def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names
 
 def format_results(result: dict[str, Any]) -> str:
     """A plain-text table per evaluated checkpoint (metrics x probes, mean ± std)."""
+    from dinov2_hier.metrics import metric_label
+
     lines: list[str] = []
     for ev in result["evaluations"]:
         m = ev["metrics"]
@@ -496,11 +499,11 @@ def format_results(result: dict[str, Any]) -> str:
                else f"fixed split ({split.get('n_train')} train / {split.get('n_test')} test)")
         lines.append(f"{ev['name']}: {m['n_samples']} samples, {len(m['classes'])} classes, {how}, "
                      f"{m['n_unreadable']} unreadable -> {ev['output_dir']}")
-        width = max([len(x) for x in metrics] + [6])
+        width = max([len(metric_label(x)) for x in metrics] + [6])
         lines.append(" ".join([f"{'metric':<{width}}", *(f"{p:>17}" for p in names)]))
         for metric in metrics:
-            lines.append(" ".join([f"{metric:<{width}}", *(f"{format_mean_std(probes[p].get(metric)):>17}"
-                                                            for p in names)]))
+            lines.append(" ".join([f"{metric_label(metric):<{width}}",
+                                   *(f"{format_mean_std(probes[p].get(metric)):>17}" for p in names)]))
         lines.append("")
     summary = result.get("summary")
     if summary:

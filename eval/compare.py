@@ -130,7 +130,7 @@ def _num(value: Any, signed: bool = False) -> str:
 
 def format_comparison(rows: Sequence[dict[str, Any]], n_resamples: int, seed: int) -> str:
     """Plain-text tables, one per (reference, model) pair."""
-    from dinov2_hier.metrics import LOWER_IS_BETTER
+    from dinov2_hier.metrics import metric_label
 
     out: list[str] = []
     pairs: list[tuple[str, str]] = []
@@ -147,7 +147,7 @@ def format_comparison(rows: Sequence[dict[str, Any]], n_resamples: int, seed: in
             if (r["reference"], r["model"]) != (ref, model):
                 continue
             ci = f"[{_num(r['ci_low'], True)}, {_num(r['ci_high'], True)}]"
-            name = r["metric"] + (" (lower better)" if r["metric"] in LOWER_IS_BETTER else "")
+            name = metric_label(r["metric"])
             out.append(f"  {r['classifier']:<10} {name:<32} {_num(r['reference_value']):>8} "
                        f"{_num(r['model_value']):>8} {_num(r['difference'], True):>8}  {ci:<19} "
                        f"{'yes' if r['excludes_zero'] else 'no'}")

@@ -57,10 +57,15 @@ def stratified_folds(labels: Sequence[str], n_folds: int, seed: int = 0) -> list
     small = sorted(((c, n) for c, n in counts.items() if n < n_folds), key=lambda item: (item[1], item[0]))
     if small:
         listed = ", ".join(f"class {c!r} has {n} sample{'s' if n != 1 else ''}" for c, n in small)
-        raise EvalDataError(
-            f"{listed}: fewer than the {n_folds} cross-validation folds; remove or merge "
-            f"{'that class' if len(small) == 1 else 'those classes'}, or use fewer folds"
-        )
+        fewest = small[0][1]
+        these = "that class" if len(small) == 1 else "those classes"
+        if fewest >= 2:
+            fix = (f"lower --folds to {fewest} or fewer (the smallest class has {fewest} samples), "
+                   f"or remove or merge {these}")
+        else:
+            fix = (f"remove or merge {these} (cross-validation needs at least 2 samples per class), "
+                   "or test on a fixed split (--test-data)")
+        raise EvalDataError(f"{listed}: fewer than the {n_folds} cross-validation folds (--folds {n_folds}); {fix}")
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [
         (np.sort(train).astype(np.int64), np.sort(test).astype(np.int64))

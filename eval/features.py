@@ -39,6 +39,7 @@ from dinov2_hier.data import (
     EvalTransform,
     Record,
     UnreadableImageError,
+    is_missing_image_message,
     load_image,
     read_manifest,
     records_from_source,
@@ -422,17 +423,19 @@ def load_eval_data(
     explicit = _read_label_map(label_map, label_maps_dir, hierarchy) if label_map else None
     if hierarchy is not None:
         maps: dict[str, LabelMap] = {}
+        others: dict[str, LabelMap] = {}
         try:
             folder = resolve_resource(label_maps_dir, "label map directory")
         except ResourceNotFoundError:
             folder = None
         if folder is not None and folder.is_dir():
-            from dinov2_hier.train.supervision import load_matching_label_maps
+            from dinov2_hier.train.supervision import split_label_maps
 
-            maps = load_matching_label_maps(folder, hierarchy)
+            maps, others = split_label_maps(folder, hierarchy)
         if explicit is not None:
             maps[explicit.dataset] = explicit
-        resolver = LabelResolver(hierarchy, maps, unmapped="error")
+        resolver = LabelResolver(hierarchy, maps, unmapped="error", other_maps=others,
+                                 hierarchy_option="--hierarchy ")
 
         def resolve(label: str, dataset: str | None) -> str:
             node = resolver.resolve(label, dataset)
@@ -653,7 +656,7 @@ def extract_features(
             feats, ok = cached
             n_bad = int((~ok).sum())
             logger.info("features of %d images loaded from %s%s", len(paths), cache_path,
-                        f" ({n_bad} unreadable, skipped)" if n_bad else "")
+                        f" ({n_bad} missing or unreadable, skipped)" if n_bad else "")
             return FeatureSet(feats, ok, n_bad, True, cache_path)
 
     features = np.zeros((len(paths), dim), dtype=np.float32)
@@ -683,7 +686,8 @@ def extract_features(
                 for i, msg in zip(index[~good], (e for e, g in zip(errors, good) if not g)):
                     if paths[i] not in logged:
                         logged.add(paths[i])
-                        logger.warning("skipping unreadable image: %s", msg)
+                        kind = "missing" if is_missing_image_message(msg) else "unreadable"
+                        logger.warning("skipping %s image: %s", kind, msg)
                 if good.any():
                     if not good.all():
                         keep = torch.from_numpy(good)
@@ -706,7 +710,7 @@ def extract_features(
     elapsed = time.perf_counter() - start
     logger.info("extracted features of %d images in %.1f s (%.1f img/s, %s on %s)%s", len(paths), elapsed,
                 len(paths) / max(elapsed, 1e-9), _precision_tag(dev), dev,
-                f"; {n_bad} unreadable, skipped" if n_bad else "")
+                f"; {n_bad} missing or unreadable, skipped" if n_bad else "")
     if cache_path is not None:
         _save_cache(cache_path, features, ok, paths, {
             "fingerprint": backbone.fingerprint, "source": backbone.source, "crop_size": crop,

@@ -155,7 +155,9 @@ def multilabel_folds(targets: np.ndarray, n_folds: int, seed: int = 0) -> list[t
 
     keys = [",".join(str(i) for i in np.flatnonzero(row)) or "-" for row in np.asarray(targets, dtype=bool)]
     if len(keys) < n_folds:
-        raise EvalDataError(f"{len(keys)} images cannot be split into {n_folds} cross-validation folds")
+        fix = f": lower --folds to at most {len(keys)}" if len(keys) >= 2 else ""
+        raise EvalDataError(f"{len(keys)} images cannot be split into {n_folds} cross-validation folds "
+                            f"(--folds {n_folds}){fix}")
     counts = Counter(keys)
     rare = {k for k, n in counts.items() if n < n_folds}
     pooled = "rare label sets"
@@ -585,11 +587,16 @@ def _diverging(v: float, vmax: float) -> str:
 
 def svg_matrix_heatmap(values: Any, labels: Sequence[str], title: str, vmax: float | None = None) -> str:
     """Heatmap of a ``K x K`` matrix (rows/columns ``labels``), diverging colours around 0,
-    saturating at ``vmax`` (default: the largest absolute value, at least 1e-9); values
-    written in the cells up to K = 25."""
+    from ``-vmax`` to ``+vmax``; values written in the cells up to K = 25.
+
+    ``vmax`` defaults to the largest absolute value (at least 1e-9); a given ``vmax`` is
+    widened to the largest absolute value when an entry exceeds it, so the stated colour
+    scale always holds every value (``R R^T`` is not bounded by the ``-1..+1`` of ``C``).
+    The caption states the scale and the actual range of the values."""
     arr = np.asarray(values, dtype=np.float64)
     n = len(labels)
-    vmax = float(vmax if vmax is not None else max(np.abs(arr).max(initial=0.0), 1e-9))
+    largest = float(np.abs(arr).max(initial=0.0))
+    vmax = max(float(vmax) if vmax is not None else 0.0, largest, 1e-9)
     cell = max(14.0, min(36.0, 560.0 / max(n, 1)))
     font = min(10.0, cell * 0.32)
     label_w = 6.6 * max((len(str(x)) for x in labels), default=1)
@@ -616,8 +623,9 @@ def svg_matrix_heatmap(values: Any, labels: Sequence[str], title: str, vmax: flo
                 colour = "#fff" if abs(v) > 0.6 * vmax else "#222"
                 parts.append(f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + font / 3:.1f}" font-size="{font:.1f}" '
                              f'text-anchor="middle" fill="{colour}">{round(v, 2) + 0.0:g}</text>')
+    span = (f"; values {float(arr.min()):.3g} to {float(arr.max()):.3g}" if arr.size else "")
     parts.append(f'<text x="{left:.1f}" y="{height - 10:.1f}" font-size="10">colour scale: -{vmax:.3g} (blue) '
-                 f'to +{vmax:.3g} (red)</text></svg>')
+                 f'to +{vmax:.3g} (red){span}</text></svg>')
     return "".join(parts)
 
 
@@ -711,6 +719,8 @@ def render_multilabel_report(metrics: Mapping[str, Any], scatter: Mapping[str, A
     metric table per variant, per-class table, impossible combinations, heatmaps of ``C``
     and of the mean ``R`` and ``R R^T`` over the test set, threshold bars, and the
     uncertainty-vs-confidence scatter of ``scatter_variant``."""
+    from dinov2_hier.metrics import metric_label
+
     probes = metrics.get("probes") or {}
     classes = list(metrics.get("classes") or [])
     cons = metrics.get("constraints") or {}
@@ -735,8 +745,10 @@ def render_multilabel_report(metrics: Mapping[str, Any], scatter: Mapping[str, A
                                 "specificity", "subset_accuracy", "hamming_accuracy", "impossible_rate_before",
                                 "impossible_rate") if any(m in probes[v] for v in names)]
     parts.append("<h2>Metrics</h2><p>Mean ± standard deviation over folds; impossible rates are the share of images "
-                 "whose predicted label set holds an exclusive pair, before and after decoding.</p>")
-    parts.append(_table(["metric", *names], [(m, *(_pm(probes[v].get(m)) for v in names)) for m in metric_names]))
+                 "whose predicted label set holds an exclusive pair, before and after decoding. Higher is better, "
+                 "except for metrics marked (lower better).</p>")
+    parts.append(_table(["metric", *names],
+                        [(metric_label(m), *(_pm(probes[v].get(m)) for v in names)) for m in metric_names]))
     imp = metrics.get("impossible") or {}
     if imp:
         parts.append("<h2>Impossible combinations</h2>")
@@ -756,7 +768,8 @@ def render_multilabel_report(metrics: Mapping[str, Any], scatter: Mapping[str, A
 
     parts.append("<h2>Relations</h2><p>The prior matrix C as written in the file, and per variant with a relation "
                  "module the learned R and R R<sup>T</sup> averaged over the tested images (R R<sup>T</sup> is what the "
-                 "loss compares with C).</p><div class=\"row\">")
+                 "loss compares with C; its entries are not bounded by C's -1..+1, so its colour scale runs to its "
+                 "largest absolute value, stated under each map).</p><div class=\"row\">")
     if cons.get("values") is not None:
         parts.append(svg_matrix_heatmap(cons["values"], classes, "prior C", vmax=1.0))
     for v, rel in (metrics.get("relation_matrix") or {}).items():
@@ -858,6 +871,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format(metrics: Mapping[str, Any]) -> str:
+    from dinov2_hier.metrics import metric_label
+
     from .report import format_mean_std
 
     probes = metrics["probes"]
@@ -866,8 +881,9 @@ def _format(metrics: Mapping[str, Any]) -> str:
             "impossible_rate")
     lines = [f"{metrics['n_samples']} images, {len(metrics['classes'])} classes, constraints "
              f"'{metrics['constraints']['name']}'",
-             " ".join([f"{'metric':<24}", *(f"{v:>20}" for v in names)])]
-    lines += [" ".join([f"{k:<24}", *(f"{format_mean_std(probes[v].get(k)):>20}" for v in names)]) for k in keys]
+             " ".join([f"{'metric':<36}", *(f"{v:>20}" for v in names)])]
+    lines += [" ".join([f"{metric_label(k):<36}", *(f"{format_mean_std(probes[v].get(k)):>20}" for v in names)])
+              for k in keys]
     return "\n".join(lines) + "\n"
 
 

@@ -634,6 +634,8 @@ def render_report_html(
     title: str | None = None,
 ) -> str:
     """The report as one HTML string (see the module docstring for its content)."""
+    from dinov2_hier.metrics import metric_label
+
     probes: Mapping[str, Mapping[str, Any]] = metrics.get("probes") or {}
     classes = list(metrics.get("classes") or [])
     ckpt = metrics.get("checkpoint") or {}
@@ -689,14 +691,16 @@ def render_report_html(
                 metric_names.append(name)
     folds_n = max((len(e.get("folds") or []) for p in probes.values() for e in p.values()), default=0)
     split = "fixed train/test split" if folds_n == 1 else f"{folds_n}-fold cross-validation, mean ± std over folds"
-    parts.append(f"<h2>Metrics</h2><p>{_esc(split)}.</p>")
+    parts.append(f"<h2>Metrics</h2><p>{_esc(split)}. Higher is better, except for metrics marked "
+                 "(lower better).</p>")
     parts.append(_table(["metric", *probe_names],
-                        [(m, *(format_mean_std(probes[p].get(m)) for p in probe_names)) for m in metric_names],
+                        [(metric_label(m), *(format_mean_std(probes[p].get(m)) for p in probe_names))
+                         for m in metric_names],
                         cls="metrics"))
     if folds_n > 1:
         parts.append("<details><summary>Per-fold values</summary>")
         for probe in probe_names:
-            rows = [(m, *(_fmt(v) for v in (probes[probe][m].get("folds") or []))) for m in probes[probe]]
+            rows = [(metric_label(m), *(_fmt(v) for v in (probes[probe][m].get("folds") or []))) for m in probes[probe]]
             parts.append(f"<h3>{_esc(probe)}</h3>")
             parts.append(_table(["metric", *(f"fold {i}" for i in range(folds_n))], rows))
         parts.append("</details>")

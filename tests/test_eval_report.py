@@ -182,7 +182,7 @@ def test_report_html_tables_svgs_and_note_without_umap(tmp_path, synthetic_tree,
     assert summary["knn_k1"]["accuracy"]["folds"] == [1.0, 0.5]
     assert "<td>0.750 ± 0.250</td>" in html
     assert "<td>1.000 ± 0.000</td>" in html  # logreg: perfect
-    for name in ("hierarchical_f1", "lineage_accuracy", "mistake_severity"):
+    for name in ("hierarchical_f1", "lineage_accuracy", "mistake_severity (lower better)"):
         assert f"<td>{name}</td>" in html
     # knn_k1's mistakes: myeloblast<->promyelocyte (severity 1 each: siblings at depth 3),
     # small_lymphocyte -> monocyte (severity 3: different lineages); fold 0 has none

@@ -106,7 +106,7 @@ def test_config_json_values(run):
         "weights_file": "model.safetensors", "dtype": "float32", "source_checkpoint": "ckpt_00000004.pt",
         "dinov2_hier_version": dinov2_hier.__version__, "torch_version": torch.__version__,
         "num_parameters": sum(v.numel() for v in run["teacher"].values()),
-        "timm_model": "vit_small_patch14_reg4_dinov2",
+        "timm_model": None,  # vit_tiny, patch 8, 2 registers: no timm model of this shape is registered
     }
     for key, value in expected.items():
         assert config[key] == value, key

@@ -17,10 +17,12 @@ from .augment import (
 from .collate import CollateError, GlobalCropsCollator
 from .datasets import (
     ImageRecordDataset,
+    MissingImageError,
     SkipCounter,
     SyntheticCellDataset,
     TooManyUnreadableImages,
     UnreadableImageError,
+    is_missing_image_message,
     load_image,
     load_image_reduced,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "LabelledShareSampler",
     "ManifestError",
     "MaskingConfigError",
+    "MissingImageError",
     "Record",
     "SamplerConfigError",
     "SkipCounter",
@@ -84,6 +87,7 @@ __all__ = [
     "apply_photometric",
     "derive_seed",
     "epoch_permutation",
+    "is_missing_image_message",
     "labelled_per_batch_from_fraction",
     "load_image",
     "load_image_reduced",

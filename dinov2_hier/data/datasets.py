@@ -51,6 +51,21 @@ class UnreadableImageError(ValueError):
     """An image file is missing, empty, truncated or not an image."""
 
 
+class MissingImageError(UnreadableImageError):
+    """An image file does not exist (skipped and counted like an unreadable one, but logged
+    as missing)."""
+
+
+#: How a missing file's error message starts; the message travels as text out of loader
+#: workers, so this prefix (:func:`is_missing_image_message`) is what tells the two apart.
+MISSING_IMAGE_PREFIX = "missing image file"
+
+
+def is_missing_image_message(message: str | None) -> bool:
+    """Whether ``message`` (an error item's text) is that of a :class:`MissingImageError`."""
+    return str(message or "").startswith(MISSING_IMAGE_PREFIX)
+
+
 class TooManyUnreadableImages(RuntimeError):
     """The fraction of unreadable images drawn so far exceeds the configured limit."""
 
@@ -64,7 +79,8 @@ def load_image(path: str) -> Image.Image:
     a half-grey image is silently wrong data.
 
     Raises:
-        UnreadableImageError: missing, zero-byte, truncated or non-image file.
+        UnreadableImageError: missing (:class:`MissingImageError`), zero-byte, truncated or
+            non-image file.
     """
     return load_image_reduced(path, None)[0]
 
@@ -179,6 +195,8 @@ def load_image_reduced(
             return to_rgb(img), full_size
     except UnreadableImageError:
         raise
+    except FileNotFoundError as e:
+        raise MissingImageError(f"{MISSING_IMAGE_PREFIX} '{path}' (no such file)") from e
     except Image.DecompressionBombError as e:
         _report_once(path, f"image '{path}': {e}: not decoded")
         raise UnreadableImageError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
@@ -292,7 +310,7 @@ class SyntheticCellDataset:
 
 
 class SkipCounter:
-    """Counts unreadable images drawn by the training loop (main process only).
+    """Counts unreadable (and missing) images drawn by the training loop (main process only).
 
     Attributes:
         n_skipped: error items seen (a bad file drawn twice counts twice).
@@ -322,7 +340,8 @@ class SkipCounter:
         """Add one batch: ``n_drawn`` items drawn, of which ``skipped_paths`` were unreadable.
 
         Each distinct path is logged once (warning on logger ``dinov2_hier.data``),
-        with its reason when ``reasons`` (parallel to ``skipped_paths``) is given.
+        with its reason when ``reasons`` (parallel to ``skipped_paths``) is given; a
+        missing file's reason (:class:`MissingImageError`) logs it as missing.
         """
         skipped = list(skipped_paths)
         why = list(reasons) if reasons is not None else [None] * len(skipped)
@@ -337,7 +356,9 @@ class SkipCounter:
                 continue
             self._bad_set.add(path)
             self.bad_paths.append(path)
-            if reason:
+            if is_missing_image_message(reason):
+                logger.warning("skipping missing image %s (no such file)", path)
+            elif reason:
                 logger.warning("skipping unreadable image %s (%s)", path, reason)
             else:
                 logger.warning("skipping unreadable image %s", path)
@@ -353,7 +374,7 @@ class SkipCounter:
         if self.fraction > max_fraction:
             examples = ", ".join(self.bad_paths[: self.max_examples])
             raise TooManyUnreadableImages(
-                f"{self.n_skipped} of {self.n_drawn} drawn images were unreadable "
+                f"{self.n_skipped} of {self.n_drawn} drawn images were missing or unreadable "
                 f"({100 * self.fraction:.2f}%, limit {100 * max_fraction:.2f}%); "
                 f"{self.n_unique_bad} distinct files, e.g. {examples}. "
                 "Fix or remove them from the manifest, or raise the limit."

@@ -56,6 +56,12 @@ _TIMM_STEMS: Mapping[str, str] = MappingProxyType({
 _TIMM_FFN: Mapping[str, str] = MappingProxyType({"vit_small": "mlp", "vit_base": "mlp", "vit_large": "mlp", "vit_giant": "swiglu"})
 
 
+#: (embed_dim, depth, num_heads) of each timm DINOv2 family as timm registers it (patch 14).
+_TIMM_SHAPES: Mapping[str, tuple[int, int, int]] = MappingProxyType({
+    "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant": (1536, 40, 24),
+})
+
+
 class TimmConversionError(ValueError):
     """A state dict that cannot be expressed in timm's layout."""
 
@@ -159,3 +165,33 @@ def timm_model_args(
         "num_classes": 0,
     }
     return name, args
+
+
+def timm_registered_name(model: VisionTransformer, arch: str | None = None) -> str | None:
+    """timm's registered DINOv2 model that has exactly ``model``'s shape, or None.
+
+    ``vit_{small,base,large}_patch14_dinov2``, ``vit_giant_patch14_dinov2`` and their
+    ``_reg4_`` variants: patch 14, the family's width, depth and heads, its feed-forward
+    layer (MLP ratio 4, or SwiGLU for giant), 0 or 4 registers, LayerScale, qkv bias,
+    3 input channels. Any other backbone (``vit_tiny``, patch 8, 2 registers, ...) still
+    maps onto timm's ``VisionTransformer`` through :func:`timm_model_args`, whose name is
+    then only the template its shape arguments override.
+    """
+    stem = _TIMM_STEMS.get(arch or "")
+    if stem is None:
+        return None
+    block = model.blocks[0]
+    swiglu = isinstance(block.mlp, SwiGLUFFN)
+    registers = model.num_register_tokens
+    if (
+        _TIMM_FFN[stem] != ("swiglu" if swiglu else "mlp")
+        or (model.embed_dim, model.n_blocks, model.num_heads) != _TIMM_SHAPES[stem]
+        or model.patch_size != 14
+        or registers not in (0, 4)
+        or model.patch_embed.proj.in_channels != 3
+        or block.attn.qkv.bias is None
+        or not isinstance(block.ls1, LayerScale)
+        or (not swiglu and block.mlp.fc1.out_features != 4 * model.embed_dim)
+    ):
+        return None
+    return f"{stem}_patch14_reg4_dinov2" if registers else f"{stem}_patch14_dinov2"

@@ -479,7 +479,8 @@ class Trainer:
             # too many unreadable images, or skip the step when some rank has no image left
             # (the others would wait for it in the step's collectives).
             counts = self._global_counts(n_images, len(batch["skipped"]), batch["n_drawn"])
-            self.skips.update(batch["skipped"], batch["n_drawn"])  # logs this rank's bad paths
+            # Logs this rank's bad paths, each once, a missing file as missing.
+            self.skips.update(batch["skipped"], batch["n_drawn"], batch.get("skipped_errors"))
             self.skips.n_skipped += counts["skipped"] - len(batch["skipped"])
             self.skips.n_drawn += counts["drawn"] - batch["n_drawn"]
             self.skips.check(cfg.data.max_unreadable_fraction, cfg.data.min_draws_before_check)

@@ -40,13 +40,22 @@ def item_labels(dataset: Dataset) -> list[tuple[str | None, str | None]]:
 
 def load_matching_label_maps(folder: Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
     """The label maps in ``folder`` written for ``hierarchy`` (by its name); others are ignored."""
-    maps = {}
+    return split_label_maps(folder, hierarchy)[0]
+
+
+def split_label_maps(folder: Path, hierarchy: Hierarchy) -> tuple[dict[str, LabelMap], dict[str, LabelMap]]:
+    """The label maps in ``folder``: those written for ``hierarchy`` (by its name, targets
+    checked) and those written for other trees (not applied; they let an unknown label's
+    error name the tree it belongs to, :class:`~dinov2_hier.labels.LabelResolver`)."""
+    maps, others = {}, {}
     for path in sorted(folder.glob("*.json")):
         label_map = LabelMap.from_json(path)
         if label_map.hierarchy_name == hierarchy.name:
             label_map.check_targets(hierarchy)
             maps[label_map.dataset] = label_map
-    return maps
+        else:
+            others[label_map.dataset] = label_map
+    return maps, others
 
 
 @dataclass
@@ -85,8 +94,9 @@ def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
     if sup.unmapped not in ("error", "unlabelled"):
         raise ConfigError(f"supervision.unmapped must be error or unlabelled, got '{sup.unmapped}'")
     hierarchy = Hierarchy.from_json(resolve_resource(sup.hierarchy, "supervision.hierarchy"))
-    maps = load_matching_label_maps(resolve_resource(sup.label_maps, "supervision.label_maps"), hierarchy)
-    resolver = LabelResolver(hierarchy, maps, unmapped=sup.unmapped)
+    maps, others = split_label_maps(resolve_resource(sup.label_maps, "supervision.label_maps"), hierarchy)
+    resolver = LabelResolver(hierarchy, maps, unmapped=sup.unmapped, other_maps=others,
+                             hierarchy_option="supervision.hierarchy=")
     pairs = item_labels(dataset)
     index_of: dict[tuple[str | None, str | None], int] = {}
     for pair in set(pairs):
