@@ -44,7 +44,9 @@ def test_every_shipped_config_loads():
     for f in files:
         if f.name == "default.yaml":
             continue
-        cfg = load_config(f, ["data.train=[cells.csv]"])
+        # The paper's configs continue from released weights: they must be named.
+        weights = ["student.pretrained_weights=DinoBloom.pth"] if f.parent.name == "paper" else []
+        cfg = load_config(f, ["data.train=[cells.csv]"] + weights)
         assert cfg.train.iterations > 0, f
 
 
@@ -85,3 +87,21 @@ def test_base_chain_and_required_values(tmp_path):
     loop.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(loop)
+
+
+def test_the_paper_configs_need_weights_and_carry_the_papers_values():
+    """configs/paper/ continue from released weights with the paper code's values
+    (issue 18's table); without weights they refuse to start instead of training from
+    scratch at the paper's fine-tuning learning rate."""
+    with pytest.raises(ConfigError, match="student.pretrained_weights"):
+        load_config(PROJECT_ROOT / "configs" / "paper" / "vitl14_hierce.yaml", ["data.train=[cells.csv]"])
+    cfg = load_config(PROJECT_ROOT / "configs" / "paper" / "vitl14_hierce.yaml",
+                      ["data.train=[cells.csv]", "student.pretrained_weights=DinoBloom-L.pth"])
+    assert (cfg.optim.base_lr, cfg.optim.layerwise_decay, cfg.teacher.momentum_teacher) == (2e-4, 1.0, 0.994)
+    assert (cfg.dino.loss_weight, cfg.ibot.loss_weight, cfg.dino.koleo_loss_weight) == (0.5, 1.0, 0.0)
+    assert (cfg.dino.head_bottleneck_dim, cfg.ibot.separate_head, cfg.student.drop_path_rate) == (384, True, 0.0)
+    assert cfg.train.epoch_length == 500
+    warmups = (cfg.optim.warmup_epochs, cfg.teacher.warmup_teacher_temp_epochs, cfg.optim.freeze_last_layer_epochs)
+    assert tuple(w * cfg.train.epoch_length for w in warmups) == (10_000, 15_000, 500)
+    (term,) = cfg.supervision.losses
+    assert (term.name, term.weight, term.head, term.alpha) == ("hierce", 0.5, "linear", 0.5)
