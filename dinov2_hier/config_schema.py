@@ -78,6 +78,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     # Entries are mappings checked by dinov2_hier.losses.supervised (names and keys per loss).
     "supervision.losses": ("list",),
     "data.train": ("list[str]", "str"),               # one source may be given without brackets
+    "data.val": ("list[str]", "str", "null"),         # like data.train; null = no validation sources
     "optim.fused": ("bool", "str"),                   # true | false | auto
     "student.pretrained_heads": ("bool", "str"),      # true | false | auto
 }
@@ -148,6 +149,7 @@ RULES: dict[str, Rule] = {
     "data.prefetch_factor": POSITIVE_INT,
     "data.max_unreadable_fraction": PROBABILITY,
     "data.min_draws_before_check": NON_NEGATIVE,
+    "data.val_fraction": Rule(low=0, high=1, high_open=True),  # 1 would leave nothing to train on
     "train.batch_size_per_gpu": POSITIVE_INT,
     "train.iterations": POSITIVE_INT,                  # 0 would "finish" without any weights
     "train.epoch_length": POSITIVE_INT,                # the schedules' unit: 0 divides by zero
@@ -156,6 +158,8 @@ RULES: dict[str, Rule] = {
     "train.keep_checkpoints": NON_NEGATIVE,            # 0 keeps all
     "train.max_consecutive_nonfinite": POSITIVE_INT,
     "train.collapse_check_after": NON_NEGATIVE,
+    "train.val_every": NON_NEGATIVE,                   # 0 = no validation pass
+    "train.val_max_batches": POSITIVE_INT,
     "optim.base_lr": NON_NEGATIVE,
     "optim.lr_scaling": _choices("sqrt", "linear", "none"),
     "optim.reference_batch_size": POSITIVE_INT,

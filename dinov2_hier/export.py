@@ -2,11 +2,12 @@
 
 ```
 python -m dinov2_hier.export --ckpt CKPT --output-dir DIR [--format safetensors|pth]
-                             [--dtype fp32|bf16|fp16] [--eval EVAL_DIR ...]
+                             [--dtype fp32|bf16|fp16] [--eval EVAL_DIR ...] [--select val_loss]
 ```
 
 ``CKPT`` is a training output directory (its newest ``checkpoints/ckpt_*.pt``, else its
-``teacher_backbone.pt``), a full training checkpoint file, or a ``teacher_backbone.pt``.
+``teacher_backbone.pt``; with ``--select val_loss`` its checkpoint with the lowest
+validation loss), a full training checkpoint file, or a ``teacher_backbone.pt``.
 The EMA teacher's backbone is written with DINOv2 parameter names as contiguous tensors
 (fp32 unless ``--dtype``), with ``config.json`` (architecture, normalisation, hierarchy,
 provenance; read by :func:`dinov2_hier.hub.load_backbone`) and a model card summarising
@@ -190,20 +191,27 @@ def _from_teacher_file(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig |
     )
 
 
-def load_trained_teacher(ckpt: str | Path) -> TrainedTeacher:
+def load_trained_teacher(ckpt: str | Path, select: str | None = None) -> TrainedTeacher:
     """Read the teacher backbone of a training run without unpickling code.
 
     ``ckpt``: a training output directory (newest ``checkpoints/ckpt_*.pt``, else
     ``teacher_backbone.pt``; ``config.yaml`` from the directory), a full checkpoint
     (``{"model": {"teacher.backbone.<name>": ...}, "config": yaml, "iteration", ...}``)
     or a ``teacher_backbone.pt`` (``{"model": state_dict, "meta": {...}}``; the run's
-    ``config.yaml`` is taken from its folder when present).
+    ``config.yaml`` is taken from its folder when present). ``select="val_loss"``: of a
+    training output directory the checkpoint with the lowest validation loss
+    (:func:`dinov2_hier.train.validation.best_checkpoint`).
     Raises :class:`ExportError` / :class:`~dinov2_hier.models.WeightsError` naming the file.
     """
     path = Path(ckpt)
     if not path.exists():
         raise ExportError(f"checkpoint not found: {path}")
-    if path.is_dir():
+    if select is not None:
+        from dinov2_hier.train.validation import select_checkpoint
+
+        target = select_checkpoint(path, select).path
+        run_cfg = _read_run_config(path / _RUN_CONFIG)
+    elif path.is_dir():
         run_cfg = _read_run_config(path / _RUN_CONFIG)
         found = list_checkpoints(path)
         target = found[-1][1] if found else path / TEACHER_FILE
@@ -689,6 +697,7 @@ def export_backbone(
     fmt: str = "safetensors",
     dtype: str = "fp32",
     eval_dirs: Sequence[str | Path] = (),
+    select: str | None = None,
 ) -> ExportResult:
     """Export the teacher backbone of ``ckpt`` into ``output_dir`` (see the module docstring).
 
@@ -700,6 +709,8 @@ def export_backbone(
         dtype: ``fp32`` (default), ``bf16`` or ``fp16`` for the stored tensors.
         eval_dirs: ``eval.run`` output directories for the card's evaluation table; each
             must have evaluated the exported weights (:func:`check_eval_weights`).
+        select: ``"val_loss"``: export the checkpoint of the run directory ``ckpt`` with
+            the lowest validation loss instead of the newest.
     """
     if fmt not in ("safetensors", "pth"):
         raise ExportError(f"--format must be safetensors or pth, got '{fmt}'")
@@ -707,7 +718,7 @@ def export_backbone(
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     torch_dtype = _DTYPES[dtype]
     evals = [read_eval_summary(d) for d in eval_dirs]  # fail on bad input before writing
-    teacher = load_trained_teacher(ckpt)
+    teacher = load_trained_teacher(ckpt, select)
     check_eval_weights(evals, teacher)  # another model's metrics never reach the card
     a = teacher.arch
     try:
@@ -764,6 +775,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", default="safetensors", choices=("safetensors", "pth"),
                         help="weights file format (default safetensors)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="stored tensor dtype (default fp32)")
+    parser.add_argument("--select", choices=("val_loss",), default=None,
+                        help="with a training output directory: export its checkpoint with the lowest validation "
+                             "loss (val_total in metrics.jsonl) instead of the newest")
     parser.add_argument("--eval", nargs="+", default=[], metavar="DIR",
                         help="output directories of python -m eval.run, tabulated in the model card; each must "
                              "have evaluated the exported weights (checked by their recorded fingerprint)")
@@ -776,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     register_user_errors(ExportError, WeightsError)
 
     def job() -> None:
-        result = export_backbone(args.ckpt, args.output_dir, fmt=args.format, dtype=args.dtype, eval_dirs=args.eval)
+        result = export_backbone(args.ckpt, args.output_dir, fmt=args.format, dtype=args.dtype, eval_dirs=args.eval,
+                                 select=args.select)
         print(f"exported {result.weights}")
 
     return run_cli(job)

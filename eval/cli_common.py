@@ -104,6 +104,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "weights (with --arch), a training output directory (every checkpoint, in iteration "
                         "order), 'none' (untrained --arch baseline) or 'baseline:colour' (colour histogram + "
                         "16x16 grey pixels: the floor a pretrained model must clear)")
+    g.add_argument("--select", choices=("val_loss",), default=None,
+                   help="with --ckpt <training output directory>: evaluate only the checkpoint with the lowest "
+                        "validation loss (val_total in its metrics.jsonl; training with data.val_fraction or "
+                        "data.val and train.val_every)")
     g.add_argument("--arch", default=None,
                    help="backbone architecture (vit_tiny|vit_small|vit_base|vit_large|vit_giant2); required for "
                         "--ckpt none and foreign weights, checked against a dinov2_hier checkpoint otherwise")
@@ -276,7 +280,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_args(args)
     device = resolve_device(args.device)
-    checkpoints = resolve_checkpoints(args.ckpt)  # cheap checks of every input before any heavy work
+    select = getattr(args, "select", None)
+    checkpoints = resolve_checkpoints(args.ckpt, select)  # cheap checks of every input before any heavy work
     hierarchy, hierarchy_info = _load_hierarchy(args.hierarchy)
     data_path = _data_path(args.data, "--data")
     test_path = _data_path(args.test_data, "--test-data") if args.test_data else None
@@ -306,7 +311,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         target = out_dir / name if multi else out_dir
         log.info("evaluating %s (%s) -> %s", name, ckpt, target)
         evaluations.append(_evaluate_checkpoint(args, name, ckpt, target, **shared))
-    summary = _write_summary(out_dir, evaluations, [p.name for p in probes]) if multi else None
+    selection = {"select": select, "checkpoint": checkpoints[0][1]} if select is not None else None
+    summary = _write_summary(out_dir, evaluations, [p.name for p in probes], selection) if multi else None
     return {"output_dir": str(out_dir), "evaluations": evaluations, "summary": summary}
 
 
@@ -449,11 +455,13 @@ def _selection_probe(probe_names: Sequence[str]) -> str:
     return SELECTION_PROBE if SELECTION_PROBE in probe_names else probe_names[0]
 
 
-def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names: Sequence[str]) -> dict[str, Any]:
+def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names: Sequence[str],
+                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """summary.json of a training run: every checkpoint's scores and the best one.
 
     Best = highest mean balanced accuracy of the logistic regression (of the first probe when
-    logreg did not run); on a tie the earlier iteration wins.
+    logreg did not run); on a tie the earlier iteration wins. ``selection``: how ``--select``
+    chose the one checkpoint evaluated (recorded as ``"selected_by"``).
     """
     probe = _selection_probe(probe_names)
     rows = []
@@ -475,6 +483,8 @@ def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names
         "best_score": best_score,
         "checkpoints": rows,
     }
+    if selection is not None:
+        summary["selected_by"] = selection
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     return summary
 

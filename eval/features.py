@@ -363,15 +363,22 @@ def _baseline(ckpt: object, device: Any) -> EvalBackbone:
     return _finish(model, meta, f"{PREFIX}{name}", f"{PREFIX}{name}:v1", device)
 
 
-def resolve_checkpoints(path: str | os.PathLike) -> list[tuple[str, str]]:
+def resolve_checkpoints(path: str | os.PathLike, select: str | None = None) -> list[tuple[str, str]]:
     """``(name, ckpt)`` pairs to evaluate for a ``--ckpt`` argument.
 
     ``"none"`` -> ``[("untrained", "none")]``; ``"baseline:colour"`` ->
     ``[("baseline_colour", "baseline:colour")]``; a file -> ``[(stem, path)]``; a training
     output directory -> every ``checkpoints/ckpt_*.pt`` in iteration order, named
     ``iter_00001000``; a directory without full checkpoints but with a
-    ``teacher_backbone.pt`` -> that file.
+    ``teacher_backbone.pt`` -> that file. ``select="val_loss"`` (``--select``): of a
+    training output directory only the checkpoint with the lowest validation loss
+    (:func:`dinov2_hier.train.validation.best_checkpoint`).
     """
+    if select is not None:
+        from dinov2_hier.train.validation import select_checkpoint
+
+        chosen = select_checkpoint(path, select)
+        return [(f"iter_{chosen.iteration:08d}", str(chosen.path))]
     if str(path).strip().lower() == "none":
         return [("untrained", "none")]
     if is_baseline(path):

@@ -309,6 +309,23 @@ class SyntheticCellDataset:
         return item
 
 
+class SubsetDataset:
+    """The items ``indices`` of ``base``, renumbered ``0 .. len(indices) - 1``:
+    ``subset[(i, draw_id)]`` is ``base[(indices[i], draw_id)]`` (a held-out validation
+    split of a dataset that has no records to split, e.g. :class:`SyntheticCellDataset`)."""
+
+    def __init__(self, base: Any, indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: Any) -> dict:
+        index, draw_id = _split_key(key)
+        return self.base[(self.indices[index], draw_id)]
+
+
 class SkipCounter:
     """Counts unreadable (and missing) images drawn by the training loop (main process only).
 

@@ -15,6 +15,9 @@ from ..io import atomic_torch_save, load_error_message
 
 CHECKPOINT_DIR = "checkpoints"
 TEACHER_FILE = "teacher_backbone.pt"
+#: The run's JSON-lines records: one per logged training step, and the validation records
+#: (``"split": "val"``, :mod:`.validation`).
+METRICS_FILE = "metrics.jsonl"
 _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 #: Entry of every checkpoint recording :func:`why_not_good`'s verdict when it was written,
 #: for readers that do not want to scan the weights.
@@ -44,19 +47,21 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    state: dict, output_dir: Path, iteration: int, keep: int, newest_good: Path | None = None
+    state: dict, output_dir: Path, iteration: int, keep: int, newest_good: Path | None = None,
+    best_val: Path | None = None,
 ) -> Path:
     """Write ``state`` atomically as the checkpoint of ``iteration``; keep the newest ``keep``
     (0 = all) and, whatever ``keep`` says, ``newest_good``: the checkpoint a run stopped by
     non-finite losses resumes from, which checkpoints written during the streak (not good,
-    :func:`why_not_good`) would otherwise push out. Older ones are removed only after the
-    new one is in place."""
+    :func:`why_not_good`) would otherwise push out, and ``best_val``: the checkpoint with
+    the lowest validation loss so far (:mod:`.validation`). Older ones are removed only
+    after the new one is in place."""
     path = checkpoint_path(output_dir, iteration)
     atomic_torch_save(state, path)
     if keep > 0:
-        protected = newest_good.name if newest_good is not None else None
+        protected = {p.name for p in (newest_good, best_val) if p is not None}
         for _, old in list_checkpoints(output_dir)[:-keep]:
-            if old.name != protected:
+            if old.name not in protected:
                 old.unlink(missing_ok=True)
     return path
 

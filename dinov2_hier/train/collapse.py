@@ -170,8 +170,11 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
     """The collapse verdict of a training run directory, replayed from its ``config.yaml``
     and ``metrics.jsonl`` over the records up to ``up_to_iteration`` (default: all), as
     :meth:`CollapseDetector.summary` plus ``"iteration"`` (the last record used). None
-    when the directory holds no training run (no config.yaml or metrics.jsonl)."""
+    when the directory holds no training run (no config.yaml or metrics.jsonl).
+    Validation records (``"split": "val"``) carry no diagnostics and are passed over."""
     from omegaconf import OmegaConf
+
+    from .validation import is_val_record
 
     run = Path(run_dir)
     config, metrics = run / "config.yaml", run / "metrics.jsonl"
@@ -182,6 +185,8 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
     detector = CollapseDetector(ln_k_of(cfg), int(check_after))
     last = None
     for record in read_jsonl(metrics)[0]:  # a torn last line (disk full while appending) is left out
+        if is_val_record(record):
+            continue
         if up_to_iteration is not None and record.get("iteration", 0) > up_to_iteration:
             break
         detector.observe(record, quiet=True)

@@ -23,6 +23,7 @@ from .collapse import CollapseDetector, CollapseError, ln_k_of
 from .checkpoint import (
     CHECKPOINT_DIR,
     GOOD_KEY,
+    METRICS_FILE,
     TEACHER_FILE,
     CheckpointError,
     checkpoint_path,
@@ -47,10 +48,19 @@ from .run_lock import RunLock
 from .optim import build_optimizer, build_param_groups, clip_grad_per_module
 from .schedules import build_schedules
 from .step import PendingStep, Precision, StepOutput, train_step
+from .validation import (
+    DEFAULT_CRITERION,
+    SPLIT_KEY,
+    VAL_SPLIT,
+    ValidationPass,
+    best_of,
+    hold_out,
+    is_val_record,
+    val_losses,
+)
 
 logger = logging.getLogger("dinov2_hier.train")
 
-METRICS_FILE = "metrics.jsonl"
 #: Written at the end of every run (also when stopped): progress, last record, collapse verdict.
 SUMMARY_FILE = "run_summary.json"
 
@@ -200,8 +210,9 @@ class Trainer:
         # host never waits for the GPU between steps (None on one process).
         self.host_group = distributed.new_host_group()
 
-        self.data = build_train_data(cfg)
-        self.supervision = build_supervision(cfg, self.data.dataset)
+        # data.val_fraction / data.val: the held-out images leave the training set (validation.py).
+        self.data, val_dataset = hold_out(cfg, build_train_data(cfg))
+        self.supervision = build_supervision(cfg, self.data.dataset, val_dataset)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         hierarchy = self.supervision.hierarchy if self.supervision is not None else None
         self.model = SSLMetaArch(cfg, hierarchy).to(self.device)
@@ -223,6 +234,15 @@ class Trainer:
         self.scaler = self.precision.grad_scaler()
         self.schedules = build_schedules(cfg, self.world_size)
         self.skips = SkipCounter()
+        self.validation = None
+        if val_dataset is not None and cfg.train.val_every > 0:
+            self.validation = ValidationPass(
+                val_dataset, self.data.collator, cfg, self.rank, self.world_size, self.device, self.precision,
+                self._to_device, int(cfg.train.val_max_batches), self.host_group,
+            )
+        # Validation loss (train.val_every) of each checkpoint iteration: the lowest one's
+        # checkpoint is never pruned, and the run summary names it.
+        self._val_at_checkpoints: dict[int, float] = {}
         self.state = RunState()
         self._pending: list[_Launched] = []  # queued steps whose report is not read yet
         self.collapse = CollapseDetector(
@@ -295,9 +315,12 @@ class Trainer:
             nonfinite_total=int(ckpt["nonfinite_total"]),
         )
         records = _truncate_metrics(self.output_dir / METRICS_FILE, self.state.iteration)
-        for record in records:  # the detector's state is a function of the records so far
+        train_records = [record for record in records if not is_val_record(record)]
+        for record in train_records:  # the detector's state is a function of the records so far
             self.collapse.observe(record, quiet=True)
-        self._last_record = records[-1] if records else None
+        self._last_record = train_records[-1] if train_records else None
+        kept = {it for it, _ in list_checkpoints(self.output_dir)}
+        self._val_at_checkpoints = {it: v for it, v in val_losses(records).items() if it in kept}
         logger.info(
             "resumed from %s at iteration %d (written by %d rank(s), now %d)",
             path, self.state.iteration, len(ckpt.get("rng_per_rank", [None])), self.world_size,
@@ -396,7 +419,9 @@ class Trainer:
         }
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
-        path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints, newest_good)
+        best = self._best_val()
+        path = save_checkpoint(state, self.output_dir, it, self.cfg.train.keep_checkpoints, newest_good,
+                               best[1] if best is not None else None)
         self._newest_good = newest_good
         if good:
             atomic_torch_save(
@@ -408,6 +433,28 @@ class Trainer:
                            path, flaw, newest_good or "none yet")
         distributed.barrier()
         return path
+
+    def _best_val(self) -> tuple[int, Path, float] | None:
+        """``(iteration, path, validation loss)`` of the checkpoint with the lowest one so far."""
+        losses = self._val_at_checkpoints
+        return best_of(losses, [(it, checkpoint_path(self.output_dir, it)) for it in sorted(losses)])
+
+    def _validate(self, done: int, checkpoint: bool) -> None:
+        """The validation pass after ``done`` iterations (every rank), its record and log line."""
+        teacher_temp = self.schedules.values(done - 1)["teacher_temp"]  # the last step's
+        values = self.validation.run(self.engine, teacher_temp)
+        if values is None:
+            logger.warning("iteration %d: no held-out image was readable; no validation record", done)
+            return
+        record = {"iteration": done, SPLIT_KEY: VAL_SPLIT, **values, "teacher_temp": teacher_temp}
+        self._append_metrics(record)
+        total = values.get(DEFAULT_CRITERION)
+        if checkpoint and total is not None and math.isfinite(total):
+            self._val_at_checkpoints[done] = total
+        losses = " ".join(f"{k[len('val_'):]}={v:.4f}" for k, v in values.items()
+                          if k not in ("val_images", "val_skipped", "val_s"))
+        logger.info("val it %d/%d %s (%d held-out images, %.1f s)", done, self.cfg.train.iterations, losses,
+                    values["val_images"], values["val_s"])
 
     def _append_metrics(self, record: dict) -> None:
         if distributed.is_main_process():
@@ -501,8 +548,12 @@ class Trainer:
 
             done = self.state.iteration
             saved = done % cfg.train.checkpoint_every == 0 or done == end
-            if saved:
+            validate = self.validation is not None and (done % cfg.train.val_every == 0 or saved)
+            if saved or validate:
                 self._finish_pending(keep_last=False)
+            if validate:  # before the checkpoint: a kill in between leaves no record beyond it
+                self._validate(done, checkpoint=saved)
+            if saved:
                 self.save()
             if done < end and should_stop is not None and distributed.any_rank(bool(should_stop()), "cpu", self.host_group):
                 logger.warning("stop requested at iteration %d: checkpointing", done)
@@ -526,6 +577,9 @@ class Trainer:
             "collapse": self.collapse.summary(),
             "last_record": self._last_record,
         }
+        best = self._best_val()
+        if best is not None:
+            summary["best_val"] = {"iteration": best[0], "checkpoint": str(best[1]), DEFAULT_CRITERION: best[2]}
         atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         logger.info("summary at iteration %d: %s", self.state.iteration, self.collapse.verdict(self._last_record))
 

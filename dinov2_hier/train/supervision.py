@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..data import ImageRecordDataset, SyntheticCellDataset
+from ..data import ImageRecordDataset, SubsetDataset, SyntheticCellDataset
 from ..hierarchy import Hierarchy
 from ..labels import LabelMap, LabelResolver
 from ..losses import build_supervised_terms
@@ -35,6 +35,9 @@ def item_labels(dataset: Dataset) -> list[tuple[str | None, str | None]]:
         gen = dataset.generator
         name = gen.dataset_name
         return [(gen.label(i, dataset.label_fraction, dataset.coarse_fraction), name) for i in range(len(dataset))]
+    if isinstance(dataset, SubsetDataset):
+        pairs = item_labels(dataset.base)
+        return [pairs[i] for i in dataset.indices]
     raise TypeError(f"cannot list labels of {type(dataset).__name__}")
 
 
@@ -82,8 +85,10 @@ class Supervision:
         return [UNLABELLED if t == UNLABELLED else lineage[t] for t in self.targets]
 
 
-def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
-    """Resolve every label of ``dataset``; None when no hierarchy is configured."""
+def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | None = None) -> Supervision | None:
+    """Resolve every label of ``dataset``; None when no hierarchy is configured.
+    ``held_out``: the validation images (:mod:`.validation`), whose labels are resolved
+    too (so their batches get targets) but take no part in ``targets`` or the checks."""
     sup = cfg.supervision
     if sup.hierarchy is None:
         if len(sup.losses) > 0:
@@ -99,7 +104,8 @@ def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
                              hierarchy_option="supervision.hierarchy=")
     pairs = item_labels(dataset)
     index_of: dict[tuple[str | None, str | None], int] = {}
-    for pair in set(pairs):
+    extra = set(item_labels(held_out)) if held_out is not None else set()
+    for pair in set(pairs) | extra:
         idx = resolver.resolve_index(*pair)
         index_of[pair] = UNLABELLED if idx is None else idx
     targets = [index_of[p] for p in pairs]
