@@ -550,3 +550,33 @@ def test_hierce_training_reduces_loss(balanced: Hierarchy) -> None:
     end = loss_fn(head(features), targets).item()
     assert start > 0.4  # ~0.61 with this seed
     assert end < 0.1 * start, (start, end)  # ~0.015 with this seed
+
+
+# --------------------------------------------------------------------------- issue 18: loss options
+
+
+def test_hierce_normalize_divides_by_the_weight_sum_over_all_nodes(tree: Hierarchy) -> None:
+    # Bertinetto et al.'s get_exponential_weighting(normalize=True), transcribed: every
+    # tree position (root included, depth 0) gets exp(-alpha * depth), divided by their sum.
+    depths = {"root": 0, "a": 1, "b": 1, "c": 1, "a1": 2, "a2": 2, "b1": 2, "b2": 2, "a2x": 3, "a2y": 3}
+    z = sum(math.exp(-0.5 * d) for d in depths.values())
+    assert HierCELoss.weight_sum(tree, 0.5) == pytest.approx(z)
+    p, w = hand_probs(Z), [math.exp(-0.5 * d) / z for d in range(4)]
+    expected = (
+        -w[3] * math.log(p["a2x"] / p["a2"]) - w[2] * math.log(p["a2"] / p["a"]) - w[1] * math.log(p["a"] / 1.0)
+    )
+    for dense in (True, False):
+        got = HierCELoss(tree, alpha=0.5, normalize=True, dense=dense)(logits(), idx(tree, "a2x"))
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+        plain = HierCELoss(tree, alpha=0.5, dense=dense)(logits(), idx(tree, "a2x"))
+        assert plain.item() == pytest.approx(expected * z, rel=1e-6)  # default: unnormalised
+    with pytest.raises(LossInputError, match="normalize"):
+        HierCELoss(tree, normalize="yes")  # type: ignore[arg-type]
+
+
+def test_hierce_normalizer_of_the_wbc_tree() -> None:
+    # The issue's figure: 14.48 for hierarchies/wbc.json at alpha 0.5.
+    wbc = Hierarchy.from_json("hierarchies/wbc.json")
+    assert HierCELoss.weight_sum(wbc, 0.5) == pytest.approx(14.48, abs=5e-3)
+    terms, _ = build_supervised_terms([{"name": "hierce", "normalize": True, "head": "linear"}], wbc, 8)
+    assert terms["hierce"].criterion.weight_scale == pytest.approx(1 / 14.4778, rel=1e-4)

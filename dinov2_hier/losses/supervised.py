@@ -141,9 +141,10 @@ class HierCETerm(_LeafLogitTerm):
         alpha: float = 0.5,
         head: HeadKind = "mlp",
         hidden_dim: int = 2048,
+        normalize: bool = False,
     ) -> None:
         super().__init__(hierarchy, embed_dim, head, hidden_dim)
-        self.criterion = HierCELoss(hierarchy, alpha=alpha)
+        self.criterion = HierCELoss(hierarchy, alpha=alpha, normalize=normalize)
 
 
 class FlatCETerm(_LeafLogitTerm):
