@@ -550,3 +550,112 @@ def test_hierce_training_reduces_loss(balanced: Hierarchy) -> None:
     end = loss_fn(head(features), targets).item()
     assert start > 0.4  # ~0.61 with this seed
     assert end < 0.1 * start, (start, end)  # ~0.015 with this seed
+
+
+# --------------------------------------------------------------------------- issue 18: loss options
+
+
+def test_hierce_normalize_divides_by_the_weight_sum_over_all_nodes(tree: Hierarchy) -> None:
+    # Bertinetto et al.'s get_exponential_weighting(normalize=True), transcribed: every
+    # tree position (root included, depth 0) gets exp(-alpha * depth), divided by their sum.
+    depths = {"root": 0, "a": 1, "b": 1, "c": 1, "a1": 2, "a2": 2, "b1": 2, "b2": 2, "a2x": 3, "a2y": 3}
+    z = sum(math.exp(-0.5 * d) for d in depths.values())
+    assert HierCELoss.weight_sum(tree, 0.5) == pytest.approx(z)
+    p, w = hand_probs(Z), [math.exp(-0.5 * d) / z for d in range(4)]
+    expected = (
+        -w[3] * math.log(p["a2x"] / p["a2"]) - w[2] * math.log(p["a2"] / p["a"]) - w[1] * math.log(p["a"] / 1.0)
+    )
+    for dense in (True, False):
+        got = HierCELoss(tree, alpha=0.5, normalize=True, dense=dense)(logits(), idx(tree, "a2x"))
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+        plain = HierCELoss(tree, alpha=0.5, dense=dense)(logits(), idx(tree, "a2x"))
+        assert plain.item() == pytest.approx(expected * z, rel=1e-6)  # default: unnormalised
+    with pytest.raises(LossInputError, match="normalize"):
+        HierCELoss(tree, normalize="yes")  # type: ignore[arg-type]
+
+
+def test_hierce_normalizer_of_the_wbc_tree() -> None:
+    # The issue's figure: 14.48 for hierarchies/wbc.json at alpha 0.5.
+    wbc = Hierarchy.from_json("hierarchies/wbc.json")
+    assert HierCELoss.weight_sum(wbc, 0.5) == pytest.approx(14.48, abs=5e-3)
+    terms, _ = build_supervised_terms([{"name": "hierce", "normalize": True, "head": "linear"}], wbc, 8)
+    assert terms["hierce"].criterion.weight_scale == pytest.approx(1 / 14.4778, rel=1e-4)
+
+
+def hier_supcon_dedup_reference(
+    h: Hierarchy, views: torch.Tensor, labels: list[str | None], tau: float
+) -> tuple[list[float], float]:
+    """Zhang et al.'s HMLC loop, transcribed: ``views [V, B, D]`` (V views of B images),
+    finest level first; after each level keep the first image of each of its classes
+    (images without a class there stay). Returns (raw per depth 1..H, loss) with the
+    paper's penalties 1/k and the running max over finer levels."""
+    H = h.max_depth
+
+    def cls(node: str | None, depth: int) -> int:
+        if node is None or node == h.root:
+            return -1
+        if h.depth(node) >= depth:
+            return h.index(h.ancestor_at_depth(node, depth))
+        return h.index(node) if h.is_leaf(node) else -1
+
+    images = list(range(len(labels)))
+    raw = [0.0] * H
+    for depth in range(H, 0, -1):
+        rows = torch.cat([views[v, images] for v in range(views.shape[0])])  # view-major, as their code
+        level = [cls(labels[i], depth) for i in images] * views.shape[0]
+        raw[depth - 1] = supcon_reference(rows, level, tau)
+        seen: set[int] = set()
+        kept = []
+        for i in images:
+            c = cls(labels[i], depth)
+            if c < 0 or c not in seen:
+                kept.append(i)
+            seen.add(c)
+        images = kept
+    loss, running = 0.0, float("-inf")
+    for k in range(1, H + 1):  # k = 1 is the finest level
+        running = max(running, raw[H - k])
+        loss += running / k
+    return raw, loss / H
+
+
+def test_hier_supcon_dedup_matches_zhang_loop(tree: Hierarchy) -> None:
+    torch.manual_seed(6)
+    names = ["a2x", "a2x", "a2y", "a1", "a", "a2y", "b1", "b2", "b1", "c", None, "a2x"]
+    views = torch.randn(2, len(names), 5)
+    targets = idx(tree, *names)
+    loss = HierSupConLoss(tree, temperature=0.07, dedup=True)
+    crop_major = torch.cat([views[0], views[1]])
+    got, info = loss(crop_major, targets.repeat(2), return_levels=True, sample_ids=torch.arange(12).repeat(2))
+    raw, expected = hier_supcon_dedup_reference(tree, views, names, 0.07)
+    assert info["raw"].tolist() == pytest.approx(raw, rel=1e-5)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # Which images the coarse levels see: depth 2 keeps a2x (#0), a2y (#2), a1 (#3), a (#4,
+    # no depth-3 class), b1 (#6), b2 (#7), c (#9); depth 1 one per depth-2 class: a2 (#0),
+    # a1 (#3), a (#4, no depth-2 class), b1 (#6), b2 (#7), c (#9).
+    labels = loss.level_labels(targets)
+    assert (labels[1] >= 0).nonzero().flatten().tolist() == [0, 2, 3, 6, 7, 9]  # #4 has no depth-2 class
+    assert (labels[0] >= 0).nonzero().flatten().tolist() == [0, 3, 4, 6, 7, 9]
+    # One view per image, as rows: the same as each row being its own sample.
+    one, _ = loss(views[0], targets, return_levels=True)
+    assert one.item() == pytest.approx(hier_supcon_dedup_reference(tree, views[:1], names, 0.07)[1], rel=1e-5)
+    # Without dedup the finest level is the same, the coarser ones contrast the whole batch.
+    _, plain = HierSupConLoss(tree, temperature=0.07)(crop_major, targets.repeat(2), return_levels=True)
+    assert plain["raw"][2].item() == pytest.approx(info["raw"][2].item(), rel=1e-6)
+    assert all(abs(plain["raw"][d].item() - info["raw"][d].item()) > 1e-3 for d in (0, 1))
+    with pytest.raises(LossInputError, match="dedup"):
+        HierSupConLoss(tree, dedup=1)  # type: ignore[arg-type]
+
+
+def test_hier_supcon_term_dedups_by_image(tree: Hierarchy) -> None:
+    # The registry passes dedup and temperature (the paper's 0.07); the term keeps both crops.
+    torch.manual_seed(7)
+    terms, _ = build_supervised_terms(
+        [{"name": "hiersupcon", "temperature": 0.07, "dedup": True, "projection_dim": 0}], tree, 5
+    )
+    term = terms["hiersupcon"]
+    assert term.criterion.temperature == 0.07 and term.criterion.dedup
+    names = ["a2x", "a2x", "a2y", "b1", "b1", "c"]
+    views = torch.randn(2, len(names), 5)
+    got = term(torch.cat([views[0], views[1]]), idx(tree, *names))
+    assert got.item() == pytest.approx(hier_supcon_dedup_reference(tree, views, names, 0.07)[1], rel=1e-5)

@@ -361,3 +361,38 @@ def test_step_skips_a_nonfinite_loss_with_an_enabled_loss_scaler():
     with pytest.raises(ValueError, match="grad_norm"):
         train_step(model, optimizer, scaler, {}, schedule, precision, 1.0)
 
+
+
+def test_supervision_start_iteration_freezes_the_supervised_terms_until_then(tmp_path, tiny_overrides):
+    """supervision.start_iteration=2: steps 0 and 1 neither move the supervised head (not
+    even by weight decay) nor count its loss in the total, which is still logged; step 2 does."""
+    overrides = tiny_overrides + [
+        "supervision.hierarchy=hierarchies/synthetic.json",
+        "supervision.losses=[{name: hierce, weight: 1.0, alpha: 0.5, head: linear}]",
+        "data.synthetic.label_fraction=1.0", "supervision.labelled_fraction=1.0",
+        "supervision.start_iteration=2",
+        "train.iterations=3", "train.checkpoint_every=1", "train.keep_checkpoints=0",
+    ]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    initial = {k: v.detach().clone() for k, v in trainer.model.supervised.state_dict().items()}
+    trainer.run()
+    saved = {it: load_checkpoint(path)["model"] for it, path in list_checkpoints(tmp_path / "run")}
+    assert sorted(saved) == [1, 2, 3]
+
+    def head(it):
+        return {k: v for k, v in saved[it].items() if k.startswith("supervised.")}
+
+    assert head(1) and {k.removeprefix("supervised.") for k in head(1)} == set(initial)
+    for it in (1, 2):
+        for key, value in head(it).items():
+            assert torch.equal(value, initial[key.removeprefix("supervised.")]), (it, key)
+    assert any(not torch.equal(v, head(2)[k]) for k, v in head(3).items())
+    records = _metrics(tmp_path / "run")
+    assert [r["supervision_weight"] for r in records] == [0.0, 0.0, 1.0]
+    for r in records:
+        ssl = r["loss_dino"] * cfg.dino.loss_weight + r["loss_ibot"] * cfg.ibot.loss_weight
+        ssl += r["loss_koleo"] * cfg.dino.koleo_loss_weight
+        assert r["loss_hierce"] > 0  # computed and logged either way
+        expected = ssl + r["supervision_weight"] * r["loss_hierce"]
+        assert r["loss_total"] == pytest.approx(expected, rel=1e-4), r["iteration"]

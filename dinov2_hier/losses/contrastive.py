@@ -146,6 +146,22 @@ class HierSupConLoss(nn.Module):
     Inactive levels are always the finest ones (a pair sharing a class at depth ``d``
     shares one at every shallower depth), and every ``L_k >= 0``, so they never raise
     a coarser level's max.
+
+    ``dedup`` (default False: every level contrasts the whole batch): Zhang et al.'s
+    released code (``HMLC.forward``, used by the paper's code) keeps, after each level,
+    one representative sample per class of that level before it computes the next
+    coarser level, so a coarse level's positives are samples of *different* finer
+    classes and each finer class counts once there. With ``dedup=True`` level ``d``
+    contrasts only the samples kept by levels ``max_depth .. d + 1``: after level ``d``
+    the representative of each depth-``d`` class is its **first sample in batch order**
+    among those still kept (what their ``unique`` helper returns) and every other sample
+    of the class is dropped (neither anchor nor contrast sample) from the coarser
+    levels. A sample whose label is coarser than depth ``d`` has no class there and is
+    kept (it duplicates no known finer class). ``sample_ids`` in :meth:`forward` groups
+    rows that are views of one image (Zhang et al. keep every view of a representative:
+    its views stay positives of each other at every level); by default each row is its
+    own sample. ``dedup`` changes only which rows take part, not the formula; it costs
+    ``max_depth`` scatters over the batch and a ``[num_nodes]`` vector.
     """
 
     level_table: torch.Tensor
@@ -156,11 +172,15 @@ class HierSupConLoss(nn.Module):
         hierarchy: Hierarchy,
         temperature: float = 0.1,
         level_weights: Sequence[float] | None = None,
+        dedup: bool = False,
     ) -> None:
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         _check_positive("temperature", temperature)
+        if not isinstance(dedup, bool):
+            raise LossInputError(f"dedup must be true or false, got {dedup!r}")
         self.temperature = float(temperature)
+        self.dedup = dedup
         self.num_nodes = hierarchy.num_nodes
         self.num_levels = hierarchy.max_depth
         self.register_buffer("level_table", class_at_level_table(hierarchy), persistent=False)
@@ -184,28 +204,59 @@ class HierSupConLoss(nn.Module):
             )
         return torch.tensor([float(v) for v in values])
 
+    def level_labels(self, targets: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``long [max_depth, n]``: each row's class at depth ``d`` (row ``d - 1``), ``-1`` where
+        it takes no part in that level (no class there, unlabelled, or, with ``dedup``,
+        dropped as a duplicate of a finer class)."""
+        labels = self.level_table[targets.clamp(min=0)]  # [n, L] node indices
+        labels = torch.where((targets >= 0).unsqueeze(1), labels, torch.full_like(labels, -1)).t()
+        if not self.dedup:
+            return labels
+        n = targets.shape[0]
+        rows = torch.arange(n, device=targets.device)
+        sample_ids = rows if sample_ids is None else sample_ids.to(targets.device).long()
+        kept = torch.ones(n, dtype=torch.bool, device=targets.device)
+        out = torch.empty_like(labels)
+        for d in range(self.num_levels, 0, -1):  # finest level first, as Zhang et al.
+            level = torch.where(kept, labels[d - 1], torch.full_like(labels[d - 1], -1))
+            out[d - 1] = level
+            has_class = level >= 0
+            # First kept row of each class (n where none), then that row's sample.
+            first = torch.full((self.num_nodes,), n, dtype=torch.long, device=targets.device)
+            first = first.scatter_reduce(0, level.clamp(min=0), torch.where(has_class, rows, n), reduce="amin")
+            representative = sample_ids[first[level.clamp(min=0)].clamp(max=n - 1)]
+            kept = kept & (~has_class | (sample_ids == representative))
+        return out
+
     def level_losses(
-        self, features: torch.Tensor, targets: torch.Tensor
+        self, features: torch.Tensor, targets: torch.Tensor, sample_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(raw, constrained, active)``, each ``[max_depth]`` indexed by depth ``d - 1``."""
         check_2d("features", features)
         targets = check_targets("targets", targets, features.shape[0], self.num_nodes)
-        labels = self.level_table[targets.clamp(min=0)]  # [n, L] node indices
-        labels = torch.where((targets >= 0).unsqueeze(1), labels, torch.full_like(labels, -1))
-        raw, active = supcon_per_level(features, labels.t(), self.temperature)
+        if sample_ids is not None and (sample_ids.dim() != 1 or sample_ids.shape[0] != features.shape[0]):
+            raise LossInputError(f"sample_ids must have shape [{features.shape[0]}], got {tuple(sample_ids.shape)}")
+        labels = self.level_labels(targets, sample_ids)
+        raw, active = supcon_per_level(features, labels, self.temperature)
         # Finest level first (flip), running max towards the coarse end, back to depth order.
         constrained = torch.cummax(raw.flip(0), dim=0).values.flip(0)
         return raw, constrained, active
 
     def forward(
-        self, features: torch.Tensor, targets: torch.Tensor, return_levels: bool = False
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        return_levels: bool = False,
+        sample_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``features [n, D]``, ``targets long [n]`` node indices -> float32 scalar.
 
+        ``sample_ids`` (``long [n]``, optional, used by ``dedup`` only): rows with the same
+        id are views of one image and are kept or dropped together.
         With ``return_levels=True`` returns ``(loss, {"raw", "constrained", "active",
         "weights"})``, each ``[max_depth]`` indexed by depth ``d - 1``.
         """
-        raw, constrained, active = self.level_losses(features, targets)
+        raw, constrained, active = self.level_losses(features, targets, sample_ids)
         weighted = torch.where(active, self.level_weights.float() * constrained, torch.zeros_like(constrained))
         loss = weighted.sum() / self.num_levels
         if return_levels:
@@ -214,5 +265,5 @@ class HierSupConLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, num_levels={self.num_levels}"
+        return f"temperature={self.temperature}, num_levels={self.num_levels}, dedup={self.dedup}"
 

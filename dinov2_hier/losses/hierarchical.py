@@ -332,6 +332,17 @@ class HierCELoss(nn.Module):
     ``exp(+alpha * depth)``, i.e. this loss with ``-alpha``; negative ``alpha`` is allowed.
     With ``alpha = 0`` the sum telescopes to ``-log p(t)``.
 
+    ``normalize`` (default False): False uses the weights ``exp(-alpha * depth)`` as
+    written above (loss scale: a leaf target at depth ``H`` sums ``H`` edge terms, the
+    first one weighted ``exp(-alpha)``; with ``alpha = 0`` it is ``-log p(t)``). True divides
+    every weight by ``Z = sum over all nodes n of the tree, root included, of
+    exp(-alpha * depth(n))``, as Bertinetto et al.'s reference code
+    (``get_exponential_weighting(..., normalize=True)``, which sums over every
+    ``treepositions()`` entry, the root's weight 1 included) and the paper's code do;
+    ``Z = 14.48`` for ``hierarchies/wbc.json`` at ``alpha = 0.5``, so the loss (and its
+    gradients) are ``1 / Z`` times the unnormalised ones: it is the same objective at a
+    smaller scale, which matters only against the other terms' weights and the lr.
+
     Chossegros et al.'s internal-node extension: their eq. (7) also lists the edges
     below the node, but in their pseudo-code the numerators and denominators of those
     edges become unions over the node's leaves, so they are ``log 1 = 0`` and only the
@@ -357,12 +368,19 @@ class HierCELoss(nn.Module):
     tree_column: torch.Tensor
     level_weights: torch.Tensor
 
-    def __init__(self, hierarchy: Hierarchy, alpha: float = 0.5, *, dense: bool | None = None) -> None:
+    def __init__(
+        self, hierarchy: Hierarchy, alpha: float = 0.5, *, normalize: bool = False, dense: bool | None = None
+    ) -> None:
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise LossInputError(f"alpha must be a finite number, got {alpha!r}")
+        if not isinstance(normalize, bool):
+            raise LossInputError(f"normalize must be true or false, got {normalize!r}")
         self.alpha = float(alpha)
+        self.normalize = normalize
+        #: Every edge weight is multiplied by this: 1, or 1 / Z with normalize (see the class notes).
+        self.weight_scale = 1.0 / self.weight_sum(hierarchy, self.alpha) if normalize else 1.0
         self.num_leaves = hierarchy.num_leaves
         self.num_nodes = hierarchy.num_nodes
         self.root_index = hierarchy.index(hierarchy.root)
@@ -370,12 +388,18 @@ class HierCELoss(nn.Module):
         if self.dense:
             self.register_buffer("membership", leaf_membership(hierarchy), persistent=False)
             self.register_buffer("parent_index", self._parents(hierarchy), persistent=False)
-            self.register_buffer("path_weights", self._path_weights(hierarchy, self.alpha), persistent=False)
+            weights = self._path_weights(hierarchy, self.alpha) * self.weight_scale
+            self.register_buffer("path_weights", weights, persistent=False)
         else:
             _Levels(hierarchy).register(self)
             # The weight of the edge into a node at depth d, as the dense table stores it.
-            weights = [math.exp(-self.alpha * d) for d in range(1, hierarchy.max_depth + 1)]
+            weights = [self.weight_scale * math.exp(-self.alpha * d) for d in range(1, hierarchy.max_depth + 1)]
             self.register_buffer("level_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    @staticmethod
+    def weight_sum(hierarchy: Hierarchy, alpha: float) -> float:
+        """``Z = sum_n exp(-alpha * depth(n))`` over every node, root (depth 0, weight 1) included."""
+        return math.fsum(math.exp(-alpha * hierarchy.depth(node)) for node in hierarchy.nodes)
 
     @staticmethod
     def _parents(hierarchy: Hierarchy) -> torch.Tensor:
@@ -447,7 +471,8 @@ class HierCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, num_leaves={self.num_leaves}, num_nodes={self.num_nodes}, "
+            f"alpha={self.alpha}, normalize={self.normalize}, num_leaves={self.num_leaves}, "
+            f"num_nodes={self.num_nodes}, "
             f"tables={'dense' if self.dense else 'tree'}"
         )
 

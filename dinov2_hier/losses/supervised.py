@@ -141,9 +141,10 @@ class HierCETerm(_LeafLogitTerm):
         alpha: float = 0.5,
         head: HeadKind = "mlp",
         hidden_dim: int = 2048,
+        normalize: bool = False,
     ) -> None:
         super().__init__(hierarchy, embed_dim, head, hidden_dim)
-        self.criterion = HierCELoss(hierarchy, alpha=alpha)
+        self.criterion = HierCELoss(hierarchy, alpha=alpha, normalize=normalize)
 
 
 class FlatCETerm(_LeafLogitTerm):
@@ -249,12 +250,15 @@ class HierSupConTerm(_ContrastiveTerm):
         head: HeadKind = "mlp",
         hidden_dim: int = 2048,
         level_weights: Sequence[float] | None = None,
+        dedup: bool = False,
     ) -> None:
         super().__init__(hierarchy, embed_dim, projection_dim, head, hidden_dim)
-        self.criterion = HierSupConLoss(hierarchy, temperature=temperature, level_weights=level_weights)
+        self.criterion = HierSupConLoss(hierarchy, temperature=temperature, level_weights=level_weights, dedup=dedup)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.criterion(self.projection(tokens), targets)
+        # Crop-major rows: row i and row i + B are the two crops of image i (dedup keeps both).
+        sample_ids = torch.arange(tokens.shape[0] // 2, device=tokens.device).repeat(2)
+        return self.criterion(self.projection(tokens), targets, sample_ids=sample_ids)
 
 
 # Read-only: the registry is a constant of the module, never mutated.

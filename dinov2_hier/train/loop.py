@@ -462,6 +462,17 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # -- the loop -------------------------------------------------------------------------
+    def _frozen(self, it: int) -> list:
+        """Parameters the step at ``it`` must not update: the backbone during the head
+        warm-up, the supervised heads before ``supervision.start_iteration`` (their loss
+        weighs 0 then, but AdamW's weight decay would still shrink them)."""
+        frozen: list = []
+        if it < self.head_warmup_iterations:
+            frozen += self.grad_groups["backbone"]
+        if self.schedules.supervision_weight(it) == 0.0:
+            frozen += self.grad_groups.get("supervised", [])
+        return frozen
+
     def _to_device(self, batch: dict) -> dict:
         """The batch on the device, with supervision targets and (``crops.photometric=device``)
         the photometric augmentations applied there."""
@@ -540,7 +551,7 @@ class Trainer:
                     self.engine, self.optimizer, self.scaler, self._to_device(batch), schedule,
                     self.precision, cfg.optim.clip_grad, self.grad_groups, self.clip_per_group,
                     with_stats=is_logged(it + 1, cfg.train.log_every, end),
-                    frozen=self.grad_groups["backbone"] if it < self.head_warmup_iterations else (),
+                    frozen=self._frozen(it),
                 )
             self.state.iteration = it + 1
             self._pending.append(_Launched(it, schedule, out, counts["images"]))

@@ -222,7 +222,11 @@ class SSLMetaArch(nn.Module):
             batch: collated batch on the model's device: ``global_crops [2B,3,S,S]``,
                 ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]``
                 (0 on the padding of the fixed-size masked-patch buffer) and,
-                for supervised terms, ``targets long [B]`` (``-1`` = unlabelled).
+                for supervised terms, ``targets long [B]`` (``-1`` = unlabelled) and
+                optionally ``supervision_weight`` (a Python float, default 1.0, from
+                ``supervision.start_iteration``: 0.0 before it) multiplying every
+                supervised term's weight in ``total``. At 0 the terms are still computed
+                and logged (same graph and cost every step; their gradients are exactly 0).
             teacher_temp: teacher softmax temperature of this iteration.
             with_stats: compute the diagnostics; the trainer asks for them only on the
                 steps it logs (they cost ~4% of an eager ViT-S/14 step: several passes over
@@ -278,6 +282,7 @@ class SSLMetaArch(nn.Module):
             total = total + self.cfg.dino.koleo_loss_weight * losses["koleo"]
 
         gathered: tuple[Tensor, Tensor] | None = None
+        supervision_weight = float(batch.get("supervision_weight", 1.0))
         for name, term in self.supervised.items():
             if isinstance(term, CONTRASTIVE_TERMS) and self.contrast_across_ranks and distributed.get_world_size() > 1:
                 if gathered is None:
@@ -285,7 +290,7 @@ class SSLMetaArch(nn.Module):
                 losses[name] = term(*gathered)
             else:
                 losses[name] = term(cls_tokens, batch["targets"])
-            total = total + self.supervised_weights.get(name, 1.0) * losses[name]
+            total = total + supervision_weight * self.supervised_weights.get(name, 1.0) * losses[name]
 
         losses["total"] = total
         return losses, stats

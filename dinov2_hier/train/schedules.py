@@ -74,6 +74,8 @@ class TrainingSchedules:
     weight_decay: CosineSchedule
     momentum: CosineSchedule
     teacher_temp: LinearWarmupSchedule
+    #: ``supervision.start_iteration``: the supervised terms weigh 0 before it, 1 from it on.
+    supervision_start: int = 0
 
     def values(self, it: int) -> dict[str, float]:
         return {
@@ -82,7 +84,12 @@ class TrainingSchedules:
             "wd": self.weight_decay(it),
             "momentum": self.momentum(it),
             "teacher_temp": self.teacher_temp(it),
+            "supervision_weight": self.supervision_weight(it),
         }
+
+    def supervision_weight(self, it: int) -> float:
+        """Multiplier of every supervised term's weight at iteration ``it``: 0.0 or 1.0."""
+        return 1.0 if it >= self.supervision_start else 0.0
 
 
 def build_schedules(cfg: DictConfig, world_size: int) -> TrainingSchedules:
@@ -110,4 +117,5 @@ def build_schedules(cfg: DictConfig, world_size: int) -> TrainingSchedules:
             cfg.teacher.teacher_temp,
             round(cfg.teacher.warmup_teacher_temp_epochs * epoch),
         ),
+        supervision_start=int(cfg.supervision.start_iteration),
     )

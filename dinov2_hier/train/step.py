@@ -165,6 +165,10 @@ def train_step(
     """
     apply_schedule(optimizer, schedule["lr"], schedule["last_layer_lr"], schedule["wd"])
     optimizer.zero_grad(set_to_none=True)
+    if "supervision_weight" in schedule:
+        # A plain Python float in the batch (SSLMetaArch.compute_losses reads it): the
+        # model's call signature, and every wrapper or test double of it, stay the same.
+        batch = {**batch, "supervision_weight": float(schedule["supervision_weight"])}
     with precision.autocast():
         output = model(batch, schedule["teacher_temp"], with_stats)
     losses, stats = output if isinstance(output, tuple) else (output, {})
