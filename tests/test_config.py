@@ -104,4 +104,7 @@ def test_the_paper_configs_need_weights_and_carry_the_papers_values():
     warmups = (cfg.optim.warmup_epochs, cfg.teacher.warmup_teacher_temp_epochs, cfg.optim.freeze_last_layer_epochs)
     assert tuple(w * cfg.train.epoch_length for w in warmups) == (10_000, 15_000, 500)
     (term,) = cfg.supervision.losses
-    assert (term.name, term.weight, term.head, term.alpha) == ("hierce", 0.5, "linear", 0.5)
+    assert (term.name, term.weight, term.head, term.alpha, term.normalize) == ("hierce", 0.5, "linear", 0.5, True)
+    (term,) = load_config(PROJECT_ROOT / "configs" / "paper" / "vits14_hiersupcon.yaml", [
+        "data.train=[cells.csv]", "student.pretrained_weights=DinoBloom-S.pth"]).supervision.losses
+    assert (term.temperature, term.dedup, term.head) == (0.07, True, "linear")
