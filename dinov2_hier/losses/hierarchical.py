@@ -19,6 +19,15 @@ Conventions shared by every loss here and in :mod:`dinov2_hier.losses.contrastiv
   would force a device-to-host sync every step; out-of-range indices there fail in the
   indexing kernel instead.
 * Losses are means over this rank's samples; nothing is all-reduced.
+
+Tree size: a tree of at most :data:`DENSE_MAX_NODES` nodes (every blood-cell tree) uses
+dense ``[num_nodes, num_leaves]`` / ``[num_nodes, num_nodes]`` tables, a larger one the
+level-by-level tree path (:class:`HierCELoss`, :class:`DistanceLoss`), whose tables and
+per-batch tensors are linear in the number of nodes (a 100,000-leaf tree would need
+~50 GB of dense tables). The level tables of :class:`MultiLevelCELoss` and
+:class:`~dinov2_hier.losses.HierSupConLoss` are ``[num_nodes, max_depth]`` (depth is at
+most :data:`~dinov2_hier.hierarchy.MAX_DEPTH`). Every table is built with tensor
+operations or one Python pass over the nodes, never a loop over node pairs.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.ssl import _autocast_disabled
 
 __all__ = [
+    "DENSE_MAX_NODES",
     "DistanceLoss",
     "FlatCELoss",
     "HierCELoss",
@@ -46,10 +56,26 @@ __all__ = [
 # --------------------------------------------------------------------------- tree tables
 
 
+#: Trees with at most this many nodes (root included) use dense ``[num_nodes, num_leaves]``
+#: and ``[num_nodes, num_nodes]`` tables in :class:`HierCELoss` and :class:`DistanceLoss`
+#: (a handful of large kernels, bit-for-bit the original results); larger trees use the
+#: level-by-level tree path, linear in the number of nodes (see the module notes).
+DENSE_MAX_NODES = 256
+
+
+def _use_dense(hierarchy: Hierarchy, dense: bool | None) -> bool:
+    if dense is None:
+        return hierarchy.num_nodes <= DENSE_MAX_NODES
+    if not isinstance(dense, bool):
+        raise LossInputError(f"dense must be true, false or None (automatic), got {dense!r}")
+    return dense
+
+
 def leaf_membership(hierarchy: Hierarchy) -> torch.Tensor:
     """``bool [num_nodes, num_leaves]``: entry ``[n, j]`` is True iff leaf ``j`` lies under node ``n``.
 
-    A leaf is under itself; every leaf is under the root.
+    A leaf is under itself; every leaf is under the root. Quadratic in the tree size:
+    the losses use it only for trees of at most :data:`DENSE_MAX_NODES` nodes.
     """
     mask = torch.zeros(hierarchy.num_nodes, hierarchy.num_leaves, dtype=torch.bool)
     for node in hierarchy.nodes:
@@ -59,19 +85,16 @@ def leaf_membership(hierarchy: Hierarchy) -> torch.Tensor:
     return mask
 
 
-def _class_at_level(hierarchy: Hierarchy, node: str, depth: int) -> str | None:
-    """What ``node`` (a label) means at level ``depth`` (>= 1), or None when it says nothing.
-
-    Its ancestor at that depth if it is deep enough; a leaf shallower than the level is
-    fully specified and stays its own class; a coarser internal node (or the root) is
-    unknown at that level.
-    """
-    own = hierarchy.depth(node)
-    if own >= depth:
-        return hierarchy.ancestor_at_depth(node, depth)
-    if own >= 1 and hierarchy.is_leaf(node):
-        return node
-    return None
+def _parent_depth(hierarchy: Hierarchy) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(parent, depth)``, both ``long [num_nodes]`` in index order; the root is its own parent."""
+    index = hierarchy.index
+    parents: list[int] = []
+    depths: list[int] = []
+    for i, node in enumerate(hierarchy.nodes):
+        parent = hierarchy.parent(node)
+        parents.append(i if parent is None else index(parent))
+        depths.append(hierarchy.depth(node))
+    return torch.tensor(parents, dtype=torch.long), torch.tensor(depths, dtype=torch.long)
 
 
 def class_at_level_table(hierarchy: Hierarchy) -> torch.Tensor:
@@ -80,14 +103,31 @@ def class_at_level_table(hierarchy: Hierarchy) -> torch.Tensor:
     Row ``index(y)``, column ``d - 1`` holds ``index(ancestor_at_depth(y, d))`` when
     ``depth(y) >= d``; ``index(y)`` when ``y`` is a leaf shallower than ``d``; ``-1`` (ignore)
     when ``y`` is an internal node shallower than ``d`` or the root.
+
+    Built column by column from the deepest level up (``max_depth`` tensor steps over the
+    nodes), so the cost is the size of the table.
     """
-    table = torch.full((hierarchy.num_nodes, hierarchy.max_depth), -1, dtype=torch.long)
-    for node in hierarchy.nodes:
-        for depth in range(1, hierarchy.max_depth + 1):
-            cls = _class_at_level(hierarchy, node, depth)
-            if cls is not None:
-                table[hierarchy.index(node), depth - 1] = hierarchy.index(cls)
+    parent, depth = _parent_depth(hierarchy)
+    n = hierarchy.num_nodes
+    own = torch.arange(n)
+    leaf = own < hierarchy.num_leaves  # leaves come first
+    fixed = torch.where(leaf & (depth >= 1), own, torch.full_like(own, -1))  # what a shallow label means
+    table = torch.full((n, hierarchy.max_depth), -1, dtype=torch.long)
+    current = own.clone()  # ancestor of each node at depth min(depth(node), d)
+    for d in range(hierarchy.max_depth, 0, -1):
+        table[:, d - 1] = torch.where(depth >= d, current, fixed)
+        current = torch.where(depth[current] == d, parent[current], current)
     return table
+
+
+def _level_members(hierarchy: Hierarchy) -> list[torch.Tensor]:
+    """Node indices (``long``, index order) of the classes of each level ``d = 1 .. max_depth``."""
+    _, depth = _parent_depth(hierarchy)
+    leaf = torch.arange(hierarchy.num_nodes) < hierarchy.num_leaves
+    return [
+        torch.nonzero((depth == d) | (leaf & (depth < d)), as_tuple=True)[0]
+        for d in range(1, hierarchy.max_depth + 1)
+    ]
 
 
 def level_classes(hierarchy: Hierarchy) -> list[list[str]]:
@@ -98,16 +138,112 @@ def level_classes(hierarchy: Hierarchy) -> list[list[str]]:
     column ``d - 1`` of :func:`class_at_level_table` can take. A head for level ``d``
     predicts ``level_classes(h)[d - 1][k]`` at output ``k``.
     """
-    out: list[list[str]] = []
-    for depth in range(1, hierarchy.max_depth + 1):
-        out.append(
-            [
-                n
-                for n in hierarchy.nodes
-                if hierarchy.depth(n) == depth or (hierarchy.is_leaf(n) and hierarchy.depth(n) < depth)
-            ]
-        )
+    nodes = hierarchy.nodes
+    return [[nodes[i] for i in members.tolist()] for members in _level_members(hierarchy)]
+
+
+class _Levels:
+    """The nodes grouped by depth, for the tree path (everything linear in the tree size).
+
+    Level ``d`` (``1 .. max_depth``) lists the nodes at depth ``d`` in index order, so its
+    leaves come first (``leaf_counts[d - 1]`` of them), then its internal nodes. Tensors:
+
+    * ``leaf_order`` ``long [num_leaves]``: leaf output indices, level 1's leaves first;
+    * ``parent_slot`` ``long [num_nodes - 1 - sizes[0]]``: for every node of levels ``2 ..``
+      (in level order), its parent's position among the internal nodes of the level above;
+    * ``column`` ``long [num_nodes]``: node index -> position in the concatenation of the
+      levels ``1 .. max_depth`` followed by the root (last).
+    """
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        index = hierarchy.index
+        n_leaves = hierarchy.num_leaves
+        sizes: list[int] = []
+        leaf_counts: list[int] = []
+        leaf_order: list[int] = []
+        parent_slot: list[int] = []
+        column = [0] * hierarchy.num_nodes
+        position: dict[str, int] = {}
+        offset = 0
+        for d in range(1, hierarchy.max_depth + 1):
+            level = hierarchy.nodes_at_depth(d)
+            ids = [index(node) for node in level]
+            n_leaf = sum(1 for i in ids if i < n_leaves)
+            leaf_order.extend(ids[:n_leaf])
+            if d >= 2:
+                above = leaf_counts[-1]
+                parent_slot.extend(position[hierarchy.parent(node)] - above for node in level)  # type: ignore[index]
+            for k, (node, i) in enumerate(zip(level, ids)):
+                position[node] = k
+                column[i] = offset + k
+            sizes.append(len(level))
+            leaf_counts.append(n_leaf)
+            offset += len(level)
+        column[index(hierarchy.root)] = offset
+        self.sizes = tuple(sizes)
+        self.leaf_counts = tuple(leaf_counts)
+        self.leaf_order = torch.tensor(leaf_order, dtype=torch.long)
+        self.parent_slot = torch.tensor(parent_slot, dtype=torch.long)
+        self.column = torch.tensor(column, dtype=torch.long)
+
+    def register(self, module: nn.Module) -> None:
+        """Register the tensors as non-persistent buffers ``tree_*`` and keep the sizes."""
+        module.register_buffer("tree_leaf_order", self.leaf_order, persistent=False)
+        module.register_buffer("tree_parent_slot", self.parent_slot, persistent=False)
+        module.register_buffer("tree_column", self.column, persistent=False)
+        module._level_sizes = self.sizes
+        module._level_leaf_counts = self.leaf_counts
+
+
+def _segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, n]`` values, ``long [n]`` segment ids in ``[0, count)`` (none empty) -> ``[B, count]`` logsumexp."""
+    index = segments.unsqueeze(0).expand_as(values)
+    peak = values.new_full((values.shape[0], count), float("-inf"))
+    peak = peak.scatter_reduce(1, index, values.detach(), reduce="amax", include_self=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = values.new_zeros(values.shape[0], count).scatter_add(1, index, torch.exp(values - peak.gather(1, index)))
+    return torch.log(total) + peak
+
+
+def _segment_sum(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    index = segments.unsqueeze(0).expand_as(values)
+    return values.new_zeros(values.shape[0], count).scatter_add(1, index, values)
+
+
+def _bottom_up(module: nn.Module, leaf_values: torch.Tensor, combine) -> list[torch.Tensor]:
+    """Per-leaf ``[B, num_leaves]`` values -> one ``[B, sizes[d - 1]]`` tensor per level, in
+    level order: the leaves' own values, then ``combine`` of each internal node's children."""
+    by_level = leaf_values[:, module.tree_leaf_order]
+    sizes, leaf_counts = module._level_sizes, module._level_leaf_counts
+    out: list[torch.Tensor] = [by_level] * len(sizes)
+    leaf_end = sum(leaf_counts)
+    slot_end = module.tree_parent_slot.shape[0]
+    below: torch.Tensor | None = None
+    for d in range(len(sizes), 0, -1):
+        n, n_leaf = sizes[d - 1], leaf_counts[d - 1]
+        part = by_level[:, leaf_end - n_leaf : leaf_end]
+        leaf_end -= n_leaf
+        if below is not None:  # every level above the deepest has internal nodes
+            slots = module.tree_parent_slot[slot_end - below.shape[1] : slot_end]
+            slot_end -= below.shape[1]
+            part = torch.cat([part, combine(below, slots, n - n_leaf)], dim=1)
+        out[d - 1] = part
+        below = part
     return out
+
+
+def _parent_positions(module: nn.Module, d: int) -> torch.Tensor:
+    """Positions (within level ``d - 1``) of the parents of level ``d``'s nodes, ``d >= 2``."""
+    start = sum(module._level_sizes[1 : d - 1])
+    slots = module.tree_parent_slot[start : start + module._level_sizes[d - 1]]
+    return slots + module._level_leaf_counts[d - 2]
+
+
+def _at_targets(module: nn.Module, per_level: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per-level ``[B, sizes[d - 1]]`` values -> ``[B]`` value of each row's target node (root: 0)."""
+    flat = torch.cat([*per_level, per_level[0].new_zeros(per_level[0].shape[0], 1)], dim=1)
+    column = module.tree_column[targets.clamp(min=0)].unsqueeze(1)
+    return flat.gather(1, column).squeeze(1)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -204,15 +340,24 @@ class HierCELoss(nn.Module):
     in unbalanced subtrees; building the path from the node itself avoids that.
 
     ``log p(n)`` is ``logsumexp`` of the leaf logits under ``n`` minus ``logsumexp`` of all
-    of them (a masked logsumexp over a ``[B, num_nodes, num_leaves]`` view), so tiny
-    probabilities never underflow.
+    of them, so tiny probabilities never underflow. Up to :data:`DENSE_MAX_NODES` nodes
+    (``dense=None``, the default) this is a masked logsumexp over a ``[B, num_nodes,
+    num_leaves]`` view with a dense ``[num_nodes, num_nodes]`` table of path weights;
+    above it (or with ``dense=False``) the tree path: each level's logsumexps from its
+    children's (a segmented logsumexp, deepest level first) and each node's path loss
+    from its parent's (root first), linear in the tree size; the two agree to float32
+    rounding.
     """
 
     membership: torch.Tensor
     parent_index: torch.Tensor
     path_weights: torch.Tensor
+    tree_leaf_order: torch.Tensor
+    tree_parent_slot: torch.Tensor
+    tree_column: torch.Tensor
+    level_weights: torch.Tensor
 
-    def __init__(self, hierarchy: Hierarchy, alpha: float = 0.5) -> None:
+    def __init__(self, hierarchy: Hierarchy, alpha: float = 0.5, *, dense: bool | None = None) -> None:
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -221,18 +366,21 @@ class HierCELoss(nn.Module):
         self.num_leaves = hierarchy.num_leaves
         self.num_nodes = hierarchy.num_nodes
         self.root_index = hierarchy.index(hierarchy.root)
-        self.register_buffer("membership", leaf_membership(hierarchy), persistent=False)
-        self.register_buffer("parent_index", self._parents(hierarchy), persistent=False)
-        self.register_buffer("path_weights", self._path_weights(hierarchy, self.alpha), persistent=False)
+        self.dense = _use_dense(hierarchy, dense)
+        if self.dense:
+            self.register_buffer("membership", leaf_membership(hierarchy), persistent=False)
+            self.register_buffer("parent_index", self._parents(hierarchy), persistent=False)
+            self.register_buffer("path_weights", self._path_weights(hierarchy, self.alpha), persistent=False)
+        else:
+            _Levels(hierarchy).register(self)
+            # The weight of the edge into a node at depth d, as the dense table stores it.
+            weights = [math.exp(-self.alpha * d) for d in range(1, hierarchy.max_depth + 1)]
+            self.register_buffer("level_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     @staticmethod
     def _parents(hierarchy: Hierarchy) -> torch.Tensor:
         """``long [num_nodes]``: parent's index (the root points at itself: its edge term is 0)."""
-        out = torch.empty(hierarchy.num_nodes, dtype=torch.long)
-        for node in hierarchy.nodes:
-            parent = hierarchy.parent(node)
-            out[hierarchy.index(node)] = hierarchy.index(parent if parent is not None else node)
-        return out
+        return _parent_depth(hierarchy)[0]
 
     @staticmethod
     def _path_weights(hierarchy: Hierarchy, alpha: float) -> torch.Tensor:
@@ -243,15 +391,38 @@ class HierCELoss(nn.Module):
                 out[hierarchy.index(target), hierarchy.index(node)] = math.exp(-alpha * hierarchy.depth(node))
         return out
 
+    def _level_log_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Tree path: float32 ``[B, num_leaves]`` logits -> ``log p(node)`` per level (level order)."""
+        lse = _bottom_up(self, z, _segment_logsumexp)
+        total = torch.logsumexp(z, dim=-1, keepdim=True)
+        return [level - total for level in lse]
+
     def node_log_probs(self, leaf_logits: torch.Tensor) -> torch.Tensor:
         """``[B, num_leaves]`` logits -> float32 ``[B, num_nodes]`` ``log p(node)`` (root column exactly 0)."""
         check_2d("leaf_logits", leaf_logits, self.num_leaves)
         with _autocast_disabled(leaf_logits.device):
             z = leaf_logits.float()
+            if not self.dense:
+                levels = self._level_log_probs(z)
+                flat = torch.cat([*levels, z.new_zeros(z.shape[0], 1)], dim=1)
+                return flat[:, self.tree_column]
             masked = z.unsqueeze(1).masked_fill(~self.membership, float("-inf"))  # [B, N, L]
             lse = torch.logsumexp(masked, dim=-1)  # [B, N]
             # The root's row is the full logsumexp; subtracting the same column makes log p(root) == 0.
             return lse - lse[:, self.root_index : self.root_index + 1]
+
+    def _tree_losses(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Tree path: each node's path loss from its parent's, root first; ``[B]`` at the targets."""
+        check_2d("leaf_logits", leaf_logits, self.num_leaves)
+        with _autocast_disabled(leaf_logits.device):
+            log_p = self._level_log_probs(leaf_logits.float())
+            weights = self.level_weights.float()
+            costs = [weights[0] * (0.0 - log_p[0])]  # edges from the root: log p(root) = 0
+            for d in range(2, len(log_p) + 1):
+                up = _parent_positions(self, d)
+                edge_nll = log_p[d - 2][:, up] - log_p[d - 1]
+                costs.append(costs[-1][:, up] + weights[d - 1] * edge_nll)
+            return _at_targets(self, costs, targets)
 
     def per_sample(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses ``float32 [B]`` and the ``bool [B]`` mask of usable samples.
@@ -259,9 +430,12 @@ class HierCELoss(nn.Module):
         Unusable rows (``-1`` or the root) hold 0.
         """
         targets = check_targets("targets", targets, leaf_logits.shape[0], self.num_nodes)
+        usable = _usable(targets, self.root_index)
+        if not self.dense:
+            losses = self._tree_losses(leaf_logits, targets)
+            return torch.where(usable, losses, torch.zeros_like(losses)), usable
         log_p = self.node_log_probs(leaf_logits)  # [B, N]
         edge_nll = log_p[:, self.parent_index] - log_p  # [B, N]: -log p(n | parent(n)), 0 for the root
-        usable = _usable(targets, self.root_index)
         weights = self.path_weights.float()[targets.clamp(min=0)]  # [B, N]; float() survives module.half()
         losses = (weights * edge_nll).sum(dim=-1)
         return torch.where(usable, losses, torch.zeros_like(losses)), usable
@@ -272,7 +446,10 @@ class HierCELoss(nn.Module):
         return masked_mean(losses, usable)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, num_leaves={self.num_leaves}, num_nodes={self.num_nodes}"
+        return (
+            f"alpha={self.alpha}, num_leaves={self.num_leaves}, num_nodes={self.num_nodes}, "
+            f"tables={'dense' if self.dense else 'tree'}"
+        )
 
 
 # --------------------------------------------------------------------------- flat CE
@@ -328,14 +505,15 @@ class MultiLevelCELoss(nn.Module):
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         self.num_nodes = hierarchy.num_nodes
-        classes = level_classes(hierarchy)
-        self.level_sizes: tuple[int, ...] = tuple(len(c) for c in classes)
+        members = _level_members(hierarchy)  # node indices of each level's classes
+        self.level_sizes: tuple[int, ...] = tuple(len(m) for m in members)
         # Node index -> position of its class within each level's outputs (-1: ignored).
         table = class_at_level_table(hierarchy)  # [N, L] node indices
-        position = torch.full((hierarchy.num_nodes, len(classes)), -1, dtype=torch.long)
-        for level, names in enumerate(classes):
-            lookup = torch.full((hierarchy.num_nodes,), -1, dtype=torch.long)
-            lookup[[hierarchy.index(n) for n in names]] = torch.arange(len(names))
+        position = torch.full((hierarchy.num_nodes, len(members)), -1, dtype=torch.long)
+        lookup = torch.full((hierarchy.num_nodes,), -1, dtype=torch.long)
+        for level, ids in enumerate(members):
+            lookup.fill_(-1)
+            lookup[ids] = torch.arange(len(ids))
             column = table[:, level]
             position[:, level] = torch.where(column >= 0, lookup[column.clamp(min=0)], -1)
         self.register_buffer("level_targets", position, persistent=False)
@@ -390,28 +568,63 @@ class DistanceLoss(nn.Module):
     ``y`` and leaf ``c``; for an internal label, the leaves under it are at distance 0
     (any of them is correct), the others at their tree distance from ``y`` itself.
     Distances are raw edge counts (not normalised). Mean over usable samples.
+
+    Up to :data:`DENSE_MAX_NODES` nodes (``dense=None``) ``D`` is a dense ``[num_nodes,
+    num_leaves]`` table. Above it (or with ``dense=False``) the tree path uses, with
+    ``P(n)`` the probability of the leaves under ``n``, ``Q(n)`` their ``sum p_c depth(c)``,
+    ``S(y)`` the sum of ``P`` over ``y`` and its ancestors below the root and
+    ``T = sum_c p_c depth(c)``: ``loss(y) = depth(y) (1 + P(y)) + T - 2 S(y) - Q(y)``
+    (every edge below the root counts once per leaf it separates from ``y``), linear in
+    the tree size; it agrees with the table to float32 rounding (absolute, of the order
+    of ``max_depth * 1e-7``).
     """
 
     distances: torch.Tensor
+    tree_leaf_order: torch.Tensor
+    tree_parent_slot: torch.Tensor
+    tree_column: torch.Tensor
+    leaf_depth: torch.Tensor
 
-    def __init__(self, hierarchy: Hierarchy) -> None:
+    def __init__(self, hierarchy: Hierarchy, *, dense: bool | None = None) -> None:
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         self.num_leaves = hierarchy.num_leaves
         self.num_nodes = hierarchy.num_nodes
         self.root_index = hierarchy.index(hierarchy.root)
-        self.register_buffer("distances", self._distances(hierarchy), persistent=False)
+        self.dense = _use_dense(hierarchy, dense)
+        if self.dense:
+            self.register_buffer("distances", self._distances(hierarchy), persistent=False)
+        else:
+            _Levels(hierarchy).register(self)
+            depth = _parent_depth(hierarchy)[1][: hierarchy.num_leaves]
+            self.register_buffer("leaf_depth", depth.float(), persistent=False)
 
     @staticmethod
     def _distances(hierarchy: Hierarchy) -> torch.Tensor:
         """``float32 [num_nodes, num_leaves]`` tree distances, 0 for leaves under the node."""
         out = torch.zeros(hierarchy.num_nodes, hierarchy.num_leaves, dtype=torch.float32)
+        leaves = hierarchy.leaves
         for node in hierarchy.nodes:
             under = set(hierarchy.leaves_under(node))
-            for j, leaf in enumerate(hierarchy.leaves):
+            for j, leaf in enumerate(leaves):
                 if leaf not in under:
                     out[hierarchy.index(node), j] = hierarchy.distance(node, leaf)
         return out
+
+    def _tree_losses(self, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Tree path: float32 ``[B, num_leaves]`` leaf probabilities -> ``[B]`` losses at the targets."""
+        leaf_depth = self.leaf_depth.float()
+        mass = _bottom_up(self, probs, _segment_sum)  # P per level
+        weighted = _bottom_up(self, probs * leaf_depth, _segment_sum)  # Q per level
+        expected_depth = (probs * leaf_depth).sum(dim=-1, keepdim=True)  # T
+        path = [mass[0]]  # S per level
+        for d in range(2, len(mass) + 1):
+            path.append(path[-1][:, _parent_positions(self, d)] + mass[d - 1])
+        losses = [
+            d * (1.0 + p) + expected_depth - 2.0 * s - q
+            for d, (p, q, s) in enumerate(zip(mass, weighted, path), start=1)
+        ]
+        return _at_targets(self, losses, targets)
 
     def forward(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``leaf_logits [B, num_leaves]``, ``targets long [B]`` -> float32 scalar."""
@@ -420,8 +633,11 @@ class DistanceLoss(nn.Module):
         usable = _usable(targets, self.root_index)
         with _autocast_disabled(leaf_logits.device):
             probs = torch.softmax(leaf_logits.float(), dim=-1)
-            losses = (probs * self.distances.float()[targets.clamp(min=0)]).sum(dim=-1)
+            if self.dense:
+                losses = (probs * self.distances.float()[targets.clamp(min=0)]).sum(dim=-1)
+            else:
+                losses = self._tree_losses(probs, targets)
             return masked_mean(losses, usable)
 
     def extra_repr(self) -> str:
-        return f"num_leaves={self.num_leaves}"
+        return f"num_leaves={self.num_leaves}, tables={'dense' if self.dense else 'tree'}"

@@ -68,9 +68,9 @@ class Supervision:
     def groups(self) -> list[int]:
         """Depth-1 ancestor (lineage) index of each labelled item, -1 for unlabelled."""
         h = self.hierarchy
-        return [
-            UNLABELLED if t == UNLABELLED else h.index(h.ancestors(h.nodes[t])[-1]) for t in self.targets
-        ]
+        nodes = h.nodes  # a copy per call: once, not once per item
+        lineage = {t: h.index(h.ancestors(nodes[t])[-1]) for t in set(self.targets) if t != UNLABELLED}
+        return [UNLABELLED if t == UNLABELLED else lineage[t] for t in self.targets]
 
 
 def build_supervision(cfg: DictConfig, dataset: Dataset) -> Supervision | None:
@@ -127,13 +127,14 @@ def _log_label_summary(hierarchy: Hierarchy, targets: list[int]) -> None:
     for t in targets:
         counts[t] = counts.get(t, 0) + 1
     n_unlabelled = counts.pop(UNLABELLED, 0)
-    n_leaf = sum(c for t, c in counts.items() if hierarchy.is_leaf(hierarchy.nodes[t]))
+    nodes = hierarchy.nodes  # a copy per call: once, not once per label
+    n_leaf = sum(c for t, c in counts.items() if hierarchy.is_leaf(nodes[t]))
     logger.info(
         "labels on '%s': %d images, %d unlabelled, %d at a leaf, %d at an internal node",
         hierarchy.name, len(targets), n_unlabelled, n_leaf, sum(counts.values()) - n_leaf,
     )
     for t in sorted(counts):
-        node = hierarchy.nodes[t]
+        node = nodes[t]
         logger.info("  %-28s depth %d %s %6d", node, hierarchy.depth(node), "leaf" if hierarchy.is_leaf(node) else "node", counts[t])
 
 
