@@ -124,6 +124,37 @@ def build_from_config(config: Mapping[str, Any], source: str = "config", device:
         return VisionTransformer(**kwargs)
 
 
+def expected_shapes(config: Mapping[str, Any], source: str = "config") -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every entry of the state dict of the model ``config`` describes,
+    in the model's order, without building its blocks.
+
+    A one-block model is built on the meta device and its block repeated ``depth`` times
+    (the blocks of a :class:`VisionTransformer` all have the same shapes), so a config that
+    claims thousands of blocks costs milliseconds, not the minute that building them takes
+    even on meta. Raises :class:`WeightsError` as :func:`model_kwargs`.
+    """
+    kwargs = model_kwargs(config, source)
+    with torch.device("meta"):
+        one = VisionTransformer(**{**kwargs, "depth": 1})
+    single = {k: tuple(v.shape) for k, v in one.state_dict().items()}
+    block = [k[len("blocks.0."):] for k in single if k.startswith("blocks.0.")]
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in single.items():
+        if not key.startswith("blocks.0."):
+            out[key] = shape
+        elif key == f"blocks.0.{block[0]}":  # the block's entries are contiguous: expand them here
+            for i in range(kwargs["depth"]):
+                out.update({f"blocks.{i}.{rest}": single[f"blocks.0.{rest}"] for rest in block})
+    return out
+
+
+def _block_count(state: Mapping[str, Any]) -> int:
+    """Number of transformer blocks in a state dict (one more than the largest ``blocks.<i>.``)."""
+    indices = {int(parts[1]) for parts in (k.split(".", 2) for k in state if k.startswith("blocks."))
+               if len(parts) == 3 and parts[1].isdigit()}
+    return max(indices) + 1 if indices else 0
+
+
 def check_state_dict(model_shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], source: str) -> None:
     """Strict comparison of a state dict with the model's ``name -> shape``.
 
@@ -248,10 +279,20 @@ def load_backbone(
             shape (the first such key in the model's order, with both shapes).
     """
     weights, config, config_source = locate_export(path)
-    model = build_from_config(config, config_source, device="meta")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Shapes first: a config that does not describe the file fails here, before the model
+    # (a crafted 'depth': 5000 took ~68 s to build on meta before its mismatch was found).
+    shapes = expected_shapes(config, config_source)
     state = read_state_dict(weights)  # safetensors, or torch.load(weights_only=True)
+    depth, blocks = config["depth"], _block_count(state)
+    if blocks != depth:
+        raise WeightsError(
+            f"{config_source}: 'depth' is {depth} but {weights} holds {blocks} transformer blocks "
+            "(the config does not describe these weights)"
+        )
     check_state_dict(shapes, state, str(weights))
+    model = build_from_config(config, config_source, device="meta")
+    if {k: tuple(v.shape) for k, v in model.state_dict().items()} != shapes:  # expected_shapes is exact
+        raise RuntimeError(f"{config_source}: the built model's shapes differ from expected_shapes()")
     state = {k: state[k].to(dtype=dtype).contiguous() for k in shapes}
     # assign=True adopts the loaded tensors, so the meta model never allocates twice.
     model.load_state_dict(state, strict=True, assign=True)

@@ -154,6 +154,43 @@ def _build(arch: str, path: Path, **kwargs: Any) -> nn.Module:
         raise CheckpointError(f"{path}: cannot build backbone {arch!r}: {err}") from None
 
 
+def _check_recorded_geometry(state: Mapping[str, Any], path: Path, img_size: int, patch_size: int,
+                             num_register_tokens: int) -> None:
+    """Compare the token shapes of ``state`` with the recorded image geometry *before* the
+    model is built: a recorded ``img_size`` of a million pixels (or a million register
+    tokens) would otherwise allocate tens of GB before the strict load found the mismatch.
+    Messages name the key as the strict load does. Geometry the build itself refuses (a
+    size that is not a multiple of the patch) is left to it."""
+    if patch_size < 1 or img_size < patch_size or img_size % patch_size or num_register_tokens < 0:
+        return
+    config = "checkpoint does not match its recorded config"
+    pos = state.get("pos_embed")
+    tokens = 1 + (img_size // patch_size) ** 2
+    if isinstance(pos, torch.Tensor) and pos.ndim == 3 and pos.shape[1] != tokens:
+        raise CheckpointError(
+            f"{path}: shape mismatch at 'pos_embed': checkpoint {tuple(pos.shape)} holds {pos.shape[1]} positions, "
+            f"the recorded img_size {img_size} and patch_size {patch_size} need 1 + ({img_size}/{patch_size})^2 = "
+            f"{tokens} ({config}; the model was not built)"
+        )
+    proj = state.get("patch_embed.proj.weight")
+    if isinstance(proj, torch.Tensor) and proj.ndim == 4 and tuple(proj.shape[2:]) != (patch_size, patch_size):
+        raise CheckpointError(
+            f"{path}: shape mismatch at 'patch_embed.proj.weight': checkpoint {tuple(proj.shape)} vs the recorded "
+            f"patch_size {patch_size} ({config}; the model was not built)"
+        )
+    registers = state.get("register_tokens")
+    if registers is None and num_register_tokens > 0:
+        raise CheckpointError(
+            f"{path}: {config} (missing key 'register_tokens': {num_register_tokens} recorded, none in the "
+            "weights; the model was not built)"
+        )
+    if isinstance(registers, torch.Tensor) and registers.ndim == 3 and registers.shape[1] != num_register_tokens:
+        raise CheckpointError(
+            f"{path}: shape mismatch at 'register_tokens': checkpoint {tuple(registers.shape)} vs "
+            f"{num_register_tokens} recorded register tokens ({config}; the model was not built)"
+        )
+
+
 def _from_teacher_file(obj: dict, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
     meta = obj["meta"]
     if not isinstance(meta, Mapping) or "arch" not in meta:
@@ -161,17 +198,20 @@ def _from_teacher_file(obj: dict, path: Path, arch: str | None) -> tuple[nn.Modu
     recorded = str(meta["arch"])
     arch = arch or recorded
     img_size = int(meta.get("img_size", 224))
+    patch_size = int(meta.get("patch_size", 14))
+    registers = int(meta.get("num_register_tokens", 0))
+    if not isinstance(obj["model"], Mapping):
+        raise CheckpointError(f"{path}: 'model' of a teacher backbone file must be a state dict")
+    _check_recorded_geometry(obj["model"], path, img_size, patch_size, registers)
     model = _build(
         arch, path,
         img_size=img_size,
-        patch_size=int(meta.get("patch_size", 14)),
-        num_register_tokens=int(meta.get("num_register_tokens", 0)),
+        patch_size=patch_size,
+        num_register_tokens=registers,
         ffn_layer=str(meta.get("ffn_layer", "mlp")),
         layerscale_init=meta.get("layerscale", 1e-5),
         qkv_bias=bool(meta.get("qkv_bias", True)),
     )
-    if not isinstance(obj["model"], Mapping):
-        raise CheckpointError(f"{path}: 'model' of a teacher backbone file must be a state dict")
     _strict_load(model, obj["model"], path, recorded, arch)
     extra = {k: meta[k] for k in ("ffn_layer", "layerscale", "qkv_bias") if k in meta}
     return model, _meta(model, arch, img_size, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD),
@@ -191,16 +231,21 @@ def _from_training_checkpoint(obj: dict, path: Path, arch: str | None) -> tuple[
         raise CheckpointError(f"{path}: cannot read the config stored in the checkpoint: {err}") from None
     arch = arch or recorded
     cfg.student.arch = arch
-    try:
-        model = build_backbone_from_config(cfg, drop_path_rate=0.0)
-    except (ValueError, OmegaConfBaseException) as err:
-        raise CheckpointError(f"{path}: cannot build backbone {arch!r} from its config: {err}") from None
     weights = obj["model"]
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: 'model' of a training checkpoint must be a state dict")
     state = {k[len(_TEACHER_PREFIX):]: v for k, v in weights.items() if k.startswith(_TEACHER_PREFIX)}
     if not state:
         raise CheckpointError(f"{path}: training checkpoint holds no '{_TEACHER_PREFIX}*' weights")
+    try:
+        geometry = (int(cfg.crops.global_crops_size), int(cfg.student.patch_size), int(cfg.student.num_register_tokens))
+    except (ValueError, TypeError, OmegaConfBaseException) as err:
+        raise CheckpointError(f"{path}: cannot read the config stored in the checkpoint: {err}") from None
+    _check_recorded_geometry(state, path, *geometry)
+    try:
+        model = build_backbone_from_config(cfg, drop_path_rate=0.0)
+    except (ValueError, OmegaConfBaseException) as err:
+        raise CheckpointError(f"{path}: cannot build backbone {arch!r} from its config: {err}") from None
     _strict_load(model, state, path, recorded, arch)
     s = cfg.student
     extra = {"ffn_layer": str(s.ffn_layer), "layerscale": s.layerscale, "qkv_bias": bool(s.qkv_bias)}

@@ -1,16 +1,19 @@
 """Scale (issue 19, item 16): the hierarchical losses' set-up is linear in the tree size (no
 node x node or node x leaf table above ``DENSE_MAX_NODES``, no Python work per node pair
-or per node and level), and their tree path gives the dense path's numbers.
+or per node and level), their tree path gives the dense path's numbers, and a recorded
+model configuration that does not describe its weights fails before the model is built.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 
 import pytest
 import torch
 
+from dinov2_hier.cli import EXIT_USER_ERROR, run_cli
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses import (
     DistanceLoss,
@@ -23,6 +26,7 @@ from dinov2_hier.losses import (
     level_classes,
 )
 from dinov2_hier.losses.hierarchical import DENSE_MAX_NODES
+from dinov2_hier.models import WeightsError
 
 
 def flat_tree(groups: int, per_group: int) -> Hierarchy:
@@ -264,3 +268,93 @@ def test_level_tables_equal_their_definition():
                     for d in range(1, h.max_depth + 1)]
         assert level_classes(h) == expected
         assert MultiLevelCELoss(h).level_sizes == tuple(len(level) for level in expected)
+
+
+# --------------------------------------------------------------------------- shapes before building
+
+
+def _tiny_export(folder, **overrides):
+    from safetensors.torch import save_file
+
+    from dinov2_hier.hub import model_kwargs
+    from dinov2_hier.models.vision_transformer import VisionTransformer
+
+    config = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 16,
+              "num_register_tokens": 1, "ffn_layer": "mlp", "layerscale": 1e-5, "qkv_bias": True}
+    torch.manual_seed(0)
+    model = VisionTransformer(**model_kwargs(config))
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**config, **overrides}))
+    return folder
+
+
+def test_crafted_config_depth_fails_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    import dinov2_hier.hub as hub
+
+    export = _tiny_export(tmp_path / "export", depth=5000)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before its shapes were compared")
+
+    monkeypatch.setattr(hub, "build_from_config", never)
+    with pytest.raises(WeightsError, match=r"config\.json: 'depth' is 5000 but .*model\.safetensors holds 2 "
+                                           r"transformer blocks"):
+        hub.load_backbone(export)
+    # Through the command-line error handling: one line, exit 2.
+    assert run_cli(lambda: hub.load_backbone(export)) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'depth' is 5000" in err
+
+
+def test_crafted_config_width_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    import dinov2_hier.hub as hub
+
+    export = _tiny_export(tmp_path / "export", img_size=8 * 1000)
+    monkeypatch.setattr(hub, "build_from_config", lambda *a, **k: pytest.fail("model built"))
+    mismatch = r"shape mismatch at 'pos_embed': file \(1, 5, 32\) vs model \(1, 1000001, 32\)"
+    with pytest.raises(WeightsError, match=mismatch):
+        hub.load_backbone(export)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"depth": 3, "num_register_tokens": 0}, {"ffn_layer": "swiglu", "layerscale": None, "qkv_bias": False},
+])
+def test_expected_shapes_are_the_built_models(overrides):
+    from dinov2_hier.hub import build_from_config, expected_shapes
+
+    config = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "img_size": 16,
+              "num_register_tokens": 2, "ffn_layer": "mlp", "layerscale": 1e-5, "qkv_bias": True, **overrides}
+    built = build_from_config(config, device="meta").state_dict()
+    assert list(expected_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in built.items()]
+
+
+def test_eval_teacher_file_with_crafted_geometry_fails_before_building(tmp_path, monkeypatch):
+    import eval.features as features
+    from dinov2_hier.models.vision_transformer import build_backbone
+    from dinov2_hier.train.checkpoint import CheckpointError
+
+    model = build_backbone("vit_tiny", img_size=32, patch_size=8)
+    meta = {"arch": "vit_tiny", "img_size": 8 * 100_000, "patch_size": 8, "num_register_tokens": 0}
+    torch.save({"model": model.state_dict(), "meta": meta}, tmp_path / "teacher_backbone.pt")
+    monkeypatch.setattr(features, "build_backbone", lambda *a, **k: pytest.fail("model built"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch at 'pos_embed'.*need 1 \+ \(800000/8\)\^2"):
+        features.load_eval_backbone(tmp_path / "teacher_backbone.pt")
+    meta.update(img_size=32, num_register_tokens=1_000_000)
+    torch.save({"model": model.state_dict(), "meta": meta}, tmp_path / "teacher_backbone.pt")
+    with pytest.raises(CheckpointError, match=r"missing key 'register_tokens'"):
+        features.load_eval_backbone(tmp_path / "teacher_backbone.pt")
+
+
+def test_constrained_head_with_crafted_in_dim_fails_before_building(tmp_path, monkeypatch):
+    import dinov2_hier.heads.constrained as constrained
+
+    head = constrained.ConstrainedMultiLabelHead(8, 3, constrained.ConstrainedConfig(), prior=torch.zeros(3, 3),
+                                                 exclusive=torch.zeros(3, 3, dtype=torch.bool))
+    path = constrained.save_head(tmp_path / "head.pt", head, ["a", "b", "c"])
+    payload = torch.load(path, weights_only=True)
+    payload["in_dim"] = 1_000_000
+    torch.save(payload, path)
+    monkeypatch.setattr(constrained, "ConstrainedMultiLabelHead", lambda *a, **k: pytest.fail("head built"))
+    with pytest.raises(constrained.ConstrainedHeadError, match=r"'classifier.weight' is \(3, 8\).*need \(3, 1000000\)"):
+        constrained.load_head(path)

@@ -689,6 +689,16 @@ def load_head(path: str | Path, device: Any = "cpu") -> tuple[ConstrainedMultiLa
     cfg = ConstrainedConfig.from_dict(dict(payload["config"]))
     state = payload["state_dict"]
     k = len(payload["classes"])
+    # Shapes before building: a recorded in_dim or class list that does not fit the weights
+    # would otherwise size a [in_dim, in_dim] projection and [K*K, in_dim] relation first.
+    weight = state.get("classifier.weight") if isinstance(state, dict) else None
+    in_dim = payload.get("in_dim")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (k, in_dim):
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else "missing"
+        raise ConstrainedHeadError(
+            f"{path}: weights do not fit the recorded configuration: 'classifier.weight' is {shape}, "
+            f"the recorded {k} classes and in_dim {in_dim!r} need ({k}, {in_dim!r}) (the head was not built)"
+        )
     head = ConstrainedMultiLabelHead(int(payload["in_dim"]), k, cfg, prior=state["prior"],
                                      exclusive=state["exclusive"], class_frequency=state["thresholds.class_frequency"])
     try:
