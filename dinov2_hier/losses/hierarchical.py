@@ -97,6 +97,26 @@ def _parent_depth(hierarchy: Hierarchy) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(parents, dtype=torch.long), torch.tensor(depths, dtype=torch.long)
 
 
+def _level_columns(hierarchy: Hierarchy, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`class_at_level_table` level-major, ``long [max_depth, num_nodes]`` (or written
+    into ``out``, any ``[max_depth, num_nodes]`` view, e.g. the transpose of the table).
+
+    Built from the deepest level up, ``max_depth`` tensor steps over the nodes, so the cost
+    is the size of the table.
+    """
+    parent, depth = _parent_depth(hierarchy)
+    n = hierarchy.num_nodes
+    own = torch.arange(n)
+    leaf = own < hierarchy.num_leaves  # leaves come first
+    fixed = torch.where(leaf & (depth >= 1), own, torch.full_like(own, -1))  # what a shallow label means
+    columns = torch.empty(hierarchy.max_depth, n, dtype=torch.long) if out is None else out
+    current = own.clone()  # ancestor of each node at depth min(depth(node), d)
+    for d in range(hierarchy.max_depth, 0, -1):
+        columns[d - 1] = torch.where(depth >= d, current, fixed)
+        current = torch.where(depth[current] == d, parent[current], current)
+    return columns
+
+
 def class_at_level_table(hierarchy: Hierarchy) -> torch.Tensor:
     """``long [num_nodes, max_depth]``: column ``d - 1`` is the node index a label means at depth ``d``.
 
@@ -107,16 +127,8 @@ def class_at_level_table(hierarchy: Hierarchy) -> torch.Tensor:
     Built column by column from the deepest level up (``max_depth`` tensor steps over the
     nodes), so the cost is the size of the table.
     """
-    parent, depth = _parent_depth(hierarchy)
-    n = hierarchy.num_nodes
-    own = torch.arange(n)
-    leaf = own < hierarchy.num_leaves  # leaves come first
-    fixed = torch.where(leaf & (depth >= 1), own, torch.full_like(own, -1))  # what a shallow label means
-    table = torch.full((n, hierarchy.max_depth), -1, dtype=torch.long)
-    current = own.clone()  # ancestor of each node at depth min(depth(node), d)
-    for d in range(hierarchy.max_depth, 0, -1):
-        table[:, d - 1] = torch.where(depth >= d, current, fixed)
-        current = torch.where(depth[current] == d, parent[current], current)
+    table = torch.empty(hierarchy.num_nodes, hierarchy.max_depth, dtype=torch.long)
+    _level_columns(hierarchy, out=table.t())  # written in place: no second copy of the table
     return table
 
 
@@ -533,13 +545,13 @@ class MultiLevelCELoss(nn.Module):
         members = _level_members(hierarchy)  # node indices of each level's classes
         self.level_sizes: tuple[int, ...] = tuple(len(m) for m in members)
         # Node index -> position of its class within each level's outputs (-1: ignored).
-        table = class_at_level_table(hierarchy)  # [N, L] node indices
-        position = torch.full((hierarchy.num_nodes, len(members)), -1, dtype=torch.long)
+        table = _level_columns(hierarchy)  # [L, N] node indices, level-major
+        position = torch.empty(hierarchy.num_nodes, len(members), dtype=torch.long)
         lookup = torch.full((hierarchy.num_nodes,), -1, dtype=torch.long)
         for level, ids in enumerate(members):
             lookup.fill_(-1)
             lookup[ids] = torch.arange(len(ids))
-            column = table[:, level]
+            column = table[level]
             position[:, level] = torch.where(column >= 0, lookup[column.clamp(min=0)], -1)
         self.register_buffer("level_targets", position, persistent=False)
 
