@@ -38,7 +38,7 @@ def measure_loader(cfg, workers: int, batches: int, warmup: int) -> dict:
         images += batch["global_crops"].shape[0] // 2
     elapsed = time.perf_counter() - t0
     return {
-        "workers": workers, "batch_size": cfg.train.batch_size_per_gpu, "batches": batches,
+        "workers": loader.num_workers, "batch_size": cfg.train.batch_size_per_gpu, "batches": batches,
         "crop": cfg.crops.global_crops_size, "images": images, "seconds": elapsed,
         "images_per_s": images / elapsed, "source": data.description,
         "photometric": str(cfg.crops.photometric), "reduced_decode": bool(cfg.crops.reduced_decode),

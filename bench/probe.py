@@ -51,6 +51,7 @@ def time_extraction(ckpt: str, data: str, device: str, batch_size: int, workers:
     alone. Both include starting the loader's workers, as a real extraction does."""
     import torch
 
+    from dinov2_hier.cpu import loader_workers
     from dinov2_hier.data import EvalTransform, records_from_source
     from eval.features import eval_image_loader, extract_features, load_eval_backbone
 
@@ -71,7 +72,7 @@ def time_extraction(ckpt: str, data: str, device: str, batch_size: int, workers:
     return {"images": len(paths), "unreadable": feats.n_unreadable, "seconds": elapsed,
             "images_per_s": len(paths) / elapsed, "loader_seconds": loader_s, "loader_images_per_s": len(paths) / loader_s,
             "arch": meta["arch"], "crop": int(meta["img_size"]), "dim": int(feats.features.shape[1]),
-            "batch_size": int(batch_size), "workers": int(workers),
+            "batch_size": int(batch_size), "workers": loader_workers(workers, "feature extraction"),  # as used
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
 
 

@@ -131,9 +131,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resize-mode", choices=("pad", "center_crop"), default="pad",
                    help="keep the aspect ratio by padding to a square (default) or by centre-cropping")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    g.add_argument("--num-workers", type=int, default=4, help="image loading processes (default 4; 0 = in-process)")
+    g.add_argument("--num-workers", type=int, default=4,
+                   help="image loading processes (default 4, at most the CPU cores less one; 0 = in-process)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = CUDA when available (bf16 features), else CPU (fp32)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (and of BLAS in the probes) in every phase; default: the idle "
+                        "cores when the phase starts less its loader workers and one spare core (1 on a busy or "
+                        "a 2-core machine), or what OMP_NUM_THREADS / MKL_NUM_THREADS set (docs/evaluation.md)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help=f"feature cache folder (default {default_cache_dir()}; $DINOV2_HIER_CACHE overrides)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write cached features")
@@ -189,6 +194,17 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def probe_threads(threads: int | None) -> Any:
+    """The :class:`~dinov2_hier.cpu.ThreadPlan` of the probe phase (no loader): ``--threads``,
+    else the idle cores measured now (torch) and one BLAS thread (scikit-learn's small
+    products), unless the environment sets them; logged."""
+    from dinov2_hier.cpu import thread_plan
+
+    plan = thread_plan(0, threads=threads, blas=1)
+    log.info("probes: torch threads %s", plan.why)
+    return plan
+
+
 def _check_args(args: argparse.Namespace) -> None:
     families = getattr(args, "families", ("logreg", "knn"))
     if str(args.ckpt).strip().lower() == "none" and not args.arch:
@@ -197,6 +213,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvalUsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise EvalUsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise EvalUsageError(f"--threads must be >= 1, got {args.threads}")
     if args.test_data is None and args.folds < 2:
         raise EvalUsageError(f"--folds must be >= 2, got {args.folds} (use --test-data for a fixed split)")
     if args.crop_size is not None and args.crop_size < 1:
@@ -319,6 +337,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target: Path, *, hierarchy: Any,
                          hierarchy_info: dict | None, data: Any, test: Any, data_path: Path, test_path: Path | None,
                          classes: list[str], probes: list[Any], device: str) -> dict[str, Any]:
+    import torch
+
     from .crossval import run_probes, stratified_folds
     from .features import extract_features, load_eval_backbone
 
@@ -328,7 +348,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     t_loaded = time.perf_counter()
     cache_dir = feature_cache_dir(args)
     extract = dict(crop_size=args.crop_size, resize_mode=args.resize_mode, batch_size=args.batch_size,
-                   num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress)
+                   num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress,
+                   threads=getattr(args, "threads", None))
     fs = extract_features(backbone, data.paths, **extract)
     fs_test = extract_features(backbone, test.paths, **extract) if test is not None else None
     t_features = time.perf_counter()
@@ -376,9 +397,13 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     per_fold: dict[str, list[dict]] = {}
     fit_info: dict[str, list[dict]] = {}
     probe_s: dict[str, float] = {}
+    threads = probe_threads(getattr(args, "threads", None))
+    probe_torch_threads = torch.get_num_threads()
     for probe in probes:  # one probe at a time, so each gets its own wall time
         t0 = time.perf_counter()
-        result = run_probes(X, y, classes, [probe], split, hierarchy=hierarchy)
+        with threads.applied():
+            probe_torch_threads = torch.get_num_threads()
+            result = run_probes(X, y, classes, [probe], split, hierarchy=hierarchy)
         probe_s[probe.name] = time.perf_counter() - t0
         predictions[probe.name] = np.asarray(result.predictions[probe.name])[test_rows]
         per_fold[probe.name] = result.per_fold[probe.name]
@@ -416,10 +441,12 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
             "folds": args.folds if test is None else None, "seed": args.seed,
             "feature": "x_norm_clstoken", "crop_size": crop, "resize_mode": args.resize_mode,
             "mean": meta.get("mean"), "std": meta.get("std"), "batch_size": args.batch_size,
-            "num_workers": args.num_workers, "device": device, "precision": "bf16" if device == "cuda" else "fp32",
+            "num_workers": args.num_workers, "threads": getattr(args, "threads", None), "device": device,
+            "precision": "bf16" if device == "cuda" else "fp32",
             "feature_cache": str(fs.cache_path) if fs.cache_path else None, "features_from_cache": fs.from_cache,
         },
-        "timings": {"load_s": t_loaded - t_start, "features_s": t_features - t_loaded, "probes_s": probe_s},
+        "timings": {"load_s": t_loaded - t_start, "features_s": t_features - t_loaded, "probes_s": probe_s,
+                    "probe_threads": probe_torch_threads},
         "training": _training_status(ckpt, meta.get("iteration")),
     }
     write_metrics_json(target, summary, extra)

@@ -198,9 +198,11 @@ def run_probes(
             if getattr(probe, "chosen_C_", None) is not None:
                 info["chosen_C"] = float(probe.chosen_C_)
             for attribute, key in (("backend_", "backend"), ("converged_", "converged")):
-                if hasattr(probe, attribute):  # logistic regression: which solver, and did it converge
+                if hasattr(probe, attribute):  # logistic regression: which solver, and did its final fit converge
                     value = getattr(probe, attribute)
                     info[key] = bool(value) if key == "converged" else str(value)
+            if getattr(probe, "inner_unconverged_C_", None) is not None:
+                info["inner_unconverged_C"] = [float(C) for C in probe.inner_unconverged_C_]
             fit_info[probe.name].append(info)
             logger.info("fold %d: %s fitted on %d, tested on %d in %.2f s", fold_id, probe.name,
                         train.size, test.size, t2 - t0)

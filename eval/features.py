@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import zipfile
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinov2_hier.cpu import loader_workers, thread_plan
 from dinov2_hier.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -556,12 +558,13 @@ def eval_image_loader(paths: Sequence[str], transform: EvalTransform, *, batch_s
     workers (``transform.normalize(images, boxes)`` gives the float input, on any device);
     an unreadable file gives a zero image, ``ok`` False and its message (never an
     exception). Used by :func:`extract_features` and, without a model, by ``bench.probe``
-    to time the loader."""
+    to time the loader. ``num_workers`` is capped at the CPU cores less one
+    (:func:`dinov2_hier.cpu.loader_workers`)."""
     return DataLoader(
         _EvalImages(paths, transform),
         batch_size=max(1, int(batch_size)),
         shuffle=False,
-        num_workers=int(num_workers),
+        num_workers=loader_workers(num_workers, "feature extraction"),
         pin_memory=pin_memory,
     )
 
@@ -632,17 +635,27 @@ def _save_cache(path: Path, features: np.ndarray, ok: np.ndarray, paths: Sequenc
         raise
 
 
-class _Progress:
-    """tqdm when installed (and wanted), else an INFO line about every 10%."""
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
-    def __init__(self, total: int, enabled: bool) -> None:
+
+class _Progress:
+    """A tqdm bar when stderr is a terminal and tqdm is installed (and progress is wanted),
+    else an INFO line about every 10%: redrawn into a file or a pipe (a SLURM log, ``2>
+    log``), a bar leaves one line per refresh."""
+
+    def __init__(self, total: int, enabled: bool, stream: Any = None) -> None:
         self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
         self.next_log, self.start = max(1, total // 10), time.perf_counter()
-        if enabled:
+        stream = sys.stderr if stream is None else stream
+        if enabled and _is_terminal(stream):
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True)
+                self.bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True, file=stream)
             except ImportError:
                 pass
 
@@ -671,6 +684,7 @@ def extract_features(
     cache_dir: str | os.PathLike | None = None,
     device: Any = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> FeatureSet:
     """CLS features (``x_norm_clstoken``) of ``paths``, in order, as ``[n, D]`` float32.
 
@@ -684,6 +698,10 @@ def extract_features(
     With ``cache_dir`` the result is stored as ``<cache_dir>/<feature_cache_key>.npz`` and a
     later call with the same weights, files (paths, sizes, mtimes), crop size, resize mode
     and normalisation loads it (``from_cache=True``); None disables caching.
+
+    ``num_workers`` loader processes (capped at the cores less one) and the main process's
+    torch threads (``threads``, default chosen by :func:`dinov2_hier.cpu.thread_plan` from
+    the idle cores less the workers; restored afterwards) share the CPU.
     """
     if resize_mode not in ("pad", "center_crop"):
         raise EvalDataError(f"resize_mode must be 'pad' or 'center_crop', got {resize_mode!r}")
@@ -714,7 +732,10 @@ def extract_features(
     features = np.zeros((len(paths), dim), dtype=np.float32)
     ok = np.zeros(len(paths), dtype=bool)
     transform = EvalTransform(crop, resize_mode, mean, std)
-    loader = eval_image_loader(paths, transform, batch_size=batch_size, num_workers=num_workers,
+    workers = loader_workers(num_workers, "feature extraction")
+    plan = thread_plan(workers, threads=threads)
+    logger.info("feature extraction: %d loader worker(s), torch threads %s", workers, plan.why)
+    loader = eval_image_loader(paths, transform, batch_size=batch_size, num_workers=workers,
                                pin_memory=dev.type == "cuda")
     on_device = transform.to(dev)
     logged: set[str] = set()
@@ -732,7 +753,7 @@ def extract_features(
             pending.clear()
 
     try:
-        with torch.inference_mode():
+        with plan.applied(), torch.inference_mode():
             for index, images, boxes, good, errors in loader:
                 index, good = index.numpy(), good.numpy().astype(bool)
                 for i, msg in zip(index[~good], (e for e, g in zip(errors, good) if not g)):

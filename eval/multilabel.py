@@ -336,7 +336,7 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     from dinov2_hier.heads.constrained import impossible_mask
     from dinov2_hier.paths import resolve_resource
 
-    from .cli_common import EvalUsageError, MAX_LISTED_UNREADABLE, feature_cache_dir, resolve_device
+    from .cli_common import EvalUsageError, MAX_LISTED_UNREADABLE, feature_cache_dir, probe_threads, resolve_device
     from .features import load_eval_backbone
     from .report import json_safe, summarize, write_metrics_json, write_predictions_csv
 
@@ -344,7 +344,8 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     if str(args.ckpt).strip().lower() == "none" and not args.arch:
         raise EvalUsageError("--ckpt none evaluates an untrained backbone and needs --arch (e.g. --arch vit_small)")
     for flag, value, low in (("--folds", args.folds, 2), ("--batch-size", args.batch_size_features, 1),
-                             ("--num-workers", args.num_workers, 0)):
+                             ("--num-workers", args.num_workers, 0),
+                             ("--threads", 1 if getattr(args, "threads", None) is None else args.threads, 1)):
         if value < low and not (flag == "--folds" and args.test_data):
             raise EvalUsageError(f"{flag} must be >= {low}, got {value}")
     device = resolve_device(args.device)
@@ -369,7 +370,8 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     t_loaded = time.perf_counter()
     cache_dir = feature_cache_dir(args)
     extract = dict(crop_size=args.crop_size, resize_mode=args.resize_mode, batch_size=args.batch_size_features,
-                   num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress)
+                   num_workers=args.num_workers, cache_dir=cache_dir, device=device, progress=args.progress,
+                   threads=getattr(args, "threads", None))
     fs = extract_pooled_features(backbone, data.paths, args.pool, **extract)
     fs_test = extract_pooled_features(backbone, test.paths, args.pool, **extract) if test is not None else None
     t_features = time.perf_counter()
@@ -403,7 +405,8 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     for fold_id, _, te in splits:
         fold_of[te] = fold_id
 
-    results = {v: _run_variant(v, cfg, X, Y, splits, constraints, args, device) for v, cfg in variants.items()}
+    with probe_threads(getattr(args, "threads", None)).applied():
+        results = {v: _run_variant(v, cfg, X, Y, splits, constraints, args, device) for v, cfg in variants.items()}
     t_probes = time.perf_counter()
 
     Yt = Y[test_rows]
@@ -859,8 +862,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize-mode", choices=("pad", "center_crop"), default="pad")
     g.add_argument("--feature-batch-size", dest="batch_size_features", type=int, default=64,
                    help="images per backbone forward pass (default 64)")
-    g.add_argument("--num-workers", type=int, default=4, help="image loading processes (default 4)")
+    g.add_argument("--num-workers", type=int, default=4,
+                   help="image loading processes (default 4, at most the CPU cores less one)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch in every phase (default: the idle cores less the loader workers "
+                        "and one spare core; see docs/evaluation.md)")
     g.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write cached features")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

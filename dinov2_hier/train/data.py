@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from ..cpu import loader_workers
 from ..data import (
     PHOTOMETRIC_MODES,
     GlobalCropsAugmentation,
@@ -174,9 +175,10 @@ def build_train_loader(
     data: TrainData, cfg: DictConfig, consumed: int, rank: int, world_size: int, device: torch.device,
     supervision=None,
 ) -> DataLoader:
-    """An endless loader; ``consumed`` images of this rank are skipped (resume)."""
+    """An endless loader; ``consumed`` images of this rank are skipped (resume).
+    ``data.num_workers`` is capped at the CPU cores (:func:`dinov2_hier.cpu.loader_workers`)."""
     sampler = build_sampler(cfg, len(data.dataset), consumed, rank, world_size, supervision)
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg.data.num_workers, "data.num_workers", reserve=0)
     return DataLoader(
         data.dataset,
         batch_size=cfg.train.batch_size_per_gpu,

@@ -82,6 +82,12 @@ class PendingStep:
             self._host = packed
         self._read: StepOutput | None = None
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the report was complete when the step returned (a CPU step: the step ran
+        synchronously), so that the step finished then, not when it is read."""
+        return self._event is None
+
     def read(self) -> StepOutput:
         """Wait for the step (a host synchronisation unless it is done) and return its report."""
         if self._read is None:
