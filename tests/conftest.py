@@ -33,6 +33,18 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny tensors: OpenMP spin-waiting on busy CI cores
+    costs more than the second thread gains."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY_OVERRIDES)

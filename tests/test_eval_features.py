@@ -30,13 +30,7 @@ from tests.conftest import TINY_OVERRIDES
 HIERARCHY = PROJECT_ROOT / "hierarchies" / "synthetic.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on busy CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

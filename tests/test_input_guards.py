@@ -32,12 +32,7 @@ from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError
 from tests.conftest import TINY_OVERRIDES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run_cli(main, argv):

@@ -27,6 +27,7 @@ from dinov2_hier.losses import (
 )
 from dinov2_hier.losses.hierarchical import DENSE_MAX_NODES
 from dinov2_hier.models import WeightsError
+from tests.test_losses_supervised import UNBALANCED  # leaves a1, a2x, a2y, b1, b2, c
 
 
 def flat_tree(groups: int, per_group: int) -> Hierarchy:
@@ -161,18 +162,6 @@ def test_setup_work_is_linear_in_the_tree_on_the_deepest_tree(monkeypatch, make)
 # --------------------------------------------------------------------------- same numbers
 
 
-# The unbalanced tree of tests/test_losses_supervised.py, leaves a1, a2x, a2y, b1, b2, c.
-UNBALANCED = {
-    "name": "unbalanced",
-    "root": {
-        "id": "root",
-        "children": [
-            {"id": "a", "children": [{"id": "a1"}, {"id": "a2", "children": [{"id": "a2x"}, {"id": "a2y"}]}]},
-            {"id": "b", "children": [{"id": "b1"}, {"id": "b2"}]},
-            {"id": "c"},
-        ],
-    },
-}
 Z = [1.0, 0.5, -0.5, 0.2, -1.0, 0.3]
 
 
