@@ -125,6 +125,7 @@ RULES: dict[str, Rule] = {
     "supervision.unmapped": _choices("error", "unlabelled"),
     "supervision.labelled_fraction": PROBABILITY,
     "supervision.balance": _choices("none", "class", "branch"),
+    "supervision.crops": _choices("all", "unmasked"),
     "supervision.start_iteration": NON_NEGATIVE,
     "crops.global_crops_size": POSITIVE_INT,
     "crops.global_crops_scale": Rule(low=0, high=1, low_open=True, ordered=True),

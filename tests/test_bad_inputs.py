@@ -137,6 +137,7 @@ def test_the_schema_tables_name_real_keys_and_the_codes_own_choices():
     from dinov2_hier.models.vision_transformer import (
         _FFN_LAYERS, DROP_PATH_MODES, DROP_PATH_SCHEDULES, RESIDUAL_STREAMS, _factories,
     )
+    from dinov2_hier.train.meta_arch import SUPERVISED_CROPS
     from dinov2_hier.train.parallel import _DTYPES, COMPILE_MODES, PARALLEL_MODES
 
     defaults = dict(leaf_keys(OmegaConf.load(PROJECT_ROOT / "configs" / "default.yaml")))
@@ -148,6 +149,7 @@ def test_the_schema_tables_name_real_keys_and_the_codes_own_choices():
         "compute.residual_stream": RESIDUAL_STREAMS, "compute.compile": COMPILE_MODES,
         "compute.parallel": PARALLEL_MODES, "crops.photometric": PHOTOMETRIC_MODES,
         "dino.centering": _CENTERINGS, "ibot.centering": _CENTERINGS, "supervision.balance": BALANCE_MODES,
+        "supervision.crops": SUPERVISED_CROPS,
     }
     for key, choices in code.items():
         assert set(RULES[key].choices) == set(choices), key

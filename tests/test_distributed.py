@@ -554,8 +554,8 @@ def _scalars(output: tuple[dict, dict]) -> dict[str, float]:
     return {k: v.item() for k, v in {**losses, **stats}.items()}
 
 
-@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
-def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
+@pytest.mark.parametrize("centering, supervised_crops", [("sinkhorn_knopp", "all"), ("softmax", "unmasked")])
+def test_step_forward_traces_as_one_graph(tiny_overrides, centering, supervised_crops):
     """compute.compile=forward pays off only if the whole forward is one graph: no host
     synchronisation (e.g. on the masked-patch count) and no data-dependent shape. Dynamo's
     fullgraph trace (backend "eager": no code generation) fails on any graph break."""
@@ -567,7 +567,7 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering):
     cfg = load_config(None, tiny_overrides + [
         "supervision.hierarchy=hierarchies/synthetic.json",
         "supervision.losses=[{name: hierce, hidden_dim: 32}, {name: hiersupcon, projection_dim: 16, hidden_dim: 32}]",
-        f"dino.centering={centering}", f"ibot.centering={centering}",
+        f"dino.centering={centering}", f"ibot.centering={centering}", f"supervision.crops={supervised_crops}",
     ])
     hierarchy = Hierarchy.from_json("hierarchies/synthetic.json")
     torch.manual_seed(0)
@@ -651,3 +651,42 @@ def test_drop_path_schedule_from_the_config_and_from_configs_saved_before_it(tin
     del saved["student"]["drop_path_schedule"]
     old = build_backbone_from_config(OmegaConf.create(saved))
     assert [b.drop_path.rate for b in old.blocks] == pytest.approx(linear)
+
+
+# ------------------------------------------------------------------------------------------
+# supervision.crops=unmasked: per-crop targets gathered in the tokens' order
+# ------------------------------------------------------------------------------------------
+
+def _gather_worker(rank: int, port: int, out_dir: str) -> None:
+    from dinov2_hier.train.meta_arch import gather_crop_major
+
+    torch.set_num_threads(1)
+    _clean_launch_env()
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        n = 2 + rank  # rank 0: 2 images, rank 1: 3 (uneven batches)
+        # Token row value = 100 * rank + row; per-row target = 10 * rank + row.
+        tokens = (100 * rank + torch.arange(2 * n, dtype=torch.float32)).unsqueeze(1).repeat(1, 2)
+        per_row = 10 * rank + torch.arange(2 * n)
+        gathered_tokens, gathered_targets = gather_crop_major(tokens, per_row)
+        _, per_image = gather_crop_major(tokens, per_row[:n])
+        (Path(out_dir) / f"gather_{rank}.json").write_text(json.dumps({
+            "tokens": gathered_tokens[:, 0].tolist(), "per_row": gathered_targets.tolist(),
+            "per_image": per_image.tolist()}))
+        distributed.settle_before_destroy()
+    finally:
+        distributed.destroy_distributed()
+
+
+def test_per_crop_targets_gather_in_the_order_of_the_tokens(tmp_path):
+    """Rank 0 holds 2 images (rows 0-3), rank 1 holds 3 (rows 0-5): the global crop-major
+    batch is crop 0 of r0 (0, 1), crop 0 of r1 (100, 101, 102), crop 1 of r0 (2, 3), crop 1
+    of r1 (103, 104, 105); per-row targets follow the same order, per-image ones stay [5]."""
+    _spawn(_gather_worker, (free_ports(1)[0], str(tmp_path)))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"gather_{rank}.json").read_text())
+        assert got["tokens"] == [0, 1, 100, 101, 102, 2, 3, 103, 104, 105]
+        assert got["per_row"] == [0, 1, 10, 11, 12, 2, 3, 13, 14, 15]
+        assert got["per_image"] == [0, 1, 10, 11, 12]

@@ -396,3 +396,39 @@ def test_supervision_start_iteration_freezes_the_supervised_terms_until_then(tmp
         assert r["loss_hierce"] > 0  # computed and logged either way
         expected = ssl + r["supervision_weight"] * r["loss_hierce"]
         assert r["loss_total"] == pytest.approx(expected, rel=1e-4), r["iteration"]
+
+
+def test_supervision_crops_unmasked_gives_the_terms_only_the_unmasked_crops(tiny_overrides):
+    """supervision.crops=unmasked: the supervised term sees every crop's CLS token with the
+    iBOT-masked crops' targets set to -1, so its loss is the loss of the unmasked labelled
+    rows alone (hand-filtered here); with crops=all it is the loss over every labelled row."""
+    from bench.train_step import synthetic_batch
+    from dinov2_hier.hierarchy import Hierarchy
+    from dinov2_hier.train.meta_arch import SSLMetaArch
+
+    hierarchy = Hierarchy.from_json("hierarchies/synthetic.json")
+    results = {}
+    for crops in ("all", "unmasked"):
+        cfg = load_config(None, tiny_overrides + [
+            "supervision.hierarchy=hierarchies/synthetic.json",
+            "supervision.losses=[{name: hierce, head: linear, alpha: 0.5}]", f"supervision.crops={crops}"])
+        torch.manual_seed(0)
+        model = SSLMetaArch(cfg, hierarchy)
+        batch = synthetic_batch(cfg, torch.device("cpu"), hierarchy.num_leaves)
+        batch["targets"][0] = -1  # one unlabelled image
+        seen = {}
+        term = model.supervised["hierce"]
+        original = term.loss
+        term.loss = lambda tokens, targets: seen.update(tokens=tokens, targets=targets) or original(tokens, targets)
+        losses, _ = model(batch, 0.07)
+        results[crops] = (losses["hierce"].item(), seen, batch, term)
+    (loss_all, seen_all, batch, term), (loss_unmasked, seen, _, _) = results["all"], results["unmasked"]
+    masked = batch["masks"].any(dim=1)
+    assert 0 < int(masked.sum()) < masked.numel()
+    expected_targets = torch.where(masked, -1, batch["targets"].repeat(2))
+    assert torch.equal(seen["targets"], expected_targets)
+    assert torch.equal(seen_all["targets"], batch["targets"].repeat(2))
+    keep = expected_targets >= 0
+    by_hand = term.criterion(term.head(seen["tokens"][keep]), expected_targets[keep]).item()
+    assert loss_unmasked == pytest.approx(by_hand, rel=1e-6)
+    assert abs(loss_unmasked - loss_all) > 1e-4

@@ -3,7 +3,8 @@
 Each :class:`SupervisedTerm` is called by ``train/meta_arch.py`` as
 ``term(cls_tokens [2B, D], targets [B])``: the CLS tokens of both global crops,
 crop-major (``[:B]`` crop 0 of every image, ``[B:]`` crop 1), and one node index per
-image (``-1`` = unlabelled); the targets apply to both crops. Classification terms
+image (``-1`` = unlabelled); the targets apply to both crops (or ``targets [2B]``, one
+per crop row, when some crops are left out). Classification terms
 therefore average over ``2B`` rows; contrastive terms treat the ``2B`` crops as ``2B``
 samples, so the two views of a labelled image are positives of each other (as in SupCon).
 
@@ -100,17 +101,23 @@ class SupervisedTerm(nn.Module):
         self.embed_dim = embed_dim
 
     def forward(self, cls_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``cls_tokens [2B, D]`` crop-major, ``targets [B]`` node indices (``-1`` unlabelled) -> scalar."""
+        """``cls_tokens [2B, D]`` crop-major and node indices (``-1`` unlabelled) -> scalar.
+
+        ``targets`` is ``[B]`` (one per image, applied to both crops) or ``[2B]`` (one per
+        crop row, crop-major: how ``supervision.crops=unmasked`` leaves masked crops out).
+        """
         check_2d("cls_tokens", cls_tokens, self.embed_dim)
         if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
             raise LossInputError(f"targets must be a 1-D tensor [B], got {getattr(targets, 'shape', targets)!r}")
-        if cls_tokens.shape[0] != 2 * targets.shape[0]:
+        n_rows = cls_tokens.shape[0]
+        if n_rows % 2 or targets.shape[0] not in (n_rows // 2, n_rows):
             raise LossInputError(
                 f"cls_tokens must hold 2B rows (two crops per image, crop-major) for B={targets.shape[0]} "
-                f"targets, got {cls_tokens.shape[0]} rows"
+                f"targets (or one target per row), got {n_rows} rows"
             )
+        targets = targets.to(cls_tokens.device)
         # Crop-major rows: the same label sequence for crop 0 and crop 1.
-        return self.loss(cls_tokens, targets.to(cls_tokens.device).repeat(2))
+        return self.loss(cls_tokens, targets if targets.shape[0] == n_rows else targets.repeat(2))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``tokens [n, D]``, ``targets [n]`` (already one per row) -> scalar."""

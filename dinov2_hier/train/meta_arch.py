@@ -42,6 +42,9 @@ class TeacherTargets:
     cls_tokens: Tensor
 
 
+#: ``supervision.crops``: which global crops' CLS tokens the supervised terms see.
+SUPERVISED_CROPS = ("all", "unmasked")
+
 #: At most this many masked patches (evenly strided) enter the iBOT diagnostics: their
 #: entropies cost a pass over [rows, K] each, which over all M rows would slow a ViT-S step.
 DIAGNOSTIC_PATCH_ROWS = 1024
@@ -157,6 +160,8 @@ class SSLMetaArch(nn.Module):
         # Student-side supervised heads: optimised with the student, not part of the EMA teacher.
         self.supervised, self.supervised_weights = build_supervised_heads(cfg, hierarchy, embed_dim)
         self.contrast_across_ranks = bool(cfg.supervision.contrast_across_ranks)
+        # Configs saved before supervision.crops existed gave the terms every crop.
+        self.supervise_unmasked_only = _choice(cfg, "supervision.crops", SUPERVISED_CROPS, if_absent="all") == "unmasked"
 
     # -- modes --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "SSLMetaArch":
@@ -222,7 +227,9 @@ class SSLMetaArch(nn.Module):
             batch: collated batch on the model's device: ``global_crops [2B,3,S,S]``,
                 ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]``
                 (0 on the padding of the fixed-size masked-patch buffer) and,
-                for supervised terms, ``targets long [B]`` (``-1`` = unlabelled) and
+                for supervised terms, ``targets long [B]`` (``-1`` = unlabelled; with
+                ``supervision.crops=unmasked`` the terms see only the crops without an
+                iBOT mask: masked crops' rows count as unlabelled) and
                 optionally ``supervision_weight`` (a Python float, default 1.0, from
                 ``supervision.start_iteration``: 0.0 before it) multiplying every
                 supervised term's weight in ``total``. At 0 the terms are still computed
@@ -283,13 +290,17 @@ class SSLMetaArch(nn.Module):
 
         gathered: tuple[Tensor, Tensor] | None = None
         supervision_weight = float(batch.get("supervision_weight", 1.0))
+        supervised_targets = batch.get("targets")
+        if self.supervised and self.supervise_unmasked_only and masks is not None:
+            # One target per crop row; crops carrying an iBOT mask count as unlabelled.
+            supervised_targets = torch.where(masks.any(dim=1), -1, supervised_targets.repeat(2))
         for name, term in self.supervised.items():
             if isinstance(term, CONTRASTIVE_TERMS) and self.contrast_across_ranks and distributed.get_world_size() > 1:
                 if gathered is None:
-                    gathered = gather_crop_major(cls_tokens, batch["targets"])
+                    gathered = gather_crop_major(cls_tokens, supervised_targets)
                 losses[name] = term(*gathered)
             else:
-                losses[name] = term(cls_tokens, batch["targets"])
+                losses[name] = term(cls_tokens, supervised_targets)
             total = total + supervision_weight * self.supervised_weights.get(name, 1.0) * losses[name]
 
         losses["total"] = total
@@ -330,15 +341,22 @@ def gather_crop_major(cls_tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tens
 
     Args:
         cls_tokens: ``[2B_r, D]`` this rank's tokens, crop-major (``B_r`` may differ per rank).
-        targets: ``long [B_r]``.
+        targets: ``long [B_r]`` (one per image) or ``[2B_r]`` (one per crop row, crop-major).
     Returns:
         ``tokens [2 * sum_r B_r, D]`` ordered crop 0 of rank 0's images, crop 0 of rank 1's,
         ..., then crop 1 in the same image order, and ``targets [sum_r B_r]`` in that image
-        order: exactly the batch one process would see with the ranks' batches concatenated.
+        order (per-row targets: ``[2 * sum_r B_r]`` in the tokens' order): exactly the batch one process would see with the ranks' batches concatenated.
         The tokens keep their autograd graph: each rank's gradient is summed over all ranks.
     """
-    sizes = distributed.gather_sizes(targets.shape[0], cls_tokens.device)
+    sizes = distributed.gather_sizes(cls_tokens.shape[0] // 2, cls_tokens.device)
     token_parts = distributed.all_gather_rows(cls_tokens, [2 * n for n in sizes], differentiable=True)
-    target_parts = distributed.all_gather_rows(targets.to(cls_tokens.device), sizes)
-    tokens = torch.cat([p[:n] for p, n in zip(token_parts, sizes)] + [p[n:] for p, n in zip(token_parts, sizes)])
-    return tokens, torch.cat(target_parts)
+    tokens = _crop_major(token_parts, sizes)
+    if targets.shape[0] == cls_tokens.shape[0]:  # one target per crop row
+        target_parts = distributed.all_gather_rows(targets.to(cls_tokens.device), [2 * n for n in sizes])
+        return tokens, _crop_major(target_parts, sizes)
+    return tokens, torch.cat(distributed.all_gather_rows(targets.to(cls_tokens.device), sizes))
+
+
+def _crop_major(parts: list[Tensor], sizes: list[int]) -> Tensor:
+    """Each rank's crop-major ``[2 n_r, ...]`` rows -> crop 0 of all ranks, then crop 1."""
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)] + [p[n:] for p, n in zip(parts, sizes)])
