@@ -75,6 +75,19 @@ def test_batched_ops_equal_torchvision_per_image():
     assert torch.allclose(out, expected, atol=1e-5, rtol=0)
 
 
+def test_an_ambient_bf16_autocast_changes_nothing():
+    """Validation once augmented its batch inside the step's bf16 autocast: the blur of part
+    of the batch came out bf16 and writing it into the float32 rows failed (index_copy_).
+    The ops now run in float32 whatever the caller's autocast, with the same values."""
+    crops = torch.randint(0, 256, (8, 3, 14, 14), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    params = random_params(8, seed=3)
+    assert 0 < int((params["blur_sigma"] > 0).sum()) < 8  # a partly blurred batch
+    expected = apply_photometric(crops, params, MEAN, STD, 9)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = apply_photometric(crops, params, MEAN, STD, 9)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
 def test_every_jitter_order_equals_torchvision():
     # All 24 orders on the same crop with strong factors: applying op k at position pos to the
     # crops that chose it must compose in each crop's own order.

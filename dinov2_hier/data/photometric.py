@@ -293,6 +293,14 @@ def apply_photometric(
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops must be uint8 [N, 3, S, S], got {crops.dtype} {list(crops.shape)}")
     check_params(params, crops.shape[0])
+    # float32 whatever the caller's autocast: a bf16 blur written back into the float32
+    # rows of a partly blurred batch would fail (index_copy_ needs one dtype).
+    with torch.autocast(device_type=crops.device.type, enabled=False):
+        return _apply(crops, params, mean, std, blur_kernel_size)
+
+
+def _apply(crops: torch.Tensor, params: dict[str, torch.Tensor], mean: Sequence[float], std: Sequence[float],
+           blur_kernel_size: int) -> torch.Tensor:
     x = crops.to(torch.float32).div_(255.0)
     steps = _plan(params, blur_kernel_size)
     counts = [int(mask.sum()) for _, mask, _ in steps]

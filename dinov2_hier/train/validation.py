@@ -246,8 +246,11 @@ class ValidationPass:
             # A rank without a readable image cannot take part in the forward's collectives.
             if distributed.any_rank(n == 0, "cpu", self.host_group):
                 continue
+            # The batch moves (and, with crops.photometric=device, is augmented) outside
+            # autocast, as in the training step: the augmentation writes float32 rows.
+            batch = self.to_device(batch)
             with self.precision.autocast():
-                out = engine(self.to_device(batch), teacher_temp, False)
+                out = engine(batch, teacher_temp, False)
             losses = out[0] if isinstance(out, tuple) else out
             if names is None:
                 names = list(losses)
