@@ -11,7 +11,7 @@ or ``sync per step`` (files from before the step stopped waiting for the GPU, wh
 images/s include an idle gap per step that training no longer has). The ``residual``
 column is ``compute.residual_stream`` (``fp32`` for files written before the option); the
 ``options`` column names other step settings that are not the default
-(``student.drop_path_mode``), ``-`` when none is.
+(``student.drop_path_mode``, ``crops.local_crops_number``), ``-`` when none is.
 """
 from __future__ import annotations
 
@@ -60,9 +60,13 @@ def _residual(r: dict) -> str:
 
 
 def _options(r: dict) -> str:
-    """Non-default step settings; files written before ``drop_path_mode`` ran ``sample``."""
+    """Non-default step settings; files written before ``drop_path_mode`` ran ``sample``,
+    files written before ``crops.local_crops_number`` no local crops."""
     mode = r.get("drop_path_mode", "sample")
-    return "-" if mode == "sample" else f"drop path {mode}"
+    options = [] if mode == "sample" else [f"drop path {mode}"]
+    if r.get("local_crops_number"):
+        options.append(f"{r['local_crops_number']} local crops of {r['local_crops_size']} px")
+    return ", ".join(options) or "-"
 
 
 def _header(*columns: str) -> list[str]:

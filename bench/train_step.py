@@ -56,16 +56,27 @@ from dinov2_hier.train.schedules import build_schedules
 from dinov2_hier.train.step import train_step
 
 
+def _random_crops(augmentation, gen: torch.Generator, size: int, params: list, key: str, params_key: str) -> dict:
+    """``len(params)`` random crops of side ``size`` under ``key``: normalised floats, or with
+    ``crops.photometric=device`` uint8 pixels plus ``params``' rows under ``params_key``."""
+    if augmentation.photometric == "device":
+        crops = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen) for _ in params]
+        return {key: crops, params_key: photometric_params(params)}
+    return {key: [torch.randn(3, size, size, generator=gen) for _ in params]}
+
+
 def _synthetic_item(cfg, augmentation, gen: torch.Generator, draw_id: int) -> dict:
     """Random crops as a loader worker would send them: normalised floats, or with
-    ``crops.photometric=device`` uint8 pixels plus parameters drawn as the augmentation draws them."""
+    ``crops.photometric=device`` uint8 pixels plus parameters drawn as the augmentation draws
+    them; local crops too with ``crops.local_crops_number`` > 0."""
     s = cfg.crops.global_crops_size
     item = {"label": None, "dataset": None, "path": "", "draw_id": draw_id}
-    if augmentation.photometric == "device":
-        crops = [torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=gen) for _ in range(2)]
-        params = photometric_params(augmentation.sample_params(s, s, draw_id))
-        return {**item, "global_crops": crops, "photometric": params}
-    return {**item, "global_crops": [torch.randn(3, s, s, generator=gen), torch.randn(3, s, s, generator=gen)]}
+    item.update(_random_crops(augmentation, gen, s, augmentation.sample_params(s, s, draw_id),
+                              "global_crops", "photometric"))
+    if augmentation.local_crops_number:
+        item.update(_random_crops(augmentation, gen, augmentation.local_crops_size,
+                                  augmentation.sample_local_params(s, s, draw_id), "local_crops", "local_photometric"))
+    return item
 
 
 def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0, rank: int = 0) -> dict:
@@ -78,15 +89,17 @@ def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0, rank: int = 0)
     function only applies them).
     """
     b, s = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size
+    augmentation = build_augmentation(cfg)
     collator = GlobalCropsCollator(
         patch_grid(cfg), tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
         seed=cfg.seed, crop_size=s,
+        local_crops_number=augmentation.local_crops_number, local_crops_size=augmentation.local_crops_size,
     )
-    augmentation = build_augmentation(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     batch = collator([_synthetic_item(cfg, augmentation, gen, rank * b + i) for i in range(b)])
-    for key in ("global_crops", "masks", "mask_indices", "masks_weight"):
-        batch[key] = batch[key].to(device)
+    for key in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight"):
+        if key in batch:
+            batch[key] = batch[key].to(device)
     # Supervised terms see a random leaf per image (leaves come first in node-index order).
     batch["targets"] = torch.randint(0, n_leaves, (b,), generator=gen).to(device) if n_leaves else torch.full(
         (b,), -1, dtype=torch.long, device=device
@@ -325,6 +338,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         "photometric": str(cfg.crops.photometric),
         "residual_stream": str(cfg.compute.residual_stream),
         "drop_path_mode": str(cfg.student.drop_path_mode),
+        "local_crops_number": augmentation.local_crops_number,
+        "local_crops_size": augmentation.local_crops_size,
         "images_per_s_per_rank": [r["images_per_s"] for r in per_rank],
         "peak_mem_gib_per_rank": [r["peak_mem_gib"] for r in per_rank],
     }

@@ -129,6 +129,10 @@ RULES: dict[str, Rule] = {
     "supervision.start_iteration": NON_NEGATIVE,
     "crops.global_crops_size": POSITIVE_INT,
     "crops.global_crops_scale": Rule(low=0, high=1, low_open=True, ordered=True),
+    "crops.local_crops_number": NON_NEGATIVE,          # 0 = no local crops
+    "crops.local_crops_size": POSITIVE_INT,
+    # Independent of global_crops_scale (DINOv2 does not relate the two ranges either).
+    "crops.local_crops_scale": Rule(low=0, high=1, low_open=True, ordered=True),
     "crops.hflip_p": PROBABILITY,
     "crops.vflip_p": PROBABILITY,
     "crops.rot90_p": PROBABILITY,

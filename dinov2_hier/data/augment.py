@@ -1,4 +1,4 @@
-"""Global-crop augmentations (DINOv2 recipe, two global crops, no local crops) and an eval transform.
+"""Crop augmentations of the DINOv2 recipe (two global crops, optional local crops) and an eval transform.
 
 Randomness is a pure function of ``(seed, draw_id)``: every random parameter is drawn
 from a private ``torch.Generator`` and the ops are applied through torchvision's
@@ -6,7 +6,7 @@ functional API (geometry) and :mod:`.photometric` with those parameters. torchvi
 transform *classes* draw from the global torch RNG, whose state differs between loader
 workers and after a resume, so they are not used. The global RNG is never touched.
 
-Pipeline per crop (crop ``i`` of 2; per-crop probabilities are pairs):
+Pipeline per global crop (crop ``i`` of 2; per-crop probabilities are pairs):
 
 1. random resized crop of ``scale`` x image area with aspect ratio in ``ratio``,
    resized to ``crop_size`` (PIL, ``interpolation``, antialiased);
@@ -19,11 +19,19 @@ Pipeline per crop (crop ``i`` of 2; per-crop probabilities are pairs):
 5. solarize at 128 (``solarize_p[i]``);
 6. to float in [0, 1], normalise with ``mean``/``std``.
 
+Local crops (``local_crops_number`` > 0, DINOv2's multi-crop; none by default): each is a
+random resized crop of ``local_crops_scale`` x image area resized to ``local_crops_size``,
+with the global crops' flips, quarter turns, colour jitter and grey, Gaussian blur with
+probability :data:`LOCAL_BLUR_P` and no solarize. Their parameters come from a generator
+of their own, seeded with ``(seed, draw_id,`` :data:`LOCAL_CROPS_STREAM` ``)``: the global
+crops of a draw are the same with or without local crops.
+
 Steps 1-2 (geometry) always run in the loader worker, on PIL images and uint8 tensors.
 Steps 3-6 (photometric) run batched in float32 through
 :func:`~dinov2_hier.data.photometric.apply_photometric`, either in the worker on the
-image's two crops (``photometric="loader"``) or later on the training device on the
-whole batch (``photometric="device"``: the item carries uint8 crops and the parameters).
+image's crops (``photometric="loader"``) or later on the training device on the whole
+batch (``photometric="device"``: the item carries uint8 crops and the parameters; the
+local crops, of another size, as a tensor and parameter rows of their own).
 """
 from __future__ import annotations
 
@@ -45,6 +53,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Where the photometric ops run: in the loader worker, or on the training device.
 PHOTOMETRIC_MODES = ("loader", "device")
+
+#: Gaussian blur probability of a local crop (DINOv2's ``GaussianBlur(p=0.5)``).
+LOCAL_BLUR_P = 0.5
+#: Third seed component of the local crops' generator, ``(seed, draw_id, LOCAL_CROPS_STREAM)``
+#: ("local" in ASCII): a stream apart from the global crops' ``(seed, draw_id)``.
+LOCAL_CROPS_STREAM = int.from_bytes(b"local", "big")
 
 
 _PIL_RESAMPLE = {
@@ -115,6 +129,14 @@ def _check_range(value: Sequence[float], name: str, low: float) -> tuple[float, 
     return lo, hi
 
 
+def _check_area_scale(value: Sequence[float], name: str) -> tuple[float, float]:
+    """A RandomResizedCrop area range: ``(lo, hi)`` with ``0 < lo <= hi <= 1``."""
+    lo, hi = _check_range(value, name, 0.0)
+    if hi > 1.0 or lo <= 0.0:
+        raise AugmentationConfigError(f"{name} must lie in (0, 1], got {value}")
+    return lo, hi
+
+
 def _interpolation(name: str) -> InterpolationMode:
     try:
         mode = InterpolationMode(name.lower())
@@ -144,7 +166,8 @@ class _Draw:
 
 
 class GlobalCropsAugmentation:
-    """Two augmented global crops of a PIL image, a pure function of ``(seed, draw_id)``.
+    """Two augmented global crops (and ``local_crops_number`` local crops) of a PIL image,
+    a pure function of ``(seed, draw_id)``.
 
     With ``photometric="loader"`` (default):
     ``__call__(image, draw_id) -> {"global_crops": [Tensor[3,S,S], Tensor[3,S,S]]}``,
@@ -155,6 +178,11 @@ class GlobalCropsAugmentation:
     params}``, the crops after geometry only and their photometric parameters (rows
     ``[2, ...]``, see :mod:`.photometric`); :meth:`photometric_batch` finishes a collated
     batch of them on the training device, with the same result as the loader path.
+
+    With ``local_crops_number = n > 0`` the dict also holds ``"local_crops"``: ``n``
+    crops ``[3, s, s]`` (``s = local_crops_size``), float32 normalised, or uint8 with their
+    parameter rows ``[n, ...]`` as ``"local_photometric"`` in device mode. With ``n = 0``
+    neither key is there and nothing about the global crops changes.
 
     The photometric ops used to run on uint8 tensors (rounding to integers after every
     op); since both modes share the float32 implementation, loader-mode crops differ
@@ -188,13 +216,22 @@ class GlobalCropsAugmentation:
         seed: int = 0,
         photometric: str = "loader",
         reduced_decode: bool = False,
+        local_crops_number: int = 0,
+        local_crops_size: int = 98,
+        local_crops_scale: Sequence[float] = (0.05, 0.32),
     ) -> None:
         if crop_size < 1:
             raise AugmentationConfigError(f"crop_size must be >= 1, got {crop_size}")
         self.crop_size = int(crop_size)
-        self.scale = _check_range(scale, "scale", 0.0)
-        if self.scale[1] > 1.0 or self.scale[0] <= 0.0:
-            raise AugmentationConfigError(f"scale must lie in (0, 1], got {scale}")
+        self.scale = _check_area_scale(scale, "scale")
+        if isinstance(local_crops_number, bool) or not isinstance(local_crops_number, int) or local_crops_number < 0:
+            raise AugmentationConfigError(f"local_crops_number must be an integer >= 0, got {local_crops_number!r}")
+        self.local_crops_number = int(local_crops_number)
+        if local_crops_size < 1:
+            raise AugmentationConfigError(f"local_crops_size must be >= 1, got {local_crops_size}")
+        self.local_crops_size = int(local_crops_size)
+        # Not related to ``scale``: DINOv2 lets the two ranges overlap or leave a gap.
+        self.local_crops_scale = _check_area_scale(local_crops_scale, "local_crops_scale")
         self.ratio = _check_range(ratio, "ratio", 1e-6)
         self.hflip_p = _check_probability(hflip_p, "hflip_p")
         self.vflip_p = _check_probability(vflip_p, "vflip_p")
@@ -227,20 +264,22 @@ class GlobalCropsAugmentation:
         if not isinstance(reduced_decode, bool):
             raise AugmentationConfigError(f"reduced_decode must be true or false, got {reduced_decode!r}")
         self.reduced_decode = reduced_decode
-        # (width, height, draw_id) -> parameters of the last image: decode_size and
-        # __call__ of one item need the same draws (a pure function, memoised once).
-        self._last_params: tuple[tuple[int, int, int], list[CropParams]] | None = None
+        # (width, height, draw_id) -> parameters (global, local) of the last image: decode_size
+        # and __call__ of one item need the same draws (a pure function, memoised once).
+        self._last_params: tuple[tuple[int, int, int], tuple[list[CropParams], list[CropParams]]] | None = None
 
     # -- parameters ---------------------------------------------------------------------
 
-    def _crop_box(self, draw: _Draw, width: int, height: int) -> tuple[int, int, int, int]:
+    def _crop_box(
+        self, draw: _Draw, width: int, height: int, scale: tuple[float, float]
+    ) -> tuple[int, int, int, int]:
         """Random box (top, left, h, w) covering a ``scale`` fraction of the area with an
         aspect ratio (w/h) in ``ratio``; falls back to the largest centred box whose ratio
         is clamped into ``ratio`` when 10 tries do not fit (thin images, scale near 1)."""
         area = width * height
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
-            target = area * draw.uniform(*self.scale)
+            target = area * draw.uniform(*scale)
             aspect = math.exp(draw.uniform(log_lo, log_hi))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
@@ -258,46 +297,63 @@ class GlobalCropsAugmentation:
         h, w = max(1, min(h, height)), max(1, min(w, width))
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def sample_params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
-        """The random parameters of both crops of a ``width`` x ``height`` image at ``draw_id``."""
-        draw = _Draw(torch_generator(self.seed, int(draw_id)))
-        params = []
-        for i in range(self.n_crops):
-            top, left, h, w = self._crop_box(draw, width, height)
-            hflip = draw.bernoulli(self.hflip_p)
-            vflip = draw.bernoulli(self.vflip_p)
-            rot90_k = draw.integer(1, 4) if draw.bernoulli(self.rot90_p) else 0
-            jitter = None
-            if draw.bernoulli(self.color_jitter_p):
-                order = tuple(int(j) for j in torch.randperm(4, generator=draw.g))
-                jitter = ColorJitterParams(
-                    order=order,
-                    brightness=draw.uniform(1 - self.brightness, 1 + self.brightness),
-                    contrast=draw.uniform(1 - self.contrast, 1 + self.contrast),
-                    saturation=draw.uniform(1 - self.saturation, 1 + self.saturation),
-                    hue=draw.uniform(-self.hue, self.hue),
-                )
-            grayscale = draw.bernoulli(self.grayscale_p)
-            blur_sigma = draw.uniform(*self.blur_sigma) if draw.bernoulli(self.blur_p[i]) else None
-            solarize = draw.bernoulli(self.solarize_p[i])
-            params.append(
-                CropParams(top, left, h, w, hflip, vflip, rot90_k, jitter, grayscale, blur_sigma, solarize)
+    def _sample_crop(
+        self, draw: _Draw, width: int, height: int, scale: tuple[float, float], blur_p: float, solarize_p: float
+    ) -> CropParams:
+        """One crop's parameters, drawn in a fixed order (box, flips, turn, jitter, grey, blur, solarize)."""
+        top, left, h, w = self._crop_box(draw, width, height, scale)
+        hflip = draw.bernoulli(self.hflip_p)
+        vflip = draw.bernoulli(self.vflip_p)
+        rot90_k = draw.integer(1, 4) if draw.bernoulli(self.rot90_p) else 0
+        jitter = None
+        if draw.bernoulli(self.color_jitter_p):
+            order = tuple(int(j) for j in torch.randperm(4, generator=draw.g))
+            jitter = ColorJitterParams(
+                order=order,
+                brightness=draw.uniform(1 - self.brightness, 1 + self.brightness),
+                contrast=draw.uniform(1 - self.contrast, 1 + self.contrast),
+                saturation=draw.uniform(1 - self.saturation, 1 + self.saturation),
+                hue=draw.uniform(-self.hue, self.hue),
             )
-        return params
+        grayscale = draw.bernoulli(self.grayscale_p)
+        blur_sigma = draw.uniform(*self.blur_sigma) if draw.bernoulli(blur_p) else None
+        solarize = draw.bernoulli(solarize_p)
+        return CropParams(top, left, h, w, hflip, vflip, rot90_k, jitter, grayscale, blur_sigma, solarize)
 
-    def _params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
-        """:meth:`sample_params`, computed once per image when :meth:`decode_size` asked first."""
+    def sample_params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
+        """The random parameters of both global crops of a ``width`` x ``height`` image at ``draw_id``."""
+        draw = _Draw(torch_generator(self.seed, int(draw_id)))
+        return [
+            self._sample_crop(draw, width, height, self.scale, self.blur_p[i], self.solarize_p[i])
+            for i in range(self.n_crops)
+        ]
+
+    def sample_local_params(self, width: int, height: int, draw_id: int) -> list[CropParams]:
+        """The random parameters of the ``local_crops_number`` local crops (box in
+        ``local_crops_scale``, blur with :data:`LOCAL_BLUR_P`, no solarize), from their own
+        generator: :meth:`sample_params` of the same draw is unaffected."""
+        draw = _Draw(torch_generator(self.seed, int(draw_id), LOCAL_CROPS_STREAM))
+        return [
+            self._sample_crop(draw, width, height, self.local_crops_scale, LOCAL_BLUR_P, 0.0)
+            for _ in range(self.local_crops_number)
+        ]
+
+    def _params(self, width: int, height: int, draw_id: int) -> tuple[list[CropParams], list[CropParams]]:
+        """(:meth:`sample_params`, :meth:`sample_local_params`), computed once per image when
+        :meth:`decode_size` asked first; no local draws without local crops."""
         key = (int(width), int(height), int(draw_id))
         if self._last_params is None or self._last_params[0] != key:
-            self._last_params = (key, self.sample_params(*key))
+            local = self.sample_local_params(*key) if self.local_crops_number else []
+            self._last_params = (key, (self.sample_params(*key), local))
         return self._last_params[1]
 
     # -- application --------------------------------------------------------------------
 
     def decode_size(self, width: int, height: int, draw_id: int) -> tuple[int, int] | None:
-        """The smallest decoded size of a ``width`` x ``height`` image that still gives both
-        crops of ``draw_id`` at least ``crop_size`` source pixels on each side, when that is
-        at most half the full size; None otherwise or when ``reduced_decode`` is off.
+        """The smallest decoded size of a ``width`` x ``height`` image that still gives every
+        crop of ``draw_id`` at least its output size (``crop_size``, ``local_crops_size``) in
+        source pixels on each side, when that is at most half the full size; None otherwise
+        or when ``reduced_decode`` is off.
 
         A JPEG decoder can scale by 1/2, 1/4 or 1/8 while decoding (``PIL.Image.draft``),
         which is several times cheaper than decoding at full size and downscaling after.
@@ -305,28 +361,34 @@ class GlobalCropsAugmentation:
         """
         if not self.reduced_decode:
             return None
-        factor = min(min(p.height, p.width) for p in self._params(width, height, draw_id)) / self.crop_size
+        global_params, local_params = self._params(width, height, draw_id)
+        factor = min(min(p.height, p.width) for p in global_params) / self.crop_size
+        if local_params:
+            factor = min(factor, min(min(p.height, p.width) for p in local_params) / self.local_crops_size)
         if factor < 2.0:
             return None
         return math.ceil(width / factor), math.ceil(height / factor)
 
-    def geometry(self, image: Image.Image, p: CropParams, source_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Resized crop, flips and quarter turns of one crop: uint8 ``[3, S, S]``.
+    def geometry(
+        self, image: Image.Image, p: CropParams, source_size: tuple[int, int] | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """Resized crop, flips and quarter turns of one crop: uint8 ``[3, S, S]``,
+        ``S = size`` (default ``crop_size``; ``local_crops_size`` for a local crop).
 
         ``source_size``: the full size the crop box ``p`` refers to, when ``image`` was
         decoded at a reduced size (:meth:`decode_size`); the box is then scaled to it.
         """
-        size = [self.crop_size, self.crop_size]
+        side = self.crop_size if size is None else int(size)
         if source_size is None or tuple(source_size) == image.size:
             # Crop and resize in PIL (fast, antialiased), then work on uint8 tensors.
             cropped = TF.resized_crop(
-                image, p.top, p.left, p.height, p.width, size, interpolation=self.interpolation, antialias=True
+                image, p.top, p.left, p.height, p.width, [side, side], interpolation=self.interpolation, antialias=True
             )
         else:
             sx, sy = image.width / source_size[0], image.height / source_size[1]
             box = (p.left * sx, p.top * sy, (p.left + p.width) * sx, (p.top + p.height) * sy)
             # PIL resamples a sub-pixel box directly (antialiased like the path above).
-            cropped = image.resize((self.crop_size, self.crop_size), _PIL_RESAMPLE[self.interpolation], box=box)
+            cropped = image.resize((side, side), _PIL_RESAMPLE[self.interpolation], box=box)
         x = TF.pil_to_tensor(cropped)  # uint8 [3, S, S]
         if p.hflip:
             x = x.flip(-1)
@@ -352,12 +414,20 @@ class GlobalCropsAugmentation:
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = source_size if source_size is not None else image.size
-        params = self._params(width, height, draw_id)
-        crops = torch.stack([self.geometry(image, p, source_size) for p in params])
+        global_params, local_params = self._params(width, height, draw_id)
+        crops = torch.stack([self.geometry(image, p, source_size) for p in global_params])
+        item = self._finish(crops, global_params, "global_crops", "photometric")
+        if local_params:
+            local = torch.stack([self.geometry(image, p, source_size, self.local_crops_size) for p in local_params])
+            item.update(self._finish(local, local_params, "local_crops", "local_photometric"))
+        return item
+
+    def _finish(self, crops: torch.Tensor, params: list[CropParams], key: str, params_key: str) -> dict:
+        """``{key: crops}`` normalised (loader mode), or uint8 with ``{params_key: rows}`` (device mode)."""
         photometric = photometric_params(params)
         if self.photometric == "device":
-            return {"global_crops": list(crops.unbind(0)), "photometric": photometric}
-        return {"global_crops": list(self.photometric_batch(crops, photometric).unbind(0))}
+            return {key: list(crops.unbind(0)), params_key: photometric}
+        return {key: list(self.photometric_batch(crops, photometric).unbind(0))}
 
 
 class EvalTransform:

@@ -14,15 +14,29 @@ class CollateError(ValueError):
     """An item lacks a field the collator needs or has crops of the wrong shape."""
 
 
-def _photometric_field(ok: Sequence[dict]) -> dict:
-    """``{"photometric": crop-major params}`` when the items carry photometric params
+def _photometric_field(ok: Sequence[dict], key: str = "photometric") -> dict:
+    """``{key: crop-major params}`` when the items carry photometric params under ``key``
     (``crops.photometric=device``), else ``{}``; a mix of both kinds is an error."""
-    carrying = sum("photometric" in item for item in ok)
+    carrying = sum(key in item for item in ok)
     if carrying == 0:
         return {}
     if carrying != len(ok):
-        raise CollateError(f"{carrying} of {len(ok)} items carry photometric params; all or none must")
-    return {"photometric": stack_photometric([item["photometric"] for item in ok])}
+        raise CollateError(f"{carrying} of {len(ok)} items carry {key} params; all or none must")
+    return {key: stack_photometric([item[key] for item in ok])}
+
+
+def _crop_major(ok: Sequence[dict], key: str, n: int, size: int | None) -> torch.Tensor:
+    """The items' ``n`` crops under ``key`` stacked crop-major: crop 0 of every item, then
+    crop 1, ...; their side must be ``size`` when given."""
+    for item in ok:
+        crops = item.get(key)
+        if crops is None or len(crops) != n:
+            have = 0 if crops is None else len(crops)
+            raise CollateError(f"item for '{item.get('path')}' has {have} {key.replace('_', ' ')}, expected {n}")
+    stacked = torch.stack([item[key][j] for j in range(n) for item in ok])
+    if size is not None and tuple(stacked.shape[-2:]) != (size, size):
+        raise CollateError(f"{key} are {tuple(stacked.shape[-2:])}, expected {size} x {size}")
+    return stacked
 
 
 class GlobalCropsCollator:
@@ -34,6 +48,11 @@ class GlobalCropsCollator:
       with ``crops.photometric=device`` items (uint8 crops plus ``photometric`` params)
       uint8, and ``photometric`` = their parameter rows stacked crop-major (``[2B, ...]``,
       see :mod:`~dinov2_hier.data.photometric`), applied later on the training device;
+    - only with ``local_crops_number = nL > 0``: ``local_crops`` float ``[nL*B, 3, s, s]``
+      (``s = local_crops_size``), crop-major like the global crops (local crop 0 of every
+      image, then local crop 1, ...), in device mode uint8 with ``local_photometric`` rows
+      ``[nL*B, ...]``; with ``nL = 0`` neither key exists (the batch is exactly as without
+      local crops). Local crops get no masks;
     - ``labels`` ``list[str|None]``, ``datasets`` ``list[str|None]``, ``paths`` ``list[str]``,
       ``draw_ids`` ``list[int]`` (length B);
     - ``masks`` bool ``[2B, N]``; ``mask_indices`` long ``[M]`` = flat indices of the masked
@@ -49,8 +68,9 @@ class GlobalCropsCollator:
     Masks are a pure function of ``(seed, draw_id of the first item received)``, so they do
     not depend on worker count or on which items of the batch were unreadable.
     An all-unreadable batch gives ``B = 0`` (``global_crops`` ``[0, 3, S, S]`` with
-    ``S = crop_size``, or 0 when ``crop_size`` is not given; float and without
-    ``photometric`` in either mode: there is nothing left to augment).
+    ``S = crop_size``, or 0 when ``crop_size`` is not given, and likewise ``local_crops``
+    ``[0, 3, s, s]`` when ``nL > 0``; float and without ``photometric`` in either mode:
+    there is nothing left to augment). Every item must carry exactly ``nL`` local crops.
     """
 
     def __init__(
@@ -61,12 +81,16 @@ class GlobalCropsCollator:
         seed: int = 0,
         crop_size: int | None = None,
         mask_generator: BlockMaskGenerator | None = None,
+        local_crops_number: int = 0,
+        local_crops_size: int | None = None,
     ) -> None:
         self.patch_grid = (int(patch_grid[0]), int(patch_grid[1]))
         self.mask_ratio = (float(mask_ratio[0]), float(mask_ratio[1]))
         self.mask_probability = float(mask_probability)
         self.seed = int(seed)
         self.crop_size = crop_size
+        self.local_crops_number = int(local_crops_number)
+        self.local_crops_size = local_crops_size
         self.mask_generator = mask_generator if mask_generator is not None else BlockMaskGenerator(self.patch_grid)
         # Validate the ratio range now rather than on the first batch.
         sample_masks(0, self.patch_grid, self.mask_ratio, self.mask_probability,
@@ -82,18 +106,20 @@ class GlobalCropsCollator:
         bad = [item for item in items if "error" in item]
         n_patches = self.patch_grid[0] * self.patch_grid[1]
 
+        local: dict = {}
         if ok:
-            for item in ok:
-                crops = item.get("global_crops")
-                if crops is None or len(crops) != 2:
-                    raise CollateError(f"item for '{item.get('path')}' needs exactly 2 global crops")
-            first, second = [item["global_crops"][0] for item in ok], [item["global_crops"][1] for item in ok]
-            global_crops = torch.stack(first + second)
-            if self.crop_size is not None and tuple(global_crops.shape[-2:]) != (self.crop_size, self.crop_size):
-                raise CollateError(f"crops are {tuple(global_crops.shape[-2:])}, expected crop_size {self.crop_size}")
+            global_crops = _crop_major(ok, "global_crops", 2, self.crop_size)
+            if self.local_crops_number:
+                local["local_crops"] = _crop_major(ok, "local_crops", self.local_crops_number, self.local_crops_size)
+                local.update(_photometric_field(ok, "local_photometric"))
+            elif any("local_crops" in item for item in ok):
+                raise CollateError("items carry local crops but the collator was built for none (local_crops_number=0)")
         else:
             s = self.crop_size or 0
             global_crops = torch.zeros((0, 3, s, s), dtype=torch.float32)
+            if self.local_crops_number:
+                s = self.local_crops_size or 0
+                local["local_crops"] = torch.zeros((0, 3, s, s), dtype=torch.float32)
 
         rng = np.random.default_rng([self.seed, int(items[0]["draw_id"])])
         masks_np = sample_masks(
@@ -125,4 +151,5 @@ class GlobalCropsCollator:
             "skipped": [item.get("path") for item in bad],
             "skipped_errors": [str(item["error"]) for item in bad],
             **_photometric_field(ok),
+            **local,
         }

@@ -6,8 +6,9 @@ An item is a dict (see docs/architecture.md)::
      "dataset": str|None, "path": str, "draw_id": int}
 
 (with ``crops.photometric=device``: uint8 crops and a ``"photometric"`` entry holding
-their augmentation parameters, see :class:`~dinov2_hier.data.augment.GlobalCropsAugmentation`)
-or, for a file that cannot be decoded, ``{"error": str, "path": str, "draw_id": int}``.
+their augmentation parameters, see :class:`~dinov2_hier.data.augment.GlobalCropsAugmentation`;
+with ``crops.local_crops_number`` > 0 also ``"local_crops"`` and, in device mode,
+``"local_photometric"``) or, for a file that cannot be decoded, ``{"error": str, "path": str, "draw_id": int}``.
 Returning error items instead of raising keeps a single corrupt file from killing a
 long run; the collator drops them and the training loop feeds their paths to a
 :class:`SkipCounter`, which aborts the run if too large a fraction is unreadable.

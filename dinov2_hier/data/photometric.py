@@ -1,7 +1,7 @@
 """Photometric augmentations of a batch of crops with per-crop parameters, on any device.
 
 One implementation serves both places where the ops can run (``crops.photometric``): a
-loader worker applies it to the two crops of one image, or the training loop applies it
+loader worker applies it to the crops of one image, or the training loop applies it
 to the whole collated batch on the GPU, where it costs far less than the ~75% of a
 worker's CPU time these ops take (colour jitter and blur dominate).
 
@@ -85,8 +85,9 @@ def photometric_params(crops: Sequence["CropParams"]) -> dict[str, torch.Tensor]
 
 
 def stack_photometric(per_image: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Parameters of ``B`` images (each with rows ``[2, ...]``, one per crop) -> rows
-    ``[2B, ...]`` in crop-major order (crop 0 of every image, then crop 1), like the crops."""
+    """Parameters of ``B`` images (each with rows ``[n, ...]``, one per crop: ``n = 2``
+    global or ``local_crops_number`` local crops) -> rows ``[nB, ...]`` in crop-major order
+    (crop 0 of every image, then crop 1, ...), like the crops."""
     return {key: torch.stack([p[key] for p in per_image], dim=1).flatten(0, 1) for key in PARAM_SHAPES}
 
 

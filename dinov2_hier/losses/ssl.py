@@ -1,6 +1,7 @@
-"""Self-supervised losses of the DINOv2 recipe with two global crops.
+"""Self-supervised losses of the DINOv2 recipe with two global crops (and optional local crops).
 
-* :class:`DINOLoss` -- image-level ([CLS]) distillation between *cross-view* pairs.
+* :class:`DINOLoss` -- image-level ([CLS]) distillation between *cross-view* pairs, plus
+  each local crop against both global crops when local crops are given.
 * :class:`iBOTPatchLoss` -- patch-level distillation on the student's masked patches.
 * :class:`KoLeoLoss` -- Kozachenko-Leonenko entropy regulariser that spreads features.
 
@@ -34,7 +35,8 @@ _CENTERINGS = ("sinkhorn_knopp", "softmax")
 def _soft_cross_entropy(
     student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float
 ) -> torch.Tensor:
-    """Per-row ``-sum_k t_k log_softmax(s / student_temp)_k``; two ``[n, K]`` -> ``[n]`` float32."""
+    """Per-row ``-sum_k t_k log_softmax(s / student_temp)_k``; two ``[n, K]`` -> ``[n]`` float32
+    (or any leading shapes that broadcast, e.g. ``[m, n, K]`` and ``[n, K]`` -> ``[m, n]``)."""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     return -(teacher_probs.float() * log_p).sum(dim=-1)
 
@@ -86,11 +88,14 @@ class _TeacherNormalisation(nn.Module):
 
 
 class DINOLoss(_TeacherNormalisation):
-    """DINO [CLS] loss over the two global crops, cross-view pairs only.
+    """DINO [CLS] loss over the two global crops, cross-view pairs only, and optionally
+    DINOv2's local crops (multi-crop).
 
     Rows are crop-major: ``[:B]`` is crop 0 of the ``B`` images, ``[B:]`` crop 1. The
     student's crop 0 is matched to the teacher's crop 1 and vice versa; matching a view
     with itself is excluded (the teacher sees the same crop, the task would be trivial).
+    The student's local crops (the teacher never sees them) are matched to both teacher
+    global crops of their image.
     """
 
     def __init__(
@@ -111,17 +116,31 @@ class DINOLoss(_TeacherNormalisation):
         """
         return self._normalise(teacher_logits, teacher_temp, valid=None)
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """Cross-view DINO loss.
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_probs: torch.Tensor,
+        local_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-view DINO loss, with the local-crop terms of DINOv2 when ``local_logits`` is given.
 
         Args:
             student_logits: ``[2B, K]`` student head outputs, crop-major.
             teacher_probs: ``[2B, K]`` targets from :meth:`teacher_probs`, crop-major
                 (treated as constants).
+            local_logits: optional ``[nL*B, K]`` student head outputs of ``nL`` local crops
+                per image, crop-major (local crop 0 of the ``B`` images, then local crop 1, ...).
 
         Returns:
-            float32 scalar: mean over the 2 cross-view pairs of the batch-mean
-            cross-entropy ``-sum_k t_k log_softmax(s / student_temp)_k``.
+            float32 scalar. With ``CE(s, t)`` the batch-mean cross-entropy
+            ``-sum_k t_k log_softmax(s / student_temp)_k`` of a pair of crops:
+
+            * without ``local_logits``: the mean over the 2 cross-view pairs,
+              ``(CE(s_0, t_1) + CE(s_1, t_0)) / 2``;
+            * with them (DINOv2's ``ssl_meta_arch``: every local crop against both teacher
+              global crops): ``(CE(s_0, t_1) + CE(s_1, t_0) + sum_{j < nL, c < 2}
+              CE(l_j, t_c)) / (2 + 2 nL)``, the mean over all ``2 + 2 nL`` terms; ``nL = 0``
+              (an empty ``[0, K]``) gives exactly the value without.
         """
         _check_logits_2d("student_logits", student_logits, self.out_dim)
         if teacher_probs.shape != student_logits.shape:
@@ -139,7 +158,20 @@ class DINOLoss(_TeacherNormalisation):
         swapped = torch.cat([teacher_probs[batch:], teacher_probs[:batch]], dim=0)
         per_row = _soft_cross_entropy(student_logits, swapped, self.student_temp)  # [2B]
         # Both pairs have B rows, so the mean of the two batch means is the mean of all rows.
-        return per_row.mean()
+        if local_logits is None:
+            return per_row.mean()
+        _check_logits_2d("local_logits", local_logits, self.out_dim)
+        if local_logits.shape[0] % batch != 0:
+            raise LossInputError(
+                f"local_logits must have nL*B rows (B={batch}, crop-major), got {local_logits.shape[0]}"
+            )
+        n_local = local_logits.shape[0] // batch
+        # CE is linear in the targets: CE(l, t_0) + CE(l, t_1) = CE(l, t_0 + t_1). Each local
+        # crop's [B, K] rows broadcast against the image's summed targets.
+        both = teacher_probs[:batch] + teacher_probs[batch:]  # [B, K]
+        local = _soft_cross_entropy(local_logits.unflatten(0, (n_local, batch)), both, self.student_temp)  # [nL, B]
+        # 2 * mean = the sum of the 2 cross-view batch means; local.sum() / B that of the 2 nL local ones.
+        return (2.0 * per_row.mean() + local.sum() / batch) / (2 + 2 * n_local)
 
 
 class iBOTPatchLoss(_TeacherNormalisation):  # noqa: N801 (name used by DINOv2 / the paper)

@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
@@ -67,7 +67,22 @@ def build_augmentation(cfg: DictConfig) -> GlobalCropsAugmentation:
         seed=cfg.seed,
         photometric=c.photometric,
         reduced_decode=c.reduced_decode,
+        **local_crops_settings(cfg),
     )
+
+
+def local_crops_settings(cfg: DictConfig) -> dict:
+    """The local-crop arguments of :class:`GlobalCropsAugmentation`: none (``{}``, no local
+    crops) when ``crops.local_crops_number`` is 0 or absent (a config saved before the key
+    existed), else number, size (checked to be a multiple of ``student.patch_size``) and scale."""
+    number = OmegaConf.select(cfg, "crops.local_crops_number", default=0)
+    if not number:
+        return {}
+    size, patch = cfg.crops.local_crops_size, cfg.student.patch_size
+    if size % patch:
+        raise ConfigError(f"crops.local_crops_size={size} is not a multiple of student.patch_size={patch}")
+    scale = tuple(cfg.crops.local_crops_scale)
+    return {"local_crops_number": number, "local_crops_size": size, "local_crops_scale": scale}
 
 
 def patch_grid(cfg: DictConfig) -> tuple[int, int]:
@@ -122,6 +137,8 @@ def build_train_data(cfg: DictConfig) -> TrainData:
         mask_probability=cfg.ibot.mask_sample_probability if cfg.ibot.loss_weight > 0 else 0.0,
         seed=cfg.seed,
         crop_size=cfg.crops.global_crops_size,
+        local_crops_number=transform.local_crops_number,
+        local_crops_size=transform.local_crops_size,
     )
     return TrainData(dataset=dataset, collator=collator, description=description, augmentation=transform)
 

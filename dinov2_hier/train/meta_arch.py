@@ -1,4 +1,5 @@
-"""Student, teacher and losses of the DINOv2 recipe with two global crops.
+"""Student, teacher and losses of the DINOv2 recipe with two global crops (and optional
+local crops, which only the student sees and only the DINO loss uses).
 
 ``SSLMetaArch.compute_losses`` is the one place where a training step's forward pass
 lives; the training loop, the benchmark and the SLURM job all call it.
@@ -226,7 +227,9 @@ class SSLMetaArch(nn.Module):
         Args:
             batch: collated batch on the model's device: ``global_crops [2B,3,S,S]``,
                 ``masks bool [2B,N]``, ``mask_indices long [M]``, ``masks_weight [M]``
-                (0 on the padding of the fixed-size masked-patch buffer) and,
+                (0 on the padding of the fixed-size masked-patch buffer), optionally
+                ``local_crops [nL*B,3,s,s]`` (crop-major; ``crops.local_crops_number``,
+                absent when 0: then nothing is computed for them) and,
                 for supervised terms, ``targets long [B]`` (``-1`` = unlabelled; with
                 ``supervision.crops=unmasked`` the terms see only the crops without an
                 iBOT mask: masked crops' rows count as unlabelled) and
@@ -262,7 +265,7 @@ class SSLMetaArch(nn.Module):
         cls_logits = dino_head.prototype_logits(cls_bottleneck)
 
         losses: dict[str, Tensor] = {}
-        losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs)
+        losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs, self._student_local_logits(batch))
         total = self.cfg.dino.loss_weight * losses["dino"]
         stats = {} if not with_stats else {
             "dino_teacher_entropy": diagnostics.mean_entropy(targets.cls_probs),
@@ -305,6 +308,23 @@ class SSLMetaArch(nn.Module):
 
         losses["total"] = total
         return losses, stats
+
+    def _student_local_logits(self, batch: dict) -> Tensor | None:
+        """The student's DINO-head logits ``[nL*B, K]`` of the batch's ``local_crops``
+        (crop-major, no masks; the backbone interpolates its position embeddings to their
+        smaller patch grid), or None when the batch has none. The teacher never sees them;
+        KoLeo, iBOT, the supervised terms and the diagnostics use the global crops only."""
+        local_crops = batch.get("local_crops")
+        if local_crops is None:
+            return None
+        if not torch.compiler.is_compiling():
+            # compute.compile=backbone: the student backbone compiles a second graph for the
+            # local crops' shape. Marked static, or automatic dynamic shapes would make that
+            # graph dynamic in batch and image size (which could then serve the global crops
+            # too). Under compute.compile=forward both shapes are in the one step graph.
+            torch._dynamo.mark_static(local_crops)
+        out = self.student["backbone"](local_crops)
+        return self.student["dino_head"](out["x_norm_clstoken"])
 
     def _ibot_stats(self, bottleneck: Tensor, logits: Tensor, probs: Tensor, valid: Tensor) -> dict[str, Tensor]:
         """iBOT diagnostics on at most :data:`DIAGNOSTIC_PATCH_ROWS` evenly strided masked

@@ -15,11 +15,12 @@ the lowest validation loss, which ``eval.run --select val_loss`` and
   order of the manifest's rows does not matter.
 * **The pass** (:class:`ValidationPass`) runs the model as training does (train mode, so
   the student's stochastic depth too; the current teacher temperature; the training
-  augmentations and masks) under ``torch.no_grad``. Its randomness is fixed: image ``i``
-  of the held-out set always gets the augmentation and masks of draw ``i``, the batches
-  are the same every pass (one fixed shuffle of the held-out set, so a batch mixes labels
-  as a training batch does: Sinkhorn-Knopp normalises over the batch), and the global RNG
-  is re-seeded for the pass and restored after it. The model's buffers (the softmax
+  augmentations and masks, and the local crops with ``crops.local_crops_number`` > 0, so
+  that ``val_dino`` is the training DINO loss) under ``torch.no_grad``. Its randomness is
+  fixed: image ``i`` of the held-out set always gets the augmentation and masks of draw
+  ``i``, the batches are the same every pass (one fixed shuffle of the held-out set, so a
+  batch mixes labels as a training batch does: Sinkhorn-Knopp normalises over the batch),
+  and the global RNG is re-seeded for the pass and restored after it. The model's buffers (the softmax
   centres) are restored too, so training with validation on is bitwise the run without.
   On several ranks each rank takes its shard of the held-out set (the last images
   repeated to give every rank as many) and the per-image sums are all-reduced.
@@ -241,6 +242,8 @@ class ValidationPass:
         sums: torch.Tensor | None = None
         images = skipped = 0
         for batch in self._loader():
+            # Local crops, when the (training) collator made them, are not left out: they
+            # enter the DINO loss as in training, at the cost of their student forward.
             n = batch["global_crops"].shape[0] // 2
             skipped += len(batch["skipped"])
             # A rank without a readable image cannot take part in the forward's collectives.
