@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import emit
-from dinov2_hier.cli import register_user_errors, run_cli
-from eval.crossval import EvalDataError
+from dinov2_hier.cli import run_cli
 from eval.probes import KNNProbe, LogRegProbe, balanced_accuracy
 
 
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.skip_probes and not (args.ckpt and args.data):
         parser.error("--skip-probes measures the extraction only: give --ckpt and --data")
-    register_user_errors(EvalDataError)
 
     def run() -> None:
         result = {} if args.skip_probes else run_probes(args)

@@ -4,6 +4,9 @@ Exit codes: 0 success, 2 a user error (bad config, tree, manifest, label, checkp
 path: one message, no traceback), 3 training stopped on repeated non-finite losses,
 too many unreadable images, a collapse (``train.stop_on_collapse``) or a checkpoint that
 could not be written (full disk), 1 anything else (a bug: the traceback is printed).
+Which is which is decided by the error's base in :mod:`dinov2_hier.errors`
+(:class:`~dinov2_hier.errors.UserError`, :class:`~dinov2_hier.errors.RunAborted`), so this
+module knows no concrete error class and imports nothing above the lowest floor.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-EXIT_USER_ERROR = 2
-EXIT_TRAINING_ABORTED = 3
+from .errors import EXIT_RUN_ABORTED, EXIT_USER_ERROR, RunAborted, UserError
+
+__all__ = ["EXIT_RUN_ABORTED", "EXIT_USER_ERROR", "OutputDirError", "prepare_output_dir", "run_cli", "setup_logging"]
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """An output directory cannot be created or written to (exit 2)."""
 
 
@@ -49,48 +53,6 @@ def prepare_output_dir(path: Path, flag: str = "--output-dir") -> Path:
     return path
 
 
-#: User-error types registered by faces above the library (the eval package); see
-#: :func:`register_user_errors`. Kept here so that the library never imports its faces.
-_REGISTERED_USER_ERRORS: list[type[BaseException]] = []
-
-
-def register_user_errors(*types: type[BaseException]) -> None:
-    """Add exception types that :func:`run_cli` reports as one-line user errors (exit 2)."""
-    for error_type in types:
-        if error_type not in _REGISTERED_USER_ERRORS:
-            _REGISTERED_USER_ERRORS.append(error_type)
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the input is wrong', gathered from the library and the
-    faces that registered theirs (:func:`register_user_errors`)."""
-    from .config import ConfigError
-    from .data import DataSourceError, ManifestError
-    from .hierarchy import HierarchyError
-    from .labels import LabelMapError
-    from .losses import SupervisedConfigError
-    from .models import WeightsError
-    from .paths import ResourceNotFoundError
-    from .train.checkpoint import CheckpointError
-    from .train.run_lock import RunDirectoryBusy
-
-    return (
-        RunDirectoryBusy, OutputDirError,
-        ConfigError, ManifestError, HierarchyError, LabelMapError, WeightsError,
-        ResourceNotFoundError, CheckpointError, SupervisedConfigError, DataSourceError,
-        *_REGISTERED_USER_ERRORS,
-    )
-
-
-def aborted_types() -> tuple[type[BaseException], ...]:
-    from .data import TooManyUnreadableImages
-    from .io import WriteFailedError
-    from .train.collapse import CollapseError
-    from .train.loop import NonFiniteLossError
-
-    return (NonFiniteLossError, TooManyUnreadableImages, CollapseError, WriteFailedError)
-
-
 def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
     """Log to stderr and, if given, to ``log_file`` (appending, so resumed runs keep history)."""
     root = logging.getLogger("dinov2_hier")
@@ -107,13 +69,16 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
 
 
 def run_cli(job: Callable[[], None]) -> int:
-    """Run ``job`` and turn known failures into one-line messages and exit codes."""
+    """Run ``job`` and turn known failures into one-line messages and exit codes: a
+    :class:`~dinov2_hier.errors.UserError` is ``error: MESSAGE`` and 2, a
+    :class:`~dinov2_hier.errors.RunAborted` ``training stopped: MESSAGE`` and 3; anything
+    else propagates (a bug: traceback, exit code 1)."""
     try:
         job()
-    except user_error_types() as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except aborted_types() as exc:
+    except RunAborted as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
-        return EXIT_TRAINING_ABORTED
+        return EXIT_RUN_ABORTED
     return 0

@@ -15,15 +15,11 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_schema import validate_config
+from .config_schema import ConfigError, validate_config
 from .io import atomic_write_text
 from .paths import PROJECT_ROOT
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is malformed or names an unknown key."""
 
 
 def _load_yaml(path: Path) -> DictConfig:

@@ -3,7 +3,7 @@
 :func:`dinov2_hier.config.load_config` calls :func:`validate_config` after the layers
 (``configs/default.yaml`` < ``--config`` file and its ``base:`` chain < ``key=value``) are
 merged and resolved, so that a bad value stops the run with one line naming the key, what
-it must be and the value given (a :class:`~dinov2_hier.config.ConfigError`, exit code 2)
+it must be and the value given (a :class:`ConfigError`, exit code 2)
 before any data is read or any model is built, instead of a traceback deep in training or
 a run that "finishes" without weights.
 
@@ -36,7 +36,16 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["Rule", "RULES", "TYPES", "validate_config", "leaf_keys"]
+from .errors import UserError
+
+__all__ = ["ConfigError", "Rule", "RULES", "TYPES", "validate_config", "leaf_keys"]
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override is malformed or names an unknown key.
+
+    Defined here, below :mod:`dinov2_hier.config` (which imports this module and re-exports
+    it), so that the validator raises it without importing its caller."""
 
 
 @dataclass(frozen=True)
@@ -410,8 +419,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
     docstring). Raises :class:`~dinov2_hier.config.ConfigError` on the first bad value,
     in the default file's key order: ``KEY must be EXPECTATION, got VALUE``.
     """
-    from .config import ConfigError  # config imports this module
-
     for key, default in leaf_keys(defaults):
         spec = _spec(key, default)
         value = OmegaConf.select(cfg, key)

@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 __all__ = [
     "CONSTRAINTS_DIR",
     "FORMAT",
@@ -67,7 +69,7 @@ CONSTRAINTS_DIR = "hierarchies/constraints"
 _KEYS = ("format", "name", "description", "source", "classes", "display_names", "matrix")
 
 
-class ConstraintError(ValueError):
+class ConstraintError(UserError, ValueError):
     """A constraint matrix file or object that cannot be used; the message names the file,
     the key and, for values, the row and column."""
 

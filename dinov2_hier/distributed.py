@@ -30,6 +30,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 TORCHRUN = "torchrun"
 SLURM = "slurm"
 SINGLE = "single"
@@ -40,7 +42,7 @@ PORT_BASE = 10000
 PORT_SPAN = 20000
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(UserError, ValueError):
     """The launcher's environment variables are missing, malformed or inconsistent."""
 
 

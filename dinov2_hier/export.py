@@ -35,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from dinov2_hier import __version__
-from dinov2_hier.cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
+from dinov2_hier.cli import prepare_output_dir, run_cli, setup_logging
+from dinov2_hier.errors import UserError
 from dinov2_hier.hub import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -67,7 +68,7 @@ CARD_METRICS: Mapping[str, str] = MappingProxyType({
 })
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The checkpoint, output directory or an evaluation directory cannot be exported."""
 
 
@@ -787,7 +788,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    register_user_errors(ExportError, WeightsError)
 
     def job() -> None:
         result = export_backbone(args.ckpt, args.output_dir, fmt=args.format, dtype=args.dtype, eval_dirs=args.eval,

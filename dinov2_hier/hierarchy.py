@@ -12,19 +12,24 @@ Index order (what a supervised head's outputs mean):
 * ``nodes``: all ids; the leaves first (same order, so ``index(leaf)`` is also
   the leaf's output index), then the internal nodes in pre-order, the root last.
 
-The JSON formats are documented in ``hierarchies/README.md``.
+The JSON formats are documented in ``hierarchies/README.md``; validating a document is
+:mod:`dinov2_hier.hierarchy_parse`'s job, reading a file :mod:`dinov2_hier.jsonfile`'s.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from .errors import LocatedError, suggest
+from .hierarchy_parse import MAX_DEPTH, HierarchyError, TreeParser, preorder
+from .jsonfile import find_json_lines, read_json_file
+
+# ``LocatedError``, ``find_json_lines``, ``read_json_file`` and ``suggest`` moved to
+# dinov2_hier.errors / dinov2_hier.jsonfile; importable from here as before.
 __all__ = [
     "MAX_DEPTH",
     "Hierarchy",
@@ -35,417 +40,8 @@ __all__ = [
     "suggest",
 ]
 
-# Keys a node may carry. Anything else is an error so that typos ("chidren") fail loudly.
-_NESTED_NODE_KEYS = ("id", "name", "meta", "children")
-_FLAT_NODE_KEYS = ("id", "name", "meta", "parent")
-_TOP_LEVEL_KEYS = ("name", "description", "root", "nodes")
 # Version tag inside the fingerprinted JSON: bump it if the canonical form ever changes.
 _FINGERPRINT_FORMAT = "dinov2_hier.hierarchy.structure/1"
-#: The deepest tree accepted (the root is at depth 0). Class trees are a few levels deep;
-#: the limit keeps every tree within what recurses once per level with room to spare:
-#: Python's JSON reader and ``json.dumps(to_dict())`` spend two of Python's ~1000 recursion
-#: levels per tree level (an object inside a list), pickling (a tree sent to DataLoader
-#: workers) about four (measured: a 256-level tree no longer pickles).
-MAX_DEPTH = 100
-
-
-class LocatedError(ValueError):
-    """A bad-input error that knows where it happened: ``source:line:column: message``.
-
-    Attributes ``source`` (file name or ``"<dict>"``), ``line`` / ``column`` (1-based,
-    or None when unknown) and ``message`` (without the location prefix) are kept for
-    programs that want to present the error themselves.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        source: str | None = None,
-        line: int | None = None,
-        column: int | None = None,
-    ) -> None:
-        self.message = message
-        self.source = source
-        self.line = line
-        self.column = column
-        location = ""
-        if source is not None:
-            location = source
-            if line is not None:
-                location += f":{line}"
-                if column is not None:
-                    location += f":{column}"
-            location += ": "
-        super().__init__(location + message)
-
-
-class HierarchyError(LocatedError):
-    """A hierarchy file or tree is malformed, or a node id is unknown.
-
-    ``node_id`` names the offending node when there is one.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        source: str | None = None,
-        line: int | None = None,
-        column: int | None = None,
-        node_id: Any = None,
-    ) -> None:
-        self.node_id = node_id
-        super().__init__(message, source=source, line=line, column=column)
-
-
-# --------------------------------------------------------------------------- JSON helpers
-
-
-def suggest(word: str, candidates: Any, n: int = 3) -> str:
-    """``"; did you mean 'x' or 'y'?"`` for close matches of ``word``, or ``""``."""
-    if not isinstance(word, str):
-        return ""
-    # cutoff 0.5 (difflib's default is 0.6) so that short codes like 'X2' still suggest 'X1'.
-    matches = difflib.get_close_matches(word, [c for c in candidates if isinstance(c, str)], n=n, cutoff=0.5)
-    if not matches:
-        return ""
-    return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"
-
-
-def _json_literal_pattern(value: Any) -> str | None:
-    """Regex matching ``value`` as it may be written in a JSON file (escaped or raw unicode)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        forms = {json.dumps(value), json.dumps(value, ensure_ascii=False)}
-        return "(?:" + "|".join(re.escape(f) for f in sorted(forms)) + ")"
-    return None
-
-
-def find_json_lines(text: str | None, key: str, value: Any = ...) -> list[int]:
-    """1-based line numbers where ``"key": value`` (or just ``"key":`` if no value) occurs.
-
-    A plain text search, not a parse: JSON's standard library parser keeps no
-    positions, and for error messages the textual occurrence is what a user needs.
-    Returns ``[]`` when ``text`` is None or nothing matches.
-    """
-    if text is None:
-        return []
-    key_pattern = _json_literal_pattern(key)
-    if key_pattern is None:
-        return []
-    pattern = key_pattern + r"\s*:"
-    if value is not ...:
-        value_pattern = _json_literal_pattern(value)
-        if value_pattern is None:
-            return []
-        # The lookahead stops "id": 5 from matching "id": 55 or 5.5.
-        pattern += r"\s*" + value_pattern + r"(?![0-9A-Za-z_.])"
-    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(pattern, text)]
-
-
-class _DuplicateJsonKey(Exception):
-    """Raised from the JSON object hook; converted to a located error by read_json_file."""
-
-    def __init__(self, key: str, pairs: list[tuple[str, Any]]) -> None:
-        super().__init__(key)
-        self.key = key
-        self.pairs = pairs
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads silently keeps the last of two equal keys; a repeated "children"
-    # would then drop a whole subtree without a word.
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _DuplicateJsonKey(key, pairs)
-        seen.add(key)
-    return dict(pairs)
-
-
-def read_json_file(path: str | Path, error_cls: type[LocatedError] = LocatedError) -> tuple[Any, str]:
-    """Read and parse a JSON file; return ``(data, raw_text)``.
-
-    Errors (unreadable file, invalid UTF-8, JSON syntax with ``file:line:col``,
-    a key repeated inside one object) are raised as ``error_cls`` with the file name.
-    """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise error_cls(f"file is not valid UTF-8 ({exc.reason} at byte {exc.start})", source=source) from None
-    except OSError as exc:
-        raise error_cls(f"cannot read file: {exc.strerror or exc}", source=source) from None
-    try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise error_cls(f"invalid JSON: {exc.msg}", source=source, line=exc.lineno, column=exc.colno) from None
-    except RecursionError:  # Python's reader recurses per nested object or list (~1000 in all)
-        is_tree = issubclass(error_cls, HierarchyError)
-        limit = f" (a hierarchy may be at most {MAX_DEPTH} levels deep)" if is_tree else ""
-        raise error_cls(f"JSON nested too deeply to read{limit}", source=source) from None
-    except _DuplicateJsonKey as exc:
-        where = ""
-        node_id = dict(exc.pairs).get("id")
-        lines = find_json_lines(text, "id", node_id) if isinstance(node_id, str) else []
-        if isinstance(node_id, str):
-            where = f" of node {node_id!r}"
-        if not lines:
-            key_lines = find_json_lines(text, exc.key)
-            lines = key_lines[1:2]  # the second occurrence is the repeat
-        raise error_cls(
-            f"key {exc.key!r} appears twice in the same JSON object{where}; JSON keeps only the last one",
-            source=source,
-            line=lines[0] if lines else None,
-        ) from None
-    return data, text
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-class _Parser:
-    """Validates a nested or flat tree description and collects its parts.
-
-    Holds the raw text (or None) so every error can point at a line. Produces
-    ``root``, ``parent``, ordered ``children``, ``names`` and ``metas``.
-    """
-
-    def __init__(self, source: str, text: str | None) -> None:
-        self.source = source
-        self.text = text
-        self.parent: dict[str, str | None] = {}
-        self.children: dict[str, list[str]] = {}
-        self.names: dict[str, str] = {}
-        self.metas: dict[str, dict[str, Any]] = {}
-        self.where: dict[str, str] = {}  # id -> position in the data, for messages without a file
-
-    # -- errors
-    def lines_of(self, node_id: Any) -> list[int]:
-        return find_json_lines(self.text, "id", node_id)
-
-    def fail(self, message: str, node_id: Any = None, line: int | None = None) -> NoReturn:
-        if line is None and node_id is not None:
-            lines = self.lines_of(node_id)
-            line = lines[0] if lines else None
-        raise HierarchyError(message, source=self.source, line=line, node_id=node_id)
-
-    # -- one node
-    def check_node(self, obj: Any, path: str, allowed: tuple[str, ...], context_id: str | None) -> str:
-        """Validate one node object (id, unknown keys, name, meta); return its id."""
-        context = f" (under {context_id!r})" if context_id is not None else ""
-        if not isinstance(obj, dict):
-            self.fail(
-                f"node at {path}{context} must be a JSON object, got {_type_name(obj)} {_short(obj)}",
-                node_id=context_id,
-            )
-        if "id" not in obj:
-            keys = ", ".join(repr(k) for k in obj) or "no keys"
-            self.fail(f"node at {path}{context} has no 'id' (it has {keys})", node_id=context_id)
-        node_id = obj["id"]
-        if not isinstance(node_id, str):
-            lines = self.lines_of(node_id) or self.lines_of(context_id)
-            self.fail(
-                f"node id at {path}{context} must be a string, got {_type_name(node_id)} {_short(node_id)}",
-                node_id=node_id,
-                line=lines[0] if lines else None,
-            )
-        if not node_id.strip():
-            self.fail(f"node id at {path}{context} is empty", node_id=node_id)
-        if node_id != node_id.strip():
-            self.fail(f"node id {node_id!r} at {path} has leading or trailing whitespace", node_id=node_id)
-        unknown = [k for k in obj if k not in allowed]
-        if unknown:
-            hints = "".join(suggest(k, allowed, n=1) for k in unknown)
-            allowed_text = ", ".join(repr(k) for k in allowed)
-            self.fail(
-                f"node {node_id!r} has unknown key(s) {', '.join(repr(k) for k in unknown)}"
-                f" (allowed: {allowed_text}){hints}",
-                node_id=node_id,
-            )
-        if node_id in self.names:
-            lines = self.lines_of(node_id)
-            if len(lines) >= 2:
-                self.fail(
-                    f"duplicate node id {node_id!r} (first defined at line {lines[0]})",
-                    node_id=node_id,
-                    line=lines[1],
-                )
-            self.fail(
-                f"duplicate node id {node_id!r} (at {self.where[node_id]} and at {path})",
-                node_id=node_id,
-            )
-        name = obj.get("name", node_id)
-        if not isinstance(name, str) or not name.strip():
-            self.fail(f"node {node_id!r}: 'name' must be a non-empty string, got {_short(name)}", node_id=node_id)
-        meta = obj.get("meta", {})
-        if not isinstance(meta, dict):
-            self.fail(
-                f"node {node_id!r}: 'meta' must be a JSON object, got {_type_name(meta)} {_short(meta)}",
-                node_id=node_id,
-            )
-        self.names[node_id] = name
-        self.metas[node_id] = copy.deepcopy(meta)
-        self.where[node_id] = path
-        self.children[node_id] = []
-        return node_id
-
-    # -- forms
-    def parse_nested(self, root_obj: Any) -> str:
-        # Iterative pre-order walk: no recursion limit for deep trees.
-        root_id: str | None = None
-        stack: list[tuple[Any, str | None, str]] = [(root_obj, None, "root")]
-        while stack:
-            obj, parent_id, path = stack.pop()
-            node_id = self.check_node(obj, path, _NESTED_NODE_KEYS, parent_id)
-            self.parent[node_id] = parent_id
-            if parent_id is None:
-                root_id = node_id
-            else:
-                self.children[parent_id].append(node_id)
-            kids = obj.get("children", [])
-            if not isinstance(kids, list):
-                self.fail(
-                    f"node {node_id!r}: 'children' must be a JSON list, got {_type_name(kids)} {_short(kids)}",
-                    node_id=node_id,
-                )
-            for i in range(len(kids) - 1, -1, -1):
-                stack.append((kids[i], node_id, f"{path}.children[{i}]"))
-        assert root_id is not None
-        return root_id
-
-    def parse_flat(self, nodes: Any) -> str:
-        if not isinstance(nodes, list):
-            self.fail(f"'nodes' must be a JSON list, got {_type_name(nodes)} {_short(nodes)}")
-        if not nodes:
-            self.fail("empty tree: 'nodes' is an empty list")
-        declared_parent: dict[str, Any] = {}
-        order: list[str] = []
-        for i, obj in enumerate(nodes):
-            node_id = self.check_node(obj, f"nodes[{i}]", _FLAT_NODE_KEYS, None)
-            if "parent" not in obj:
-                self.fail(
-                    f"node {node_id!r} has no 'parent' (use \"parent\": null for the root)", node_id=node_id
-                )
-            parent = obj["parent"]
-            if parent is not None and (not isinstance(parent, str) or not parent):
-                self.fail(
-                    f"node {node_id!r}: 'parent' must be a node id or null, got {_short(parent)}",
-                    node_id=node_id,
-                )
-            declared_parent[node_id] = parent
-            order.append(node_id)
-        roots = [n for n in order if declared_parent[n] is None]
-        for node_id in order:
-            parent = declared_parent[node_id]
-            if parent is not None and parent not in declared_parent:
-                self.fail(
-                    f"node {node_id!r} has unknown parent {parent!r}{suggest(parent, order)}", node_id=node_id
-                )
-            if parent == node_id:
-                self.fail(f"cycle: node {node_id!r} is its own parent", node_id=node_id)
-        if len(roots) > 1:
-            listed = ", ".join(f"{r!r}{self._at_line(r)}" for r in roots)
-            self.fail(
-                f"more than one root (nodes with \"parent\": null): {listed}; a tree has exactly one",
-                node_id=roots[1],
-            )
-        for node_id in order:  # file order, so siblings keep their order
-            parent = declared_parent[node_id]
-            self.parent[node_id] = parent
-            if parent is not None:
-                self.children[parent].append(node_id)
-        reached = set(self._preorder(roots[0])) if roots else set()
-        unreached = [n for n in order if n not in reached]
-        if unreached:
-            cycle = self._find_cycle(unreached[0], declared_parent)
-            prefix = "no root (no node has \"parent\": null); " if not roots else ""
-            self.fail(
-                prefix + "cycle in parent links: " + " -> ".join(repr(c) for c in cycle), node_id=cycle[0]
-            )
-        return roots[0]
-
-    def _at_line(self, node_id: str) -> str:
-        lines = self.lines_of(node_id)
-        return f" (line {lines[0]})" if lines else ""
-
-    @staticmethod
-    def _find_cycle(start: str, declared_parent: Mapping[str, Any]) -> list[str]:
-        # Every unreached node has an existing, non-null parent; following parents
-        # must therefore loop. Report the loop itself, closed on its first node.
-        seen: dict[str, int] = {}
-        chain: list[str] = []
-        node = start
-        while node not in seen:
-            seen[node] = len(chain)
-            chain.append(node)
-            node = declared_parent[node]
-        loop = chain[seen[node]:]
-        return loop + [loop[0]]
-
-    def _preorder(self, root: str) -> list[str]:
-        out: list[str] = []
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            out.append(node)
-            stack.extend(reversed(self.children[node]))
-        return out
-
-    def parse(self, data: Any) -> tuple[str, str, str]:
-        """Validate the whole document; return ``(name, description, root_id)``."""
-        if not isinstance(data, dict):
-            self.fail(f"a hierarchy must be a JSON object, got {_type_name(data)} {_short(data)}")
-        unknown = [k for k in data if k not in _TOP_LEVEL_KEYS]
-        if unknown:
-            hints = "".join(suggest(k, _TOP_LEVEL_KEYS, n=1) for k in unknown)
-            key_lines = find_json_lines(self.text, unknown[0])
-            self.fail(
-                f"unknown top-level key(s) {', '.join(repr(k) for k in unknown)}"
-                f" (allowed: {', '.join(repr(k) for k in _TOP_LEVEL_KEYS)}){hints}",
-                line=key_lines[0] if key_lines else None,
-            )
-        name = data.get("name")
-        if not isinstance(name, str) or not name.strip():
-            self.fail(f"the hierarchy needs a 'name' (non-empty string), got {_short(name)}")
-        description = data.get("description", "")
-        if not isinstance(description, str):
-            self.fail(f"'description' must be a string, got {_type_name(description)}")
-        has_root, has_nodes = "root" in data, "nodes" in data
-        if has_root and has_nodes:
-            self.fail("give either 'root' (nested form) or 'nodes' (flat form), not both")
-        if not has_root and not has_nodes:
-            self.fail("empty tree: no 'root' (nested form) and no 'nodes' (flat form)")
-        if has_root:
-            if data["root"] is None or data["root"] == {}:
-                self.fail("empty tree: 'root' is empty")
-            root_id = self.parse_nested(data["root"])
-        else:
-            root_id = self.parse_flat(data["nodes"])
-        if not self.children[root_id]:
-            self.fail(f"root {root_id!r} has no children: a hierarchy needs at least one class", node_id=root_id)
-        depth = {root_id: 0}
-        for node_id in self._preorder(root_id)[1:]:
-            depth[node_id] = depth[self.parent[node_id]] + 1
-            if depth[node_id] > MAX_DEPTH:
-                self.fail(f"the tree is deeper than {MAX_DEPTH} levels (node {node_id!r} is at depth "
-                          f"{MAX_DEPTH + 1})", node_id=node_id)
-        return name, description, root_id
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """Compact JSON-ish rendering of a bad value for an error message."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _rebuild_hierarchy(data: dict[str, Any], source: str) -> Hierarchy:
@@ -507,15 +103,9 @@ class Hierarchy:
         set_(self, "_names", dict(names))
         set_(self, "_metas", {k: copy.deepcopy(v) for k, v in metas.items()})
 
-        preorder: list[str] = []
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            preorder.append(node)
-            stack.extend(reversed(self._children[node]))
-
-        leaves = tuple(n for n in preorder if not self._children[n])
-        internal = tuple(n for n in preorder if self._children[n] and n != root) + (root,)
+        order = preorder(root, self._children)
+        leaves = tuple(n for n in order if not self._children[n])
+        internal = tuple(n for n in order if self._children[n] and n != root) + (root,)
         nodes = leaves + internal
         set_(self, "_leaves", leaves)
         set_(self, "_nodes", nodes)
@@ -523,7 +113,7 @@ class Hierarchy:
 
         # Ancestors from the node up to (excluding) the root; parents come first in pre-order.
         ancestors: dict[str, tuple[str, ...]] = {root: ()}
-        for node in preorder[1:]:
+        for node in order[1:]:
             ancestors[node] = (node,) + ancestors[self._parent[node]]  # type: ignore[index]
         set_(self, "_ancestors", ancestors)
         set_(self, "_depth", {n: len(a) for n, a in ancestors.items()})
@@ -531,7 +121,7 @@ class Hierarchy:
         # Leaves under each node, in `leaves` order: children's lists concatenated in
         # child order equal the pre-order of the subtree's leaves.
         under: dict[str, tuple[str, ...]] = {}
-        for node in reversed(preorder):
+        for node in reversed(order):
             kids = self._children[node]
             under[node] = (node,) if not kids else tuple(leaf for kid in kids for leaf in under[kid])
         set_(self, "_leaves_under", under)
@@ -543,7 +133,7 @@ class Hierarchy:
         set_(self, "_by_depth", tuple(tuple(level) for level in by_depth))
 
         canonical = json.dumps(
-            {"format": _FINGERPRINT_FORMAT, "nodes": [[n, self._parent[n]] for n in preorder]},
+            {"format": _FINGERPRINT_FORMAT, "nodes": [[n, self._parent[n]] for n in order]},
             separators=(",", ":"),
             ensure_ascii=True,
         )
@@ -557,7 +147,8 @@ class Hierarchy:
         Errors name the file and, where the node's ``"id"`` can be found in the
         text, the line; JSON syntax errors give ``file:line:col``.
         """
-        data, text = read_json_file(path, HierarchyError)
+        depth_note = f" (a hierarchy may be at most {MAX_DEPTH} levels deep)"
+        data, text = read_json_file(path, HierarchyError, depth_note=depth_note)
         return cls._build(data, str(path), text)
 
     @classmethod
@@ -567,7 +158,7 @@ class Hierarchy:
 
     @classmethod
     def _build(cls, data: Any, source: str, text: str | None) -> Hierarchy:
-        parser = _Parser(source, text)
+        parser = TreeParser(source, text)
         name, description, root = parser.parse(data)
         return cls(
             name=name,

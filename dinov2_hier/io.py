@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .errors import RunAborted
+
 
 def atomic_write_file(path: Path, write: Callable[[str], None]) -> None:
     """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename.
@@ -46,7 +48,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_file(path, write)
 
 
-class WriteFailedError(RuntimeError):
+class WriteFailedError(RunAborted, RuntimeError):
     """A file could not be written (full disk, quota, permissions); the earlier file under
     the same name, if any, is intact."""
 

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dinov2_hier.hierarchy import Hierarchy, LocatedError, find_json_lines, read_json_file, suggest
+from dinov2_hier.errors import LocatedError, suggest
+from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.jsonfile import find_json_lines, read_json_file
 
 __all__ = [
     "LabelMap",

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from .hierarchy import Hierarchy, suggest
+from .errors import suggest
+from .hierarchy import Hierarchy
 
 __all__ = [
     "FLAT_SCALAR_METRICS",

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
+
 #: The source checkout (``dinov2_hier/`` sits directly under it).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ResourceNotFoundError(FileNotFoundError):
+class ResourceNotFoundError(UserError, FileNotFoundError):
     """A file named in a config or on the command line does not exist."""
 
 

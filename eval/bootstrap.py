@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_hier.errors import UserError
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.metrics import (
     FLAT_SCALAR_METRICS,
@@ -63,7 +64,7 @@ __all__ = [
 RESERVED_COLUMNS: tuple[str, ...] = ("sample", "path", "fold", "y_true")
 
 
-class PredictionTableError(MetricInputError):
+class PredictionTableError(UserError, MetricInputError):
     """Two prediction tables that cannot be compared, or an unreadable predictions CSV."""
 
 

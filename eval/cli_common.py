@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_hier.cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
+from dinov2_hier.cli import prepare_output_dir, run_cli, setup_logging
+from dinov2_hier.errors import UserError
 from dinov2_hier.io import atomic_write_text
 
 from .baselines import is_baseline
-from .bootstrap import PredictionTableError
 from .crossval import EvalDataError
 from .report import (
-    PredictionsFileError,
     PredictionTable,
     format_mean_std,
     json_safe,
@@ -72,11 +71,9 @@ SELECTION_PROBE = "logreg"
 MAX_LISTED_UNREADABLE = 50
 
 
-class EvalUsageError(ValueError):
+class EvalUsageError(UserError, ValueError):
     """A command-line value that cannot work (e.g. k < 1, C <= 0, CUDA asked but absent)."""
 
-
-register_user_errors(EvalUsageError, EvalDataError, PredictionsFileError, PredictionTableError)
 
 
 # --------------------------------------------------------------------------- arguments

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_hier.errors import UserError
+
 __all__ = [
     "NOT_TESTED",
     "EvalDataError",
@@ -32,7 +34,7 @@ NOT_TESTED = -2
 FIXED_SPLIT = -1
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """Evaluation input that cannot give a meaningful number (too few samples of a class
     for the folds, unlabelled rows, bad split indices, ...); the message says which."""
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_hier.errors import UserError
 from eval.report import REPORT_CSS
 from eval.report import escape_html as _esc
 from eval.report import svg_legend_and_ticks
@@ -68,7 +69,7 @@ HEAD_FILE = "head.pt"
 MAX_SCATTER_POINTS = 4000
 
 
-class MultiLabelDataError(ValueError):
+class MultiLabelDataError(UserError, ValueError):
     """A multi-label manifest that cannot be used; the message names the file, the image
     and the label."""
 
@@ -103,7 +104,7 @@ def load_multilabel_data(source: str | Path, constraints: Any, *, label_column: 
             with its image and the closest class names).
     """
     from dinov2_hier.data import read_manifest
-    from dinov2_hier.hierarchy import suggest
+    from dinov2_hier.errors import suggest
 
     src = Path(source).expanduser()
     if src.suffix.lower() != ".csv":
@@ -895,14 +896,8 @@ def _format(metrics: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dinov2_hier.cli import register_user_errors
-    from dinov2_hier.constraints import ConstraintError
-    from dinov2_hier.heads.constrained import ConstrainedHeadError
+    from .cli_common import run_evaluation
 
-    from .cli_common import EvalUsageError, run_evaluation
-    from .crossval import EvalDataError
-
-    register_user_errors(MultiLabelDataError, ConstraintError, ConstrainedHeadError, EvalUsageError, EvalDataError)
     return run_evaluation(build_parser().parse_args(argv), evaluate_multilabel, _format)
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_hier.errors import UserError
 from dinov2_hier.io import atomic_write_text
 
 __all__ = [
@@ -85,7 +86,7 @@ _KNOWN_ORDER = (
 _PER_CLASS_FIELDS = ("precision", "recall", "f1")
 
 
-class PredictionsFileError(ValueError):
+class PredictionsFileError(UserError, ValueError):
     """A predictions.csv is missing or malformed; the message names the file (and line)."""
 
 

@@ -244,6 +244,15 @@ def test_a_hierarchy_deeper_than_the_limit_names_the_file(tmp_path, capsys, dept
     assert line.startswith(f"error: {tree.resolve()}") and line.endswith(message)
 
 
+def test_a_synthetic_tree_without_cell_attributes_names_the_node(tmp_path, capsys):
+    """``data.synthetic.hierarchy`` pointing at a tree whose leaves lack the generator's
+    ``meta`` is bad input (a traceback before the error layer, issue 20)."""
+    tree = tmp_path / "plain.json"
+    tree.write_text('{"name": "plain", "root": {"id": "root", "children": [{"id": "A"}, {"id": "B"}]}}')
+    assert _train(tmp_path / "run", f"data.synthetic.hierarchy={tree}") == 2
+    assert _one_error_line(capsys) == "error: node 'A': meta is missing key 'nucleus'"
+
+
 def test_a_truncated_feature_cache_is_extracted_again(tmp_path, capsys):
     """A cache file cut short (a kill or a full disk while writing or copying it) is a broken
     zip: one warning naming it, the features are extracted again and the run succeeds."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import RunAborted
 from .records import Record
 
 logger = logging.getLogger("dinov2_hier.data")
@@ -67,7 +68,7 @@ def is_missing_image_message(message: str | None) -> bool:
     return str(message or "").startswith(MISSING_IMAGE_PREFIX)
 
 
-class TooManyUnreadableImages(RuntimeError):
+class TooManyUnreadableImages(RunAborted, RuntimeError):
     """The fraction of unreadable images drawn so far exceeds the configured limit."""
 
 

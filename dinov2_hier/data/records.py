@@ -19,20 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import UserError
+
 #: Lower-case file extensions recognised as images when scanning folders.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
 
-class DataSourceError(ValueError):
-    """A data source (manifest, folder, source spec) is missing or malformed."""
+class DataSourceError(UserError, ValueError):
+    """A data source is missing or malformed: a CSV manifest (the message names the file
+    and line), an ImageFolder root that is missing or holds no images (names the folder),
+    or a source spec that is neither."""
 
 
-class ManifestError(DataSourceError):
-    """A CSV manifest is missing or malformed; the message names the file and line."""
-
-
-class ImageFolderError(DataSourceError):
-    """An ImageFolder root is missing or holds no images; the message names the folder."""
+#: One class under three names: a manifest's and a folder's errors were subclasses that
+#: nothing caught apart from the others; the names stay for the code that imports them.
+ManifestError = ImageFolderError = DataSourceError
 
 
 @dataclass(frozen=True)

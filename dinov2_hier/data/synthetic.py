@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from ..io import atomic_write_text
 
 NUCLEUS_SHAPES = ("round", "oval", "kidney", "band", "lobed")
@@ -33,7 +34,7 @@ _RED_CELL_RGB = np.array([214, 150, 162], dtype=np.float32) / 255.0
 _RED_CELL_RADIUS = 0.17  # fraction of the image side
 
 
-class SyntheticSpecError(ValueError):
+class SyntheticSpecError(UserError, ValueError):
     """A leaf's ``meta`` lacks a visual attribute or holds an invalid one (message names node and key)."""
 
 

@@ -104,6 +104,7 @@ from torch import nn
 
 from dinov2_hier.io import load_error_message
 from dinov2_hier.constraints import ConstraintMatrix
+from dinov2_hier.errors import UserError
 
 __all__ = [
     "CONSTRAINT_MODES",
@@ -138,7 +139,7 @@ THRESHOLD_MODES = ("static", "class", "uncertainty")
 HEAD_FORMAT = "dinov2_hier.constrained_head/1"
 
 
-class ConstrainedHeadError(ValueError):
+class ConstrainedHeadError(UserError, ValueError):
     """A configuration value or input that the constrained head cannot use; the message
     names the key or the input."""
 

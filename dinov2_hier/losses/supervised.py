@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from dinov2_hier.hierarchy import Hierarchy, suggest
+from dinov2_hier.errors import UserError, suggest
+from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.contrastive import HierSupConLoss, SupConLoss
 from dinov2_hier.losses.hierarchical import (
@@ -58,7 +59,7 @@ _RESERVED_KEYS = frozenset({"dino", "ibot", "koleo", "total"})
 _ENTRY_KEYS = ("name", "key", "weight")
 
 
-class SupervisedConfigError(ValueError):
+class SupervisedConfigError(UserError, ValueError):
     """A supervised-term entry is invalid (unknown name or key, bad value, duplicate key)."""
 
 

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from dinov2_hier.errors import UserError
 from dinov2_hier.io import load_error_message
 from dinov2_hier.models.vision_transformer import VisionTransformer, interpolate_pos_embed
 
@@ -41,7 +42,7 @@ MIN_MATCHED_SHARE = 0.5
 _EXAMPLE_KEYS = 3
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file or state dict that cannot be read or does not fit the model."""
 
 

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli import register_user_errors, run_cli
+from ..cli import run_cli
 from ..config import load_config
+from ..errors import UserError
 from .signals import StopFlag
 
 logger = logging.getLogger("dinov2_hier.run")
@@ -67,7 +68,7 @@ _SBATCH_NAMES = {
 }
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """The job cannot be submitted as asked (no SLURM here, a parameter the executor
     rejects, a signal delay longer than the time limit)."""
 
@@ -422,7 +423,6 @@ def dry_run_text(params: dict[str, Any], job: TrainingJob, folder: Path, cluster
 
 
 def main(argv: list[str] | None = None) -> int:
-    register_user_errors(SubmitError)
     args = parse_args(argv)
 
     def job() -> None:

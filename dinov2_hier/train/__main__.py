@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import prepare_output_dir, register_user_errors, run_cli, setup_logging
+from ..cli import prepare_output_dir, run_cli, setup_logging
 from ..config import load_config
-from ..distributed import DistributedSetupError, destroy_distributed, init_distributed, settle_before_destroy
+from ..distributed import destroy_distributed, init_distributed, settle_before_destroy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    register_user_errors(DistributedSetupError)
 
     def job() -> None:
         from ..run.signals import stop_on_signals

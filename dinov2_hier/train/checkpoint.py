@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..io import atomic_torch_save, load_error_message
 
 CHECKPOINT_DIR = "checkpoints"
@@ -24,7 +25,7 @@ _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 GOOD_KEY = "good"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is unreadable or does not match the model."""
 
 

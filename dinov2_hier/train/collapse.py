@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import RunAborted
 from ..io import read_jsonl
 
 logger = logging.getLogger("dinov2_hier.train")
@@ -31,7 +32,7 @@ CONSECUTIVE_RECORDS = 3
 DOCS = "docs/training-dynamics.md"
 
 
-class CollapseError(RuntimeError):
+class CollapseError(RunAborted, RuntimeError):
     """``train.stop_on_collapse``: the run collapsed (exit code 3)."""
 
 

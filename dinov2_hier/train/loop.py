@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from .. import distributed
 from ..config import ConfigError, save_config, to_yaml
 from ..data import SkipCounter
+from ..errors import RunAborted
 from ..io import atomic_torch_save, atomic_write_text, read_jsonl
 from ..paths import resolve_resource
 from .batch import batch_to_device
@@ -65,7 +66,7 @@ logger = logging.getLogger("dinov2_hier.train")
 SUMMARY_FILE = "run_summary.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunAborted, RuntimeError):
     """Too many consecutive steps had a NaN/inf loss."""
 
 

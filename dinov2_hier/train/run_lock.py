@@ -14,10 +14,12 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class RunDirectoryBusy(RuntimeError):
+class RunDirectoryBusy(UserError, RuntimeError):
     """Another live process trains into the same output directory (exit code 2)."""
 
 
