@@ -9,8 +9,6 @@ from .augment import (
     IMAGENET_STD,
     PHOTOMETRIC_MODES,
     AugmentationConfigError,
-    ColorJitterParams,
-    CropParams,
     EvalTransform,
     GlobalCropsAugmentation,
 )
@@ -28,7 +26,7 @@ from .datasets import (
     load_image_reduced,
 )
 from .masking import BlockMaskGenerator, MaskingConfigError, masked_patch_budget, sample_masks
-from .photometric import apply_photometric, photometric_params, stack_photometric
+from .photometric import ColorJitterParams, CropParams, apply_photometric, photometric_params, stack_photometric
 from .records import (
     IMAGE_EXTENSIONS,
     DataSourceError,

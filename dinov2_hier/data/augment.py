@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -45,7 +44,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .photometric import apply_photometric, photometric_params
+from .photometric import ColorJitterParams, CropParams, apply_photometric, photometric_params
 from .seeding import torch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,36 +69,6 @@ _PIL_RESAMPLE = {
 
 class AugmentationConfigError(ValueError):
     """An augmentation parameter is out of range."""
-
-
-@dataclass(frozen=True)
-class ColorJitterParams:
-    """Factors as in torchvision: brightness/contrast/saturation multiply (1 = identity),
-    hue shifts by a fraction of the hue circle; ``order`` is a permutation of
-    (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
-
-    order: tuple[int, ...]
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-
-
-@dataclass(frozen=True)
-class CropParams:
-    """Everything random about one crop. Box in input-image pixels."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-    hflip: bool
-    vflip: bool
-    rot90_k: int  # counter-clockwise quarter turns, 0..3
-    jitter: ColorJitterParams | None
-    grayscale: bool
-    blur_sigma: float | None
-    solarize: bool
 
 
 def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:

@@ -35,13 +35,11 @@ device in one pinned, asynchronous copy, the factors and sigmas in one copy each
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .augment import CropParams
 
 #: Name -> (dtype, shape after the leading ``N``) of the parameter tensors.
 PARAM_SHAPES: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -60,7 +58,40 @@ IDENTITY_ORDER = (0, 1, 2, 3)
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
 
 
-def photometric_params(crops: Sequence["CropParams"]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class ColorJitterParams:
+    """Factors as in torchvision: brightness/contrast/saturation multiply (1 = identity),
+    hue shifts by a fraction of the hue circle; ``order`` is a permutation of
+    (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+
+    order: tuple[int, ...]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Everything random about one crop. Box in input-image pixels.
+
+    Drawn by :mod:`dinov2_hier.data.augment`, which applies the geometry; defined here,
+    below it, because :func:`photometric_params` reads the photometric fields."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    hflip: bool
+    vflip: bool
+    rot90_k: int  # counter-clockwise quarter turns, 0..3
+    jitter: ColorJitterParams | None
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def photometric_params(crops: Sequence[CropParams]) -> dict[str, torch.Tensor]:
     """The parameter dict (see the module docstring) of ``crops``, CPU tensors, one row each.
 
     Crops without colour jitter get the identity order and factors; no blur is sigma 0.
