@@ -28,14 +28,18 @@ __all__ = [
     "LabelMap",
     "LabelMapError",
     "LabelResolver",
-    "UNLABELLED",
+    "UNLABELLED_INDEX",
+    "UNLABELLED_KEY",
     "count_by_node",
     "load_label_maps",
     "normalize_label",
+    "split_label_maps",
 ]
 
 #: Key under which :func:`count_by_node` counts samples without a label.
-UNLABELLED = "<unlabelled>"
+UNLABELLED_KEY = "<unlabelled>"
+#: Node index of an image without a usable label (training targets, ``supervision.Supervision``).
+UNLABELLED_INDEX = -1
 
 _TOP_LEVEL_KEYS = ("dataset", "hierarchy", "labels", "description", "notes")
 _UNMAPPED_MODES = ("error", "unlabelled")
@@ -267,19 +271,23 @@ class LabelMap:
         return f"LabelMap(dataset={self._dataset!r}, hierarchy={self._hierarchy_name!r}, labels={len(self._labels)})"
 
 
-def load_label_maps(directory: str | Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
-    """Load every ``*.json`` in ``directory`` (sorted) as a label map checked against ``hierarchy``.
+def split_label_maps(directory: str | Path, hierarchy: Hierarchy) -> tuple[dict[str, LabelMap], dict[str, LabelMap]]:
+    """The label maps of a folder, the one loader training and evaluation use.
 
-    Returns ``{dataset: LabelMap}``. A file's stem must equal its ``"dataset"``
-    (``pbc.json`` holds dataset ``"pbc"``) so a copied file cannot silently shadow
-    another dataset.
+    Every ``*.json`` in ``directory`` (sorted) is read; a file's stem must equal its
+    ``"dataset"`` (``pbc.json`` holds dataset ``"pbc"``) so a copied file cannot silently
+    shadow another dataset. Returns ``({dataset: map}, {dataset: map})``: the maps written
+    for ``hierarchy`` (by its name, targets checked against it) and those written for
+    other trees (not applied; they let an unknown label's error name the tree it belongs
+    to, :class:`LabelResolver`).
     """
     folder = Path(directory)
     if not folder.is_dir():
         raise LabelMapError("label map directory not found", source=str(directory))
     maps: dict[str, LabelMap] = {}
+    others: dict[str, LabelMap] = {}
     for path in sorted(folder.glob("*.json")):
-        label_map = LabelMap.from_json(path, hierarchy)
+        label_map = LabelMap.from_json(path)
         if label_map.dataset != path.stem:
             lines = find_json_lines(label_map._text, "dataset")
             raise LabelMapError(
@@ -288,26 +296,36 @@ def load_label_maps(directory: str | Path, hierarchy: Hierarchy) -> dict[str, La
                 source=str(path),
                 line=lines[0] if lines else None,
             )
-        maps[label_map.dataset] = label_map
-    return maps
+        if label_map.hierarchy_name == hierarchy.name:
+            label_map.check_targets(hierarchy)
+            maps[label_map.dataset] = label_map
+        else:
+            others[label_map.dataset] = label_map
+    return maps, others
+
+
+def load_label_maps(directory: str | Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
+    """``{dataset: LabelMap}`` of the maps in ``directory`` written for ``hierarchy``
+    (:func:`split_label_maps`'s first half)."""
+    return split_label_maps(directory, hierarchy)[0]
 
 
 def count_by_node(node_ids: Iterable[str | None], hierarchy: Hierarchy | None = None) -> dict[str, int]:
-    """Number of samples per resolved node id; ``None`` counts under :data:`UNLABELLED`.
+    """Number of samples per resolved node id; ``None`` counts under :data:`UNLABELLED_KEY`.
 
     With ``hierarchy`` the keys follow its index order (leaves, then internal
     nodes), and an id that is not a node raises; without, most frequent first
-    (ties by id). :data:`UNLABELLED` always comes last.
+    (ties by id). :data:`UNLABELLED_KEY` always comes last.
     """
-    counts = Counter(UNLABELLED if n is None else n for n in node_ids)
-    unlabelled = counts.pop(UNLABELLED, 0)
+    counts = Counter(UNLABELLED_KEY if n is None else n for n in node_ids)
+    unlabelled = counts.pop(UNLABELLED_KEY, 0)
     if hierarchy is not None:
         ordered = sorted(counts.items(), key=lambda item: hierarchy.index(item[0]))
     else:
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     out = dict(ordered)
     if unlabelled:
-        out[UNLABELLED] = unlabelled
+        out[UNLABELLED_KEY] = unlabelled
     return out
 
 

@@ -48,7 +48,7 @@ from dinov2_hier.data import (
 )
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.io import file_sha256
-from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver
+from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_label_maps
 from dinov2_hier.models import (
     WeightsError,
     build_backbone,
@@ -483,8 +483,6 @@ def load_eval_data(
         except ResourceNotFoundError:
             folder = None
         if folder is not None and folder.is_dir():
-            from dinov2_hier.train.supervision import split_label_maps
-
             maps, others = split_label_maps(folder, hierarchy)
         if explicit is not None:
             maps[explicit.dataset] = explicit

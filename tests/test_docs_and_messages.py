@@ -67,7 +67,7 @@ def test_label_of_a_map_of_this_tree_without_dataset_names_the_map():
     """pbc_dev's codes with --hierarchy wbc but no --label-map: the message names 'pbc'."""
     from dinov2_hier.hierarchy import Hierarchy
     from dinov2_hier.labels import LabelMapError, LabelResolver
-    from dinov2_hier.train.supervision import split_label_maps
+    from dinov2_hier.labels import split_label_maps
 
     wbc = Hierarchy.from_json(PROJECT_ROOT / "hierarchies" / "wbc.json")
     maps, others = split_label_maps(PROJECT_ROOT / "hierarchies" / "label_maps", wbc)

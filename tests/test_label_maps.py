@@ -9,7 +9,7 @@ import pytest
 
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.labels import (
-    UNLABELLED,
+    UNLABELLED_KEY as UNLABELLED,
     LabelMap,
     LabelMapError,
     LabelResolver,

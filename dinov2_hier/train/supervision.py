@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,13 +17,11 @@ from torch.utils.data import Dataset
 from ..config import ConfigError
 from ..data import ImageRecordDataset, SubsetDataset, SyntheticCellDataset
 from ..hierarchy import Hierarchy
-from ..labels import LabelMap, LabelResolver
+from ..labels import UNLABELLED_INDEX, LabelResolver, split_label_maps
 from ..losses import build_supervised_terms
 from ..paths import resolve_resource
 
 logger = logging.getLogger("dinov2_hier.train")
-
-UNLABELLED = -1
 
 
 def item_labels(dataset: Dataset) -> list[tuple[str | None, str | None]]:
@@ -39,26 +36,6 @@ def item_labels(dataset: Dataset) -> list[tuple[str | None, str | None]]:
         pairs = item_labels(dataset.base)
         return [pairs[i] for i in dataset.indices]
     raise TypeError(f"cannot list labels of {type(dataset).__name__}")
-
-
-def load_matching_label_maps(folder: Path, hierarchy: Hierarchy) -> dict[str, LabelMap]:
-    """The label maps in ``folder`` written for ``hierarchy`` (by its name); others are ignored."""
-    return split_label_maps(folder, hierarchy)[0]
-
-
-def split_label_maps(folder: Path, hierarchy: Hierarchy) -> tuple[dict[str, LabelMap], dict[str, LabelMap]]:
-    """The label maps in ``folder``: those written for ``hierarchy`` (by its name, targets
-    checked) and those written for other trees (not applied; they let an unknown label's
-    error name the tree it belongs to, :class:`~dinov2_hier.labels.LabelResolver`)."""
-    maps, others = {}, {}
-    for path in sorted(folder.glob("*.json")):
-        label_map = LabelMap.from_json(path)
-        if label_map.hierarchy_name == hierarchy.name:
-            label_map.check_targets(hierarchy)
-            maps[label_map.dataset] = label_map
-        else:
-            others[label_map.dataset] = label_map
-    return maps, others
 
 
 @dataclass
@@ -81,8 +58,8 @@ class Supervision:
         """Depth-1 ancestor (lineage) index of each labelled item, -1 for unlabelled."""
         h = self.hierarchy
         nodes = h.nodes  # a copy per call: once, not once per item
-        lineage = {t: h.index(h.ancestors(nodes[t])[-1]) for t in set(self.targets) if t != UNLABELLED}
-        return [UNLABELLED if t == UNLABELLED else lineage[t] for t in self.targets]
+        lineage = {t: h.index(h.ancestors(nodes[t])[-1]) for t in set(self.targets) if t != UNLABELLED_INDEX}
+        return [UNLABELLED_INDEX if t == UNLABELLED_INDEX else lineage[t] for t in self.targets]
 
 
 def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | None = None) -> Supervision | None:
@@ -91,8 +68,7 @@ def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | Non
     too (so their batches get targets) but take no part in ``targets`` or the checks."""
     sup = cfg.supervision
     if sup.hierarchy is None:
-        if len(sup.losses) > 0:
-            raise ConfigError("supervision.losses is set but supervision.hierarchy is null: name the label tree")
+        _require_hierarchy(cfg)
         if sup.labelled_fraction is not None or sup.balance != "none":
             raise ConfigError("supervision.labelled_fraction/balance need supervision.hierarchy")
         return None
@@ -107,7 +83,7 @@ def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | Non
     extra = set(item_labels(held_out)) if held_out is not None else set()
     for pair in set(pairs) | extra:
         idx = resolver.resolve_index(*pair)
-        index_of[pair] = UNLABELLED if idx is None else idx
+        index_of[pair] = UNLABELLED_INDEX if idx is None else idx
     targets = [index_of[p] for p in pairs]
     _log_label_summary(hierarchy, targets)
     _check_labelled_share(cfg, targets)
@@ -123,7 +99,7 @@ def _check_labelled_share(cfg: DictConfig, targets: list[int]) -> None:
     refuse (exit 2); warn when under :data:`FEW_LABELS_SHARE` of the images carry one."""
     if not len(cfg.supervision.losses):
         return
-    n_labelled = sum(t != UNLABELLED for t in targets)
+    n_labelled = sum(t != UNLABELLED_INDEX for t in targets)
     terms = ", ".join(str(term.get("name")) for term in cfg.supervision.losses)
     if n_labelled == 0:
         raise ConfigError(
@@ -142,7 +118,7 @@ def _log_label_summary(hierarchy: Hierarchy, targets: list[int]) -> None:
     counts: dict[int, int] = {}
     for t in targets:
         counts[t] = counts.get(t, 0) + 1
-    n_unlabelled = counts.pop(UNLABELLED, 0)
+    n_unlabelled = counts.pop(UNLABELLED_INDEX, 0)
     nodes = hierarchy.nodes  # a copy per call: once, not once per label
     n_leaf = sum(c for t, c in counts.items() if hierarchy.is_leaf(nodes[t]))
     logger.info(
@@ -160,5 +136,11 @@ def build_supervised_heads(cfg: DictConfig, hierarchy: Hierarchy | None, embed_d
     if not entries:
         return nn.ModuleDict(), {}
     if hierarchy is None:
-        raise ConfigError("supervision.losses is set but supervision.hierarchy is null: name the label tree")
+        _require_hierarchy(cfg)
     return build_supervised_terms(entries, hierarchy, embed_dim)
+
+
+def _require_hierarchy(cfg: DictConfig) -> None:
+    """Supervised terms need a label tree: refuse (exit 2) a config that lists terms without one."""
+    if len(cfg.supervision.losses) > 0:
+        raise ConfigError("supervision.losses is set but supervision.hierarchy is null: name the label tree")
