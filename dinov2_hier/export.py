@@ -15,6 +15,10 @@ the training data, supervision and, with ``--eval``, the probe results of
 ``python -m eval.run`` output directories. Every file is written atomically; the export is
 loaded back and compared with the teacher before the command reports success.
 See docs/export.md.
+
+Length (~690 lines): one command's whole job, from the checkpoint to the verified export;
+about half is the model card (Markdown rendering of the run's data, supervision and
+evaluations), which is the part to split off if this module grows.
 """
 from __future__ import annotations
 
@@ -37,26 +41,35 @@ from torch import Tensor
 from dinov2_hier import __version__
 from dinov2_hier.cli import prepare_output_dir, run_cli, setup_logging
 from dinov2_hier.errors import UserError
-from dinov2_hier.hub import (
+from dinov2_hier.eval_results import (
+    CHECKPOINT_KEY,
+    DATA_KEY,
+    N_SAMPLES_KEY,
+    PROBES_KEY,
+    SPLIT_KEY,
+    EvalResultsError,
+    read_metrics,
+    section,
+)
+from dinov2_hier.hub import FORMAT_VERSION, check_state_dict, load_backbone
+from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text, file_sha256
+from dinov2_hier.models import BackboneSpec, WeightsError, read_artifact
+from dinov2_hier.models.artifacts import (
+    CHECKPOINT,
     CONFIG_FILE,
-    FORMAT_VERSION,
     PTH_FILE,
+    RUN_CONFIG_FILE,
     SAFETENSORS_CONFIG_KEY,
     SAFETENSORS_FILE,
-    check_state_dict,
-    load_backbone,
+    TEACHER,
+    parse_run_config,
+    spec_of_config,
 )
-from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text, file_sha256
-from dinov2_hier.models import WeightsError, build_backbone, extract_backbone_state_dict, read_state_dict
 from dinov2_hier.models.vision_transformer import Mlp
-from dinov2_hier.train.checkpoint import CHECKPOINT_DIR, TEACHER_FILE, list_checkpoints
 
 logger = logging.getLogger("dinov2_hier.export")
 
 CARD_FILE = "README.md"
-_RUN_CONFIG = "config.yaml"  # written by the training loop beside its checkpoints
-_TEACHER_PREFIX = "teacher.backbone."
-_WRAPPER_PARTS = re.compile(r"(^|\.)(?:module|_orig_mod)\.")
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
 _DTYPE_NAMES: Mapping[torch.dtype, str] = MappingProxyType({torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"})
 #: Metrics of the model card's evaluation table: metrics.json key -> column title.
@@ -79,15 +92,14 @@ class ExportError(UserError, ValueError):
 class TrainedTeacher:
     """A teacher backbone and what is known about its training.
 
-    ``state``: backbone state dict (DINOv2 names); ``arch``: the architecture settings
-    (``arch, patch_size, img_size, num_register_tokens, ffn_layer, layerscale, qkv_bias,
-    mean, std``); ``cfg``: the run's resolved configuration when available;
+    ``state``: backbone state dict (DINOv2 names); ``spec``: its architecture and input
+    normalisation; ``cfg``: the run's resolved configuration when available;
     ``hierarchy_fingerprint``: recorded by a full checkpoint ("" for unsupervised runs,
     None when unknown); ``source``: file name shown in the card; ``path``: the file read.
     """
 
     state: dict[str, Tensor]
-    arch: dict[str, Any]
+    spec: BackboneSpec
     cfg: DictConfig | None
     iteration: int | None
     hierarchy_fingerprint: str | None
@@ -95,101 +107,10 @@ class TrainedTeacher:
     path: Path | None = None
 
 
-def _parse_run_config(text: str, source: str) -> DictConfig:
-    try:
-        cfg = OmegaConf.create(text)
-    except Exception as err:  # OmegaConf raises yaml and its own error types
-        raise ExportError(f"{source}: cannot parse the run configuration: {err}") from None
-    if not isinstance(cfg, DictConfig):
-        raise ExportError(f"{source}: the run configuration is not a mapping")
-    return cfg
-
-
 def _read_run_config(path: Path) -> DictConfig | None:
     if not path.is_file():
         return None
-    return _parse_run_config(path.read_text(encoding="utf-8"), str(path))
-
-
-def _arch_from_cfg(cfg: DictConfig, source: str) -> dict[str, Any]:
-    try:
-        return {
-            "arch": str(cfg.student.arch),
-            "patch_size": int(cfg.student.patch_size),
-            "img_size": int(cfg.crops.global_crops_size),
-            "num_register_tokens": int(cfg.student.num_register_tokens),
-            "ffn_layer": str(cfg.student.ffn_layer),
-            "layerscale": None if cfg.student.layerscale is None else float(cfg.student.layerscale),
-            "qkv_bias": bool(cfg.student.qkv_bias),
-            "mean": [float(x) for x in cfg.crops.mean],
-            "std": [float(x) for x in cfg.crops.std],
-        }
-    except Exception as err:  # a key missing from an old or foreign config
-        raise ExportError(f"{source}: the run configuration lacks an architecture setting: {err}") from None
-
-
-def _arch_from_meta(meta: Mapping[str, Any], source: str) -> dict[str, Any]:
-    for key in ("arch", "patch_size", "img_size"):
-        if key not in meta:
-            raise ExportError(f"{source}: 'meta' has no '{key}'")
-    layerscale = meta.get("layerscale", 1e-5)
-    return {
-        "arch": str(meta["arch"]),
-        "patch_size": int(meta["patch_size"]),
-        "img_size": int(meta["img_size"]),
-        "num_register_tokens": int(meta.get("num_register_tokens", 0)),
-        "ffn_layer": str(meta.get("ffn_layer", "mlp")),
-        "layerscale": None if layerscale is None else float(layerscale),
-        "qkv_bias": bool(meta.get("qkv_bias", True)),
-        "mean": [float(x) for x in meta.get("mean", (0.485, 0.456, 0.406))],
-        "std": [float(x) for x in meta.get("std", (0.229, 0.224, 0.225))],
-    }
-
-
-def _tensor_dict(obj: Any, source: str, what: str) -> dict[str, Tensor]:
-    if not isinstance(obj, Mapping):
-        raise ExportError(f"{source}: '{what}' is a {type(obj).__name__}, expected a dict of tensors")
-    for key, value in obj.items():
-        if not isinstance(value, Tensor):
-            raise ExportError(f"{source}: '{what}' entry '{key}' is a {type(value).__name__}, expected a tensor")
-    return dict(obj)
-
-
-def _from_checkpoint(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig | None) -> TrainedTeacher:
-    model = _tensor_dict(obj["model"], str(path), "model")
-    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add path components.
-    model = {_WRAPPER_PARTS.sub(r"\1", k): v for k, v in model.items()}
-    state = {k[len(_TEACHER_PREFIX):]: v for k, v in model.items() if k.startswith(_TEACHER_PREFIX)}
-    if not state:
-        raise ExportError(f"{path}: no '{_TEACHER_PREFIX}*' entries in the checkpoint's 'model'")
-    cfg = _parse_run_config(obj["config"], str(path)) if isinstance(obj.get("config"), str) else run_cfg
-    if cfg is None:
-        raise ExportError(f"{path}: the checkpoint holds no 'config' and no {_RUN_CONFIG} is beside its run")
-    iteration = obj.get("iteration")
-    fingerprint = obj.get("hierarchy_fingerprint")
-    return TrainedTeacher(
-        state=state, arch=_arch_from_cfg(cfg, str(path)), cfg=cfg,
-        iteration=int(iteration) if isinstance(iteration, int) else None,
-        hierarchy_fingerprint=fingerprint if isinstance(fingerprint, str) else None, source=path.name, path=path,
-    )
-
-
-def _from_teacher_file(path: Path, obj: Mapping[str, Any], run_cfg: DictConfig | None) -> TrainedTeacher:
-    meta = obj["meta"]
-    if not isinstance(meta, Mapping):
-        raise ExportError(f"{path}: 'meta' is a {type(meta).__name__}, expected a dict")
-    arch = _arch_from_meta(meta, str(path))
-    if run_cfg is not None:
-        recorded = _arch_from_cfg(run_cfg, _RUN_CONFIG)
-        if (recorded["arch"], recorded["img_size"]) != (arch["arch"], arch["img_size"]):
-            logger.warning("%s beside %s describes another model; not used for the card", _RUN_CONFIG, path)
-            run_cfg = None
-    iteration = meta.get("iteration")
-    return TrainedTeacher(
-        state=_tensor_dict(obj["model"], str(path), "model"), arch=arch, cfg=run_cfg,
-        iteration=int(iteration) if isinstance(iteration, int) else None,
-        hierarchy_fingerprint=None, source=path.name, path=path,
-    )
+    return parse_run_config(path.read_text(encoding="utf-8"), str(path))
 
 
 def load_trained_teacher(ckpt: str | Path, select: str | None = None) -> TrainedTeacher:
@@ -201,7 +122,8 @@ def load_trained_teacher(ckpt: str | Path, select: str | None = None) -> Trained
     or a ``teacher_backbone.pt`` (``{"model": state_dict, "meta": {...}}``; the run's
     ``config.yaml`` is taken from its folder when present). ``select="val_loss"``: of a
     training output directory the checkpoint with the lowest validation loss
-    (:func:`dinov2_hier.train.validation.best_checkpoint`).
+    (:func:`dinov2_hier.train.validation.best_checkpoint`). Files are read by
+    :func:`~dinov2_hier.models.read_artifact`.
     Raises :class:`ExportError` / :class:`~dinov2_hier.models.WeightsError` naming the file.
     """
     path = Path(ckpt)
@@ -210,32 +132,33 @@ def load_trained_teacher(ckpt: str | Path, select: str | None = None) -> Trained
     if select is not None:
         from dinov2_hier.train.validation import select_checkpoint
 
-        target = select_checkpoint(path, select).path
-        run_cfg = _read_run_config(path / _RUN_CONFIG)
-    elif path.is_dir():
-        run_cfg = _read_run_config(path / _RUN_CONFIG)
-        found = list_checkpoints(path)
-        target = found[-1][1] if found else path / TEACHER_FILE
-        if not target.is_file():
-            raise ExportError(f"{path}: no {CHECKPOINT_DIR}/ckpt_*.pt and no {TEACHER_FILE} to export")
-    else:
-        target = path
-        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
-        run_cfg = _read_run_config(run_dir / _RUN_CONFIG)
-    teacher = _read_teacher(target, run_cfg)
-    logger.info("exporting the teacher backbone of %s (iteration %s)", target, teacher.iteration)
+        path = select_checkpoint(path, select).path  # RUN/checkpoints/ckpt_*.pt
+    teacher = _read_teacher(path)
+    logger.info("exporting the teacher backbone of %s (iteration %s)", teacher.path, teacher.iteration)
     return teacher
 
 
-def _read_teacher(target: Path, run_cfg: DictConfig | None) -> TrainedTeacher:
-    obj = read_state_dict(target)  # weights_only=True: refuses pickled code
-    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
-        return _from_teacher_file(target, obj, run_cfg)
-    if "model" in obj and ("config" in obj or "iteration" in obj):
-        return _from_checkpoint(target, obj, run_cfg)
-    raise ExportError(
-        f"{target}: not a dinov2_hier training checkpoint or teacher_backbone.pt "
-        f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})"
+def _read_teacher(path: Path) -> TrainedTeacher:
+    artifact = read_artifact(path, accept=(CHECKPOINT, TEACHER))
+    run_cfg = _read_run_config(artifact.run_dir / RUN_CONFIG_FILE) if artifact.run_dir is not None else None
+    spec = artifact.spec
+    if artifact.kind == CHECKPOINT:
+        cfg = artifact.train_config if artifact.train_config is not None else run_cfg
+        if cfg is None:
+            raise ExportError(f"{artifact.path}: the checkpoint holds no 'config' and no {RUN_CONFIG_FILE} is "
+                              "beside its run")
+        spec = spec if spec is not None else spec_of_config(cfg, RUN_CONFIG_FILE)
+    else:  # a teacher file: the run's config.yaml feeds the card when it describes this model
+        cfg = run_cfg
+        if run_cfg is not None:
+            recorded = spec_of_config(run_cfg, RUN_CONFIG_FILE)
+            if (recorded.arch, recorded.img_size) != (spec.arch, spec.img_size):
+                logger.warning("%s beside %s describes another model; not used for the card", RUN_CONFIG_FILE,
+                               artifact.path)
+                cfg = None
+    return TrainedTeacher(
+        state=artifact.state, spec=spec, cfg=cfg, iteration=artifact.iteration,
+        hierarchy_fingerprint=artifact.hierarchy_fingerprint, source=artifact.path.name, path=artifact.path,
     )
 
 
@@ -267,30 +190,30 @@ def _hierarchy_info(teacher: TrainedTeacher) -> dict[str, Any] | None:
 
 def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: torch.dtype, weights_file: str) -> dict[str, Any]:
     """The ``config.json`` document for ``teacher`` (``model``: its architecture, may be on meta)."""
-    a = teacher.arch
+    spec = teacher.spec
     block = model.blocks[0]
     # Plain MLP: hidden width / D. SwiGLU: the factories' 4.0, which swiglu_hidden_dim maps.
     mlp_ratio = block.mlp.fc1.out_features / model.embed_dim if isinstance(block.mlp, Mlp) else 4.0
     config: dict[str, Any] = {
         "format": "dinov2_hier.backbone",
         "format_version": FORMAT_VERSION,
-        "architecture": a["arch"],
+        "architecture": spec.arch,
         "embed_dim": model.embed_dim,
         "depth": model.n_blocks,
         "num_heads": model.num_heads,
         "mlp_ratio": mlp_ratio,
-        "patch_size": a["patch_size"],
-        "img_size": a["img_size"],
+        "patch_size": spec.patch_size,
+        "img_size": spec.img_size,
         "in_chans": model.patch_embed.proj.in_channels,
-        "num_register_tokens": a["num_register_tokens"],
-        "ffn_layer": a["ffn_layer"],
-        "layerscale": a["layerscale"],
-        "qkv_bias": a["qkv_bias"],
+        "num_register_tokens": spec.num_register_tokens,
+        "ffn_layer": spec.ffn_layer,
+        "layerscale": None if spec.layerscale is None else float(spec.layerscale),
+        "qkv_bias": spec.qkv_bias,
         "interpolate_offset": model.interpolate_offset,
         "interpolate_antialias": model.interpolate_antialias,
         "num_parameters": sum(v.numel() for v in teacher.state.values()),
-        "mean": a["mean"],
-        "std": a["std"],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
         "hierarchy": _hierarchy_info(teacher),
         "iteration": teacher.iteration,
         "weights_file": weights_file,
@@ -303,7 +226,7 @@ def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: 
 
     # Only a timm model of exactly this shape is named; any other backbone still loads into
     # timm's VisionTransformer through create_timm_model (the card says so).
-    config["timm_model"] = timm_registered_name(model, a["arch"])
+    config["timm_model"] = timm_registered_name(model, spec.arch)
     return config
 
 
@@ -389,42 +312,28 @@ class EvalSummary:
 
 def read_eval_summary(directory: str | Path) -> EvalSummary:
     """Read ``DIR/metrics.json`` (or, for an evaluated training directory, the metrics of the
-    best checkpoint named by ``DIR/summary.json``). Raises :class:`ExportError` naming the
-    file and key when it is missing or malformed."""
+    best checkpoint named by ``DIR/summary.json``; :func:`dinov2_hier.eval_results.read_metrics`).
+    Raises :class:`ExportError` naming the file and key when it is missing or malformed."""
     directory = Path(directory)
-    path = directory / "metrics.json"
-    if not path.is_file() and (directory / "summary.json").is_file():
-        summary = _read_json(directory / "summary.json")
-        best = summary.get("best")
-        if not isinstance(best, str):
-            raise ExportError(f"{directory / 'summary.json'}: no 'best' checkpoint")
-        path = directory / best / "metrics.json"
-    if not path.is_file():
-        raise ExportError(f"{directory}: no metrics.json (an output directory of python -m eval.run)")
-    doc = _read_json(path)
-    probes = doc.get("probes")
-    if not isinstance(probes, Mapping) or not probes:
-        raise ExportError(f"{path}: 'probes' must be a non-empty object")
-    for probe, metrics in probes.items():
-        if not isinstance(metrics, Mapping):
-            raise ExportError(f"{path}: 'probes.{probe}' must be an object of metrics")
-    data = doc.get("data") if isinstance(doc.get("data"), Mapping) else {}
-    split = doc.get("split") if isinstance(doc.get("split"), Mapping) else {}
+    try:
+        path, doc = read_metrics(directory)
+    except EvalResultsError as err:
+        raise ExportError(str(err)) from None
+    data, split, checkpoint = (section(doc, key) for key in (DATA_KEY, SPLIT_KEY, CHECKPOINT_KEY))
     if split.get("kind") == "cross_validation":
         split_text = f"{split.get('folds')}-fold CV"
     elif split.get("kind") == "fixed":
         split_text = f"fixed test set ({split.get('n_test')} images)"
     else:
         split_text = "-"
-    checkpoint = doc.get("checkpoint") if isinstance(doc.get("checkpoint"), Mapping) else {}
     data_path = data.get("test_path") or data.get("path")
     return EvalSummary(
         name=directory.name,
         data=_display_path(str(data_path)) if data_path else "-",
         split=split_text,
         iteration=checkpoint.get("iteration"),
-        n_samples=doc.get("n_samples"),
-        probes={str(p): dict(m) for p, m in probes.items()},
+        n_samples=doc.get(N_SAMPLES_KEY),
+        probes={str(p): dict(m) for p, m in doc[PROBES_KEY].items()},
         metrics_path=path,
         fingerprint=checkpoint.get("fingerprint") if isinstance(checkpoint.get("fingerprint"), str) else None,
         evaluated=checkpoint.get("path") if isinstance(checkpoint.get("path"), str) else None,
@@ -440,12 +349,9 @@ def _holds_weights(path: Path, state: Mapping[str, Tensor]) -> bool:
     """Whether ``path`` (a checkpoint, teacher file or plain weights file) holds exactly the
     backbone tensors ``state``: another file of the same weights."""
     try:
-        other = _read_teacher(path, None).state
-    except (ExportError, WeightsError):
-        try:
-            other = extract_backbone_state_dict(read_state_dict(path))
-        except WeightsError:
-            return False
+        other = read_artifact(path).state
+    except WeightsError:
+        return False
     return other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
 
 
@@ -481,18 +387,6 @@ def check_eval_weights(evals: Sequence[EvalSummary], teacher: TrainedTeacher) ->
             f"{ev.evaluated or 'path not recorded'}) than those exported (fingerprint {_short(exported)}, "
             f"{teacher.path}); export the evaluated checkpoint or leave this --eval out"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ExportError(f"cannot read {path}: {err}") from None
-    if not isinstance(doc, dict):
-        raise ExportError(f"{path}: top level must be a JSON object")
-    return doc
 
 
 def format_mean_std(entry: Any, digits: int = 3) -> str:
@@ -721,13 +615,9 @@ def export_backbone(
     evals = [read_eval_summary(d) for d in eval_dirs]  # fail on bad input before writing
     teacher = load_trained_teacher(ckpt, select)
     check_eval_weights(evals, teacher)  # another model's metrics never reach the card
-    a = teacher.arch
     try:
         with torch.device("meta"):
-            model = build_backbone(
-                a["arch"], img_size=a["img_size"], patch_size=a["patch_size"], layerscale_init=a["layerscale"],
-                ffn_layer=a["ffn_layer"], num_register_tokens=a["num_register_tokens"], qkv_bias=a["qkv_bias"],
-            )
+            model = teacher.spec.build()
     except ValueError as err:
         raise ExportError(f"{teacher.source}: cannot build the recorded architecture: {err}") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

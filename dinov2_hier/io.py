@@ -70,6 +70,25 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         ) from None
 
 
+def read_json_object(path: str | os.PathLike[str], error: type[Exception] = ValueError, what: str = "file") -> dict:
+    """The top-level JSON object of ``path``; ``error`` naming the file when it is missing
+    (``"<what> not found: PATH"``), unreadable, not JSON (with line and column) or not an object."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"cannot read {path}: {err}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: top level must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 (hex) of a file's bytes: the fingerprint of weights that evaluation records
     (``metrics.json``: ``checkpoint.fingerprint``) and export checks."""

@@ -14,11 +14,12 @@ Output layout of ``--output-dir DIR`` (see docs/evaluation.md):
     DIR/metrics.json, DIR/predictions.csv, DIR/report.html, DIR/log.txt
     # with --ckpt <training output dir>:
     DIR/summary.json, DIR/iter_00000100/{metrics.json,predictions.csv,report.html}, ...
+
+Length (~565 lines): the parser, the pipeline and the run summary that all the faces share.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ import numpy as np
 from dinov2_hier.cli import prepare_output_dir, run_cli, setup_logging
 from dinov2_hier.errors import UserError
 from dinov2_hier.io import atomic_write_text
+from dinov2_hier.eval_results import METRICS_FILE, SUMMARY_FILE, read_json_object, write_results_json
 
 from .baselines import is_baseline
 from .crossval import EvalDataError
@@ -62,7 +64,6 @@ __all__ = [
 
 log = logging.getLogger("dinov2_hier.eval.cli")
 
-SUMMARY_FILE = "summary.json"
 #: The metric and statistic that pick the best checkpoint of a training run.
 SELECTION_METRIC = "balanced_accuracy"
 #: Probe preferred for checkpoint selection (the first evaluated probe when it is not run).
@@ -448,7 +449,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     }
     write_metrics_json(target, summary, extra)
     write_predictions_csv(target, sample, paths, fold_of, y_test.tolist(), predictions)
-    metrics = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json_object(target / METRICS_FILE)
     if args.report:
         table = PredictionTable(sample, paths, fold_of, y_test, predictions)
         write_report_html(target, metrics, table, features=X[test_rows], hierarchy=hierarchy, seed=args.seed)
@@ -509,7 +510,7 @@ def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names
     }
     if selection is not None:
         summary["selected_by"] = selection
-    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
+    write_results_json(out_dir / SUMMARY_FILE, json_safe(summary))
     return summary
 
 

@@ -12,6 +12,10 @@
 
 Unreadable images are never fatal here: the row is marked ``ok=False`` with zero features,
 counted and logged once; the caller excludes such rows from the probes.
+
+Length (~730 lines): the three stages that share :class:`EvalBackbone` and the feature
+cache (backbones, labelled data, extraction); reading the backbone files themselves is
+:func:`dinov2_hier.models.read_artifact`'s.
 """
 from __future__ import annotations
 
@@ -49,21 +53,10 @@ from dinov2_hier.data import (
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.io import file_sha256
 from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_label_maps
-from dinov2_hier.models import (
-    WeightsError,
-    build_backbone,
-    extract_backbone_state_dict,
-    load_backbone_weights,
-    read_state_dict,
-)
+from dinov2_hier.models import BackboneArtifact, WeightsError, build_backbone, load_backbone_weights, read_artifact
+from dinov2_hier.models.artifacts import TEACHER
 from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
-from dinov2_hier.train.checkpoint import (
-    TEACHER_FILE,
-    CheckpointError,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_state,
-)
+from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_model_state
 
 from .baselines import BASELINES, PREFIX, baseline_name, is_baseline
 from .crossval import EvalDataError
@@ -87,7 +80,6 @@ logger = logging.getLogger("dinov2_hier.eval")
 HOST_COPY_EVERY = 16
 #: Bumped when the cached array layout or the feature definition changes.
 _CACHE_FORMAT = "dinov2_hier.eval.features/1"
-_TEACHER_PREFIX = "teacher.backbone."
 
 
 # -- backbones ------------------------------------------------------------------------------
@@ -194,82 +186,37 @@ def _check_recorded_geometry(state: Mapping[str, Any], path: Path, img_size: int
         )
 
 
-def _from_teacher_file(obj: dict, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
-    meta = obj["meta"]
-    if not isinstance(meta, Mapping) or "arch" not in meta:
-        raise CheckpointError(f"{path}: 'meta' of a teacher backbone file must name its 'arch'")
-    recorded = str(meta["arch"])
-    arch = arch or recorded
-    img_size = int(meta.get("img_size", 224))
-    patch_size = int(meta.get("patch_size", 14))
-    registers = int(meta.get("num_register_tokens", 0))
-    if not isinstance(obj["model"], Mapping):
-        raise CheckpointError(f"{path}: 'model' of a teacher backbone file must be a state dict")
-    _check_recorded_geometry(obj["model"], path, img_size, patch_size, registers)
-    model = _build(
-        arch, path,
-        img_size=img_size,
-        patch_size=patch_size,
-        num_register_tokens=registers,
-        ffn_layer=str(meta.get("ffn_layer", "mlp")),
-        layerscale_init=meta.get("layerscale", 1e-5),
-        qkv_bias=bool(meta.get("qkv_bias", True)),
-    )
-    _strict_load(model, obj["model"], path, recorded, arch)
-    extra = {k: meta[k] for k in ("ffn_layer", "layerscale", "qkv_bias") if k in meta}
-    return model, _meta(model, arch, img_size, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD),
-                        meta.get("iteration"), **extra)
-
-
-def _from_training_checkpoint(obj: dict, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dinov2_hier.train.meta_arch import build_backbone_from_config
-
+def _from_recorded(artifact: BackboneArtifact, arch: str | None) -> tuple[nn.Module, dict]:
+    """A teacher file or our training checkpoint: the recorded architecture (``arch``
+    overrides its name), geometry checked against the weights before building, strict load."""
+    path = artifact.path
     try:
-        cfg = OmegaConf.create(obj["config"])
-        recorded = str(cfg.student.arch)
-    except (OmegaConfBaseException, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{path}: cannot read the config stored in the checkpoint: {err}") from None
-    arch = arch or recorded
-    cfg.student.arch = arch
-    weights = obj["model"]
-    if not isinstance(weights, Mapping):
-        raise CheckpointError(f"{path}: 'model' of a training checkpoint must be a state dict")
-    state = {k[len(_TEACHER_PREFIX):]: v for k, v in weights.items() if k.startswith(_TEACHER_PREFIX)}
-    if not state:
-        raise CheckpointError(f"{path}: training checkpoint holds no '{_TEACHER_PREFIX}*' weights")
+        recorded_spec, state = artifact.spec, artifact.state
+    except WeightsError as err:
+        raise CheckpointError(str(err)) from None
+    spec = recorded_spec.with_arch(arch)
+    _check_recorded_geometry(state, path, spec.img_size, spec.patch_size, spec.num_register_tokens)
     try:
-        geometry = (int(cfg.crops.global_crops_size), int(cfg.student.patch_size), int(cfg.student.num_register_tokens))
-    except (ValueError, TypeError, OmegaConfBaseException) as err:
-        raise CheckpointError(f"{path}: cannot read the config stored in the checkpoint: {err}") from None
-    _check_recorded_geometry(state, path, *geometry)
-    try:
-        model = build_backbone_from_config(cfg, drop_path_rate=0.0)
-    except (ValueError, OmegaConfBaseException) as err:
-        raise CheckpointError(f"{path}: cannot build backbone {arch!r} from its config: {err}") from None
-    _strict_load(model, state, path, recorded, arch)
-    s = cfg.student
-    extra = {"ffn_layer": str(s.ffn_layer), "layerscale": s.layerscale, "qkv_bias": bool(s.qkv_bias)}
-    return model, _meta(model, arch, int(cfg.crops.global_crops_size), list(cfg.crops.mean), list(cfg.crops.std),
-                        obj.get("iteration"), **extra)
+        model = spec.build()
+    except ValueError as err:  # unknown arch, img_size not a multiple of the patch size, ...
+        raise CheckpointError(f"{path}: cannot build backbone {spec.arch!r}: {err}") from None
+    _strict_load(model, state, path, str(recorded_spec.arch), str(spec.arch))
+    return model, _meta(model, spec.arch, spec.img_size, spec.mean, spec.std, artifact.iteration,
+                        ffn_layer=spec.ffn_layer, layerscale=spec.layerscale, qkv_bias=spec.qkv_bias)
 
 
-def _from_foreign_weights(obj: Mapping, path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+def _from_foreign_weights(artifact: BackboneArtifact, arch: str | None) -> tuple[nn.Module, dict]:
     """A DINOv2 / DinoBloom style file without recorded architecture: ``arch`` decides;
     patch size, registers, FFN, LayerScale and qkv bias are read off the tensors; the model
     is built at 224 px (position embeddings interpolated)."""
+    path = artifact.path
     if arch is None:
         raise CheckpointError(
             f"{path}: not a dinov2_hier checkpoint (no 'meta' or 'config' recording the architecture); "
             "name the architecture (--arch vit_small|vit_base|vit_large|vit_giant2) to load it as "
             "DINOv2/DinoBloom weights"
         )
-    try:
-        state = extract_backbone_state_dict(obj)
-    except WeightsError as err:
-        raise WeightsError(f"{path}: {err}") from None
+    state = artifact.state  # WeightsError naming the file
     proj = state.get("patch_embed.proj.weight")
     patch = int(proj.shape[-1]) if proj is not None and proj.ndim == 4 else 14
     registers = state.get("register_tokens")
@@ -337,15 +284,14 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    obj = read_state_dict(path) if path.suffix == ".safetensors" else load_checkpoint(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict")
-    if isinstance(obj.get("meta"), Mapping) and "model" in obj:
-        model, meta = _from_teacher_file(dict(obj), path, arch)
-    elif isinstance(obj.get("config"), str) and "model" in obj:
-        model, meta = _from_training_checkpoint(dict(obj), path, arch)
-    else:
-        model, meta = _from_foreign_weights(obj, path, arch)
+    try:
+        artifact = read_artifact(path)
+    except WeightsError as err:  # as always: a torch file is a checkpoint, a safetensors file weights
+        raise (WeightsError if path.suffix == ".safetensors" else CheckpointError)(str(err)) from None
+    if artifact.kind == TEACHER or artifact.stores_config:
+        model, meta = _from_recorded(artifact, arch)
+    else:  # foreign weights, an export file, a checkpoint that records no configuration
+        model, meta = _from_foreign_weights(artifact, arch)
     return _finish(model, meta, str(path), file_sha256(path), device)
 
 

@@ -20,6 +20,9 @@ in ``metrics.json``, ``predictions.csv`` and a self-contained ``report.html``. O
   with constraints off|fixed|binary|soft and thresholds static|class|uncertainty);
   ``--ablation`` adds the paper's ablation table (off_static, soft_static,
   fixed_static, binary_static, soft_class, soft_uncertainty). All variants share the folds.
+
+Length (~910 lines): a whole evaluation face (data, folds, variants, metrics, its own
+report); the head itself is :mod:`dinov2_hier.heads.constrained`.
 """
 from __future__ import annotations
 
@@ -334,6 +337,7 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
     """The whole evaluation of ``args`` (see :func:`build_parser`); returns metrics.json's
     content. Raises the library's input errors (exit code 2 through :func:`main`)."""
     from dinov2_hier.constraints import load_constraints
+    from dinov2_hier.eval_results import METRICS_FILE, read_json_object
     from dinov2_hier.heads.constrained import impossible_mask
     from dinov2_hier.paths import resolve_resource
 
@@ -468,7 +472,7 @@ def evaluate_multilabel(args: argparse.Namespace) -> dict[str, Any]:
         preds[v] = label_strings(r["decoded"][test_rows], classes)
         preds[f"{v}_raw"] = label_strings(r["raw"][test_rows], classes)
     write_predictions_csv(out_dir, sample, paths, fold_of[test_rows], label_strings(Yt, classes), preds)
-    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json_object(out_dir / METRICS_FILE)
     if args.report:
         from dinov2_hier.io import atomic_write_text
 

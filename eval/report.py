@@ -23,6 +23,10 @@ per-fold values, one confusion matrix per probe (pooled over the test folds, col
 share of the true class's row), per-class F1 bars, and a 2D UMAP of the features coloured
 by class and by lineage when ``umap-learn`` is installed (otherwise a note saying how to
 install it).
+
+Length (~765 lines): the writers and readers of the three output files and the
+self-contained HTML renderer (inline SVG charts) they feed; the result files' names and
+JSON writer are :mod:`dinov2_hier.eval_results`'.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from dinov2_hier.errors import UserError
+from dinov2_hier.eval_results import METRICS_FILE, write_results_json
 from dinov2_hier.io import atomic_write_text
 
 __all__ = [
@@ -65,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger("dinov2_hier.eval.report")
 
-METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_FILE = "report.html"
 #: The fixed leading columns of predictions.csv; one column per classifier follows.
@@ -250,9 +254,7 @@ def write_metrics_json(directory: str | Path, summary: Mapping[str, Any], extra:
     doc["probes"] = summary
     ordered = {k: doc[k] for k in _METRICS_KEY_ORDER if k in doc}
     ordered.update({k: v for k, v in doc.items() if k not in ordered})
-    path = Path(directory) / METRICS_FILE
-    atomic_write_text(path, json.dumps(json_safe(ordered), indent=2, allow_nan=False) + "\n")
-    return path
+    return write_results_json(Path(directory) / METRICS_FILE, json_safe(ordered))
 
 
 # --------------------------------------------------------------------------- predictions.csv

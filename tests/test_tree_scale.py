@@ -320,13 +320,15 @@ def test_expected_shapes_are_the_built_models(overrides):
 
 def test_eval_teacher_file_with_crafted_geometry_fails_before_building(tmp_path, monkeypatch):
     import eval.features as features
+    from dinov2_hier.models.spec import BackboneSpec
     from dinov2_hier.models.vision_transformer import build_backbone
     from dinov2_hier.train.checkpoint import CheckpointError
 
     model = build_backbone("vit_tiny", img_size=32, patch_size=8)
     meta = {"arch": "vit_tiny", "img_size": 8 * 100_000, "patch_size": 8, "num_register_tokens": 0}
     torch.save({"model": model.state_dict(), "meta": meta}, tmp_path / "teacher_backbone.pt")
-    monkeypatch.setattr(features, "build_backbone", lambda *a, **k: pytest.fail("model built"))
+    # eval builds a recorded architecture through BackboneSpec.build (it called build_backbone before)
+    monkeypatch.setattr(BackboneSpec, "build", lambda *a, **k: pytest.fail("model built"))
     with pytest.raises(CheckpointError, match=r"shape mismatch at 'pos_embed'.*need 1 \+ \(800000/8\)\^2"):
         features.load_eval_backbone(tmp_path / "teacher_backbone.pt")
     meta.update(img_size=32, num_register_tokens=1_000_000)

@@ -32,6 +32,9 @@ Steps 3-6 (photometric) run batched in float32 through
 image's crops (``photometric="loader"``) or later on the training device on the whole
 batch (``photometric="device"``: the item carries uint8 crops and the parameters; the
 local crops, of another size, as a tensor and parameter rows of their own).
+
+Length (~510 lines): the global crops, the local crops and the eval transform share the
+seeded parameter draws and the geometry helpers.
 """
 from __future__ import annotations
 
@@ -44,11 +47,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from ..models.spec import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported: the default normalisation)
 from .photometric import ColorJitterParams, CropParams, apply_photometric, photometric_params
 from .seeding import torch_generator
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Where the photometric ops run: in the loader worker, or on the training device.
 PHOTOMETRIC_MODES = ("loader", "device")

@@ -1,10 +1,11 @@
-"""Safe loading of pretrained or exported backbone weights.
+"""Safe reading of weights files and non-strict loading of backbone weights.
 
-Accepted sources: ``.safetensors`` files, ``torch.save`` files holding only tensors and
-plain containers (read with ``weights_only=True``; pickled objects are refused), or an
-in-memory mapping. Accepted layouts: a plain backbone state dict, ``{"model": ...}`` /
-``{"state_dict": ...}`` wrappers, and DINOv2 / DinoBloom training checkpoints
-(``{"teacher": {"backbone.<name>": ...}}``, possibly with FSDP block chunks).
+Files: ``.safetensors``, or ``torch.save`` files holding only tensors and plain
+containers (read with ``weights_only=True``; pickled objects are refused). Layouts: a
+plain backbone state dict, ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers, and
+DINOv2 / DinoBloom training checkpoints (``{"teacher": {"backbone.<name>": ...}}``,
+possibly with FSDP block chunks). Which file is what, and the loading of a file by path:
+:mod:`dinov2_hier.models.artifacts`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,8 +21,6 @@ from torch import Tensor
 from dinov2_hier.errors import UserError
 from dinov2_hier.io import load_error_message
 from dinov2_hier.models.vision_transformer import VisionTransformer, interpolate_pos_embed
-
-PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
 
 # Wrappers that hold the real state dict, most specific first (the EMA teacher is the
 # model DINOv2 evaluates and releases).
@@ -34,7 +33,7 @@ _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
 #: Least share of the model's weights (counted in elements) that a file given for
-#: :func:`load_backbone_weights` must provide; below it the file is refused as not this
+#: :func:`load_backbone_state` must provide; below it the file is refused as not this
 #: backbone's weights. Legitimate partial loads (a checkpoint without register tokens or
 #: mask token, another resolution's ``pos_embed``) keep far more than this.
 MIN_MATCHED_SHARE = 0.5
@@ -48,7 +47,7 @@ class WeightsError(UserError, ValueError):
 
 @dataclass
 class LoadReport:
-    """Outcome of :func:`load_backbone_weights`: model keys absent from the checkpoint,
+    """Outcome of :func:`load_backbone_state`: model keys absent from the checkpoint,
     checkpoint keys the model does not have, and keys resampled to the model's shape."""
 
     missing: list[str] = field(default_factory=list)
@@ -209,27 +208,20 @@ def _check_matched_share(model_state: Mapping[str, Tensor], state: Mapping[str, 
     )
 
 
-def load_backbone_weights(model: VisionTransformer, path_or_state: PathOrState, source: str | None = None) -> LoadReport:
-    """Load backbone weights into ``model`` in place (non-strict).
+def load_backbone_state(model: VisionTransformer, state: dict[str, Tensor], source: str) -> LoadReport:
+    """Load a backbone state dict (DINOv2 names, as :func:`extract_backbone_state_dict`
+    gives) into ``model`` in place (non-strict); ``source`` names it in the errors.
 
     ``pos_embed`` is resampled (bicubic) to the model's patch grid when the checkpoint
     was trained at another resolution. Any other key present in both with a different
     shape raises :class:`WeightsError` naming the first such key and both shapes; so does
     an integer or bool tensor where the model has floating weights (naming key and dtype),
-    and a file providing less than :data:`MIN_MATCHED_SHARE` of the model's weights
+    and a state providing less than :data:`MIN_MATCHED_SHARE` of the model's weights
     (by element count; naming example keys of both sides). The model is left untouched
     when it raises. Keys present on one side only are returned in the report for the
-    caller to log. ``source`` names a mapping's origin in the errors (a file already read).
+    caller to log. Files and other layouts: :func:`dinov2_hier.models.load_backbone_weights`.
     """
-    if isinstance(path_or_state, Mapping):
-        source, raw = source or "state dict", path_or_state
-    else:
-        source, raw = os.fspath(path_or_state), read_state_dict(path_or_state)
-    try:
-        state = extract_backbone_state_dict(raw)
-    except WeightsError as err:
-        raise WeightsError(f"{source}: {err}") from err
-
+    state = dict(state)  # pos_embed may be replaced: never in the caller's mapping
     model_state = model.state_dict()
     check_floating(model_state, state, source)  # before pos_embed is resampled as floats
     report = LoadReport()

@@ -6,20 +6,24 @@ A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..io import atomic_torch_save, load_error_message
+# The names of a run's files are defined where every floor's readers find them.
+from ..models.artifacts import CHECKPOINT_DIR, TEACHER_FILE, list_checkpoints
 
-CHECKPOINT_DIR = "checkpoints"
-TEACHER_FILE = "teacher_backbone.pt"
+__all__ = [
+    "CHECKPOINT_DIR", "GOOD_KEY", "METRICS_FILE", "TEACHER_FILE", "CheckpointError", "check_state_dict_matches",
+    "checkpoint_path", "list_checkpoints", "load_checkpoint", "load_model_state", "save_checkpoint",
+    "weights_finite", "why_not_good",
+]
+
 #: The run's JSON-lines records: one per logged training step, and the validation records
 #: (``"split": "val"``, :mod:`.validation`).
 METRICS_FILE = "metrics.jsonl"
-_NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 #: Entry of every checkpoint recording :func:`why_not_good`'s verdict when it was written,
 #: for readers that do not want to scan the weights.
 GOOD_KEY = "good"
@@ -31,20 +35,6 @@ class CheckpointError(UserError, ValueError):
 
 def checkpoint_path(output_dir: Path, iteration: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / f"ckpt_{iteration:08d}.pt"
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """``(iteration, path)`` of the full checkpoints in ``output_dir``, oldest first.
-    Temporary files of an interrupted write never match the name pattern."""
-    folder = Path(output_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _NAME_RE.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def save_checkpoint(

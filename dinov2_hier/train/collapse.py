@@ -22,6 +22,8 @@ from pathlib import Path
 
 from ..errors import RunAborted
 from ..io import read_jsonl
+from ..models.artifacts import RUN_CONFIG_FILE, run_dir_of_file
+from .checkpoint import METRICS_FILE
 
 logger = logging.getLogger("dinov2_hier.train")
 
@@ -178,7 +180,7 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
     from .validation import is_val_record
 
     run = Path(run_dir)
-    config, metrics = run / "config.yaml", run / "metrics.jsonl"
+    config, metrics = run / RUN_CONFIG_FILE, run / METRICS_FILE
     if not (config.is_file() and metrics.is_file()):
         return None
     cfg = OmegaConf.load(config)
@@ -198,9 +200,5 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
 def run_dir_of(checkpoint: str | Path) -> Path | None:
     """The training run directory a checkpoint file belongs to (``RUN/checkpoints/ckpt_*.pt``
     or ``RUN/teacher_backbone.pt``), or None."""
-    path = Path(checkpoint)
-    candidates = [path.parent.parent] if path.parent.name == "checkpoints" else [path.parent]
-    for run in candidates:
-        if (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file():
-            return run
-    return None
+    run = run_dir_of_file(checkpoint)
+    return run if (run / RUN_CONFIG_FILE).is_file() and (run / METRICS_FILE).is_file() else None

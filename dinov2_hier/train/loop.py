@@ -1,4 +1,9 @@
-"""The training loop: iterations, logging, metrics, checkpoints and resume."""
+"""The training loop: iterations, logging, metrics, checkpoints and resume.
+
+Length (~720 lines): :class:`Trainer` is one object whose state a checkpoint saves and
+restores whole (model, optimizer, loader position, RNG, counters); the step itself is
+:mod:`.step`'s and the teacher file's metadata :class:`~dinov2_hier.models.BackboneSpec`'s.
+"""
 from __future__ import annotations
 
 import json
@@ -18,6 +23,8 @@ from ..config import ConfigError, save_config, to_yaml
 from ..data import SkipCounter
 from ..errors import RunAborted
 from ..io import atomic_torch_save, atomic_write_text, read_jsonl
+from ..models.artifacts import RUN_CONFIG_FILE, teacher_backbone_state
+from ..models.spec import BackboneSpec
 from ..paths import resolve_resource
 from .batch import batch_to_device
 from .collapse import CollapseDetector, CollapseError, ln_k_of
@@ -117,13 +124,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-TEACHER_PREFIX = "teacher.backbone."
-
-
 def teacher_backbone_payload(
     model: SSLMetaArch, cfg: DictConfig, iteration: int, model_state: dict | None = None
 ) -> dict:
-    """The teacher backbone as a plain state dict plus what evaluation needs to rebuild it.
+    """The teacher backbone as a plain state dict plus what evaluation needs to rebuild it:
+    ``{"model": state_dict, "meta": BackboneSpec.from_config(cfg).to_metadata() + "iteration"}``.
 
     ``model_state``: a full ``SSLMetaArch`` state dict to take the teacher from (what a
     sharded model gathers on rank 0, see :func:`~dinov2_hier.train.parallel.gather_model_state`);
@@ -132,21 +137,10 @@ def teacher_backbone_payload(
     if model_state is None:
         backbone_state = model.teacher["backbone"].state_dict()
     else:
-        backbone_state = {k[len(TEACHER_PREFIX):]: v for k, v in model_state.items() if k.startswith(TEACHER_PREFIX)}
+        backbone_state = teacher_backbone_state(model_state)
     return {
         "model": {k: v.detach().cpu() for k, v in backbone_state.items()},
-        "meta": {
-            "arch": cfg.student.arch,
-            "patch_size": int(cfg.student.patch_size),
-            "img_size": int(cfg.crops.global_crops_size),
-            "num_register_tokens": int(cfg.student.num_register_tokens),
-            "ffn_layer": str(cfg.student.ffn_layer),
-            "layerscale": cfg.student.layerscale,
-            "qkv_bias": bool(cfg.student.qkv_bias),
-            "mean": [float(x) for x in cfg.crops.mean],
-            "std": [float(x) for x in cfg.crops.std],
-            "iteration": int(iteration),
-        },
+        "meta": {**BackboneSpec.from_config(cfg).to_metadata(), "iteration": int(iteration)},
     }
 
 
@@ -275,7 +269,7 @@ class Trainer:
         """``--no-resume``: move the previous run's checkpoints, records, summary, teacher
         file and config into ``OUTPUT_DIR/replaced_<time>/``, so that no later resume can
         pick them and the new run's records do not mix with them. Rank 0 moves; all wait."""
-        names = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, TEACHER_FILE, "config.yaml")
+        names = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, TEACHER_FILE, RUN_CONFIG_FILE)
         present = [name for name in names if (self.output_dir / name).exists()]
         if present and distributed.is_main_process():
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -503,7 +497,7 @@ class Trainer:
         total = cfg.train.iterations
         end = total if stop_at is None else min(stop_at, total)
         if distributed.is_main_process():
-            save_config(cfg, self.output_dir / "config.yaml")
+            save_config(cfg, self.output_dir / RUN_CONFIG_FILE)
         logger.info("data: %s", self.data.description)
         logger.info(
             "model: %s, %.1fM student parameters; device %s, %s; batch %d x %d ranks (parallel: %s)",

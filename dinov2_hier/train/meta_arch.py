@@ -20,7 +20,7 @@ from ..losses import diagnostics
 from ..hierarchy import Hierarchy
 from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..config import ConfigError
-from ..models import DINOHead, build_backbone
+from ..models import BackboneSpec, DINOHead
 from ..models.vision_transformer import DROP_PATH_MODES, DROP_PATH_SCHEDULES, RESIDUAL_STREAMS
 from .supervision import build_supervised_heads
 
@@ -52,19 +52,13 @@ DIAGNOSTIC_PATCH_ROWS = 1024
 
 
 def build_backbone_from_config(cfg: DictConfig, drop_path_rate: float | None = None) -> nn.Module:
-    """The ViT described by ``cfg.student`` at the training crop size."""
+    """The ViT described by ``cfg`` (:meth:`BackboneSpec.from_config`) with its training-time
+    settings: ``student.drop_path_rate`` (or ``drop_path_rate``) and ``student.drop_path_schedule``."""
     # Configs saved before student.drop_path_schedule existed ran the linear schedule.
     schedule = _choice(cfg, "student.drop_path_schedule", DROP_PATH_SCHEDULES, if_absent="linear")
-    return build_backbone(
-        cfg.student.arch,
-        img_size=cfg.crops.global_crops_size,
-        patch_size=cfg.student.patch_size,
+    return BackboneSpec.from_config(cfg).build(
         drop_path_rate=cfg.student.drop_path_rate if drop_path_rate is None else drop_path_rate,
         drop_path_schedule=schedule,
-        layerscale_init=cfg.student.layerscale,
-        ffn_layer=cfg.student.ffn_layer,
-        num_register_tokens=cfg.student.num_register_tokens,
-        qkv_bias=cfg.student.qkv_bias,
     )
 
 

@@ -15,14 +15,9 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from ..models.artifacts import load_backbone_weights
 from ..models.heads import upgrade_last_layer_keys
-from ..models.weights import (
-    LoadReport,
-    WeightsError,
-    extract_head_state_dicts,
-    load_backbone_weights,
-    read_state_dict,
-)
+from ..models.weights import LoadReport, WeightsError, extract_head_state_dicts, read_state_dict
 
 logger = logging.getLogger("dinov2_hier.train")
 
