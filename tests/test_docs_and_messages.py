@@ -233,7 +233,8 @@ def _metrics_doc() -> dict:
 
 def test_metric_tables_mark_lower_is_better():
     from eval.cli_common import format_results
-    from eval.multilabel import _format, render_multilabel_report
+    from eval.multilabel import render_multilabel_report
+    from eval.multilabel.cli import _format
     from eval.report import render_report_html
 
     html = render_report_html(_metrics_doc())

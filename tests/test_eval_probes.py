@@ -87,7 +87,7 @@ def test_batched_problems_equal_separate_fits():
     """One batch of three problems on the same rows: all rows (3 classes), rows without
     class 2 (a binomial problem) and rows without class 1 at another C. Each equals its own
     scikit-learn fit on its rows; an absent class gets probability 0."""
-    from eval.probes import _BatchedLBFGS, _Problems
+    from eval.probes.lbfgs import _BatchedLBFGS, _Problems
 
     X, y = _blobs(40, 3, dim=8, spread=0.8, seed=2)
     classes, codes = np.unique(y, return_inverse=True)
@@ -253,7 +253,7 @@ def test_knn_k_larger_than_training_set_and_blocking(monkeypatch):
     counts = {c: int(np.sum(y[:30] == c)) for c in np.unique(y[:30])}
     assert len(set(full)) == 1 and counts[full[0]] == max(counts.values())  # every sample votes
     expected = KNNProbe(5).fit(X[:40], y[:40]).predict(X[40:])
-    monkeypatch.setattr("eval.probes._KNN_BLOCK_ELEMENTS", 50)  # one query row per block
+    monkeypatch.setattr("eval.probes.knn._KNN_BLOCK_ELEMENTS", 50)  # one query row per block
     assert list(KNNProbe(5).fit(X[:40], y[:40]).predict(X[40:])) == list(expected)
     assert balanced_accuracy(y[40:], expected) > 0.8
 
