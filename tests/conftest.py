@@ -33,6 +33,25 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads_fixed_for_the_session():
+    """One torch intra-op thread for every test, whatever ran before it. Float reductions
+    depend on the thread count, and a few tests train a tiny model for tens of steps, where
+    that difference grows (``test_hierce_training_supervised_loss_falls`` ended at 0.655 of
+    its first loss with one thread and 0.743 with two). Before, the count was whatever an
+    earlier test had left (``test_bench``'s probe test and ``test_submit``'s
+    ``single_process`` fixture set 1 and kept it): 2 on a 2-core machine for a test run
+    alone, 1 in a full run. One thread is also the faster choice for these tiny tensors on
+    busy CI cores. Subprocesses start with torch's default; the ranks of the
+    multi-process tests set their own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module of tiny tensors: OpenMP spin-waiting on busy CI cores

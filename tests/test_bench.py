@@ -57,12 +57,9 @@ def test_benchmarks_with_device_photometric(tmp_path, tiny_overrides, capsys):
 
 
 def test_probe_benchmark_reports_both_backends(tmp_path, capsys, monkeypatch):
-    import torch
-
     from bench.probe import main as probe_main
 
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # torch: one thread for the session (conftest)
     out = tmp_path / "probe.json"
     assert probe_main(["--n", "300", "--dim", "16", "--classes", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
