@@ -88,8 +88,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` (minutes on 2 cores) run only with ``DINOV2_HIER_SLOW=1``;
-    ``.ci/run`` sets it, so CI runs them."""
+    """Tests marked ``slow`` run only with ``DINOV2_HIER_SLOW=1``; ``.ci/run`` sets it, so
+    CI runs them. They are the multi-process, subprocess, compile-tracing, long-training
+    and large-model tests (half the suite's time on 2 cores); each area keeps a fast test
+    in the default run."""
     if os.environ.get("DINOV2_HIER_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: set DINOV2_HIER_SLOW=1 to run")

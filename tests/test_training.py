@@ -228,6 +228,7 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert "no/such/manifest.csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     out = tmp_path / "cli"
     proc = subprocess.run(
@@ -241,6 +242,7 @@ def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     assert "it 2/2" in (out / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_hierce_training_supervised_loss_falls(tmp_path, tiny_overrides):
     """80 steps with a HierCE head: the mean HierCE loss of the last 10 steps is below 0.85
     of the first 10's.
