@@ -95,6 +95,7 @@ def test_a_bad_value_in_a_config_file_names_the_key_and_a_typo_the_file(tmp_path
                                        "did you mean 'optim.base_lr'?")
 
 
+@pytest.mark.slow
 def test_the_real_process_exits_2_with_one_line(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "dinov2_hier.train", "--output-dir", str(out), "train.log_every=0"],

@@ -365,6 +365,7 @@ def _assert_states_close(actual: dict, expected: dict, what: str) -> None:
     assert worst < ATOL, f"{what}: max abs difference {worst:.2e}"
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     steps = _make_steps()
     torch.save(steps, tmp_path / "steps.pt")
@@ -470,6 +471,7 @@ def _copy_run(src: Path, dst: Path, up_to: int) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_one_process_and_two_ranks(tmp_path):
     # One process, batch 2B, stops at iteration 2.
     assert train_main(["--output-dir", str(tmp_path / "one"), *ONE_PROCESS, "--stop-at", "2"]) == 0
@@ -555,6 +557,7 @@ def _scalars(output: tuple[dict, dict]) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("centering, supervised_crops", [("sinkhorn_knopp", "all"), ("softmax", "unmasked")])
+@pytest.mark.slow
 def test_step_forward_traces_as_one_graph(tiny_overrides, centering, supervised_crops):
     """compute.compile=forward pays off only if the whole forward is one graph: no host
     synchronisation (e.g. on the masked-patch count) and no data-dependent shape. Dynamo's
@@ -680,6 +683,7 @@ def _gather_worker(rank: int, port: int, out_dir: str) -> None:
         distributed.destroy_distributed()
 
 
+@pytest.mark.slow
 def test_per_crop_targets_gather_in_the_order_of_the_tokens(tmp_path):
     """Rank 0 holds 2 images (rows 0-3), rank 1 holds 3 (rows 0-5): the global crop-major
     batch is crop 0 of r0 (0, 1), crop 0 of r1 (100, 101, 102), crop 1 of r0 (2, 3), crop 1

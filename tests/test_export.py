@@ -401,6 +401,7 @@ def test_timm_swiglu_and_no_layerscale_numerically():
     assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_timm_vit_large_patch14_dinov2_numerically():
     """ViT-L/14 at 224 px (random weights, converter only): timm's CLS equals ours."""
     timm = pytest.importorskip("timm")

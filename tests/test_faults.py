@@ -36,6 +36,7 @@ def test_loader_workers_ignore_every_signal_the_trainer_handles():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.slow
 def test_signal_to_the_process_group_checkpoints_and_exits_0(tmp_path, signum):
     """SLURM (preemption, scancel, time limit) and GNU ``timeout`` send SIGTERM to every
     process of the job, Ctrl-C sends SIGINT to the terminal's process group: with real

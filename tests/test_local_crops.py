@@ -328,6 +328,7 @@ def test_position_embeddings_interpolate_to_every_smaller_grid():
             assert out.shape == (1, 1 + h * h, 4) and torch.equal(out[:, 0], pos[:, 0])
 
 
+@pytest.mark.slow
 def test_compiled_forward_is_one_graph_and_the_backbone_gets_one_static_graph_more():
     """compute.compile=forward: the step's forward with local crops still traces as one graph
     (dynamo's fullgraph trace, backend without code generation); compute.compile=backbone: the

@@ -405,6 +405,42 @@ def test_add_on_subset_has_the_expectation_of_the_full_branch() -> None:
     torch.testing.assert_close(mean, 3.0 * x, rtol=0.03, atol=0.0)
 
 
+def _add_on_subset_index_put(x: torch.Tensor, branch, rate: float) -> torch.Tensor:
+    """The batch subset written the direct way (the model's form before the row
+    permutation): the same draw (one ``torch.rand(n)``, so the same rows under the same
+    seed), a gather of the kept rows and an ``index_put`` of their updates."""
+    n = x.shape[0]
+    kept = max(int(n * (1.0 - rate)), 1)
+    rows = torch.rand(n, device=x.device).argsort()[:kept]
+    subset = x[rows]
+    return x.index_put((rows,), subset + branch(subset).to(x.dtype) * (n / kept))
+
+
+def test_add_on_subset_adds_the_same_update_as_the_index_put_form() -> None:
+    from dinov2_hier.models.vision_transformer import add_on_subset
+
+    # A constant branch: kept = floor(8 * 0.6) = 4 rows get + 8 / 4 = 2, the others nothing.
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = add_on_subset(x, lambda t: torch.ones_like(t), 0.4)
+    assert sorted((out - x)[:, 0].tolist()) == pytest.approx([0.0] * 4 + [2.0] * 4)
+    # A learnable branch: same crops (same draw under the same seed), same values and gradients.
+    branch = torch.nn.Linear(3, 3).double()
+    results = []
+    for fn in (_add_on_subset_index_put, add_on_subset):
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        y = fn(xg, lambda t: torch.tanh(branch(t)), 0.4)
+        grads = torch.autograd.grad((y * torch.arange(24.0, dtype=torch.float64).view(8, 3)).sum(),
+                                    [xg, *branch.parameters()])
+        results.append((y, grads))
+    (y_ref, g_ref), (y_new, g_new) = results
+    torch.testing.assert_close(y_new, y_ref, rtol=0, atol=1e-12)
+    for a, b in zip(g_new, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.equal(y_ref, x)  # the branch did change some rows
+
+
 def test_subset_drop_path_skips_the_dropped_rows_flops() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -219,6 +219,7 @@ def _usr2_at_second_poll():
     return gated_poll, polls
 
 
+@pytest.mark.slow
 def test_preemption_signal_checkpoints_then_the_requeued_job_resumes(tmp_path, monkeypatch, single_process):
     """The cluster's path, in one process: submitit's own signal handler (installed as in a
     SLURM task, with the debug job environment whose requeue is a no-op) receives USR2 while
@@ -336,6 +337,7 @@ def test_training_under_stop_on_signals_checkpoints_on_sigusr1(tmp_path, single_
     "stop_on_signals" not in (PROJECT_ROOT / "dinov2_hier" / "train" / "__main__.py").read_text(),
     reason="the training CLI does not install stop_on_signals yet",
 )
+@pytest.mark.slow
 def test_training_cli_stops_cleanly_on_sigusr1(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -535,6 +537,7 @@ def _preempted_rank(rank: int, port: int, run_dir: str, submitit_dir: str, resul
         results[0] = ("exited after requeue", job.stop_flag.reason)
 
 
+@pytest.mark.slow
 def test_two_rank_preemption_stops_both_ranks_at_the_same_iteration(tmp_path, single_process):
     """Only rank 0 is told (as submitit does); the loop's all-reduced stop poll stops rank 1
     at the same iteration, rank 0 writes the checkpoint, and the requeued job resumes there

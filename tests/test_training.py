@@ -228,6 +228,7 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert "no/such/manifest.csv" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     out = tmp_path / "cli"
     proc = subprocess.run(
@@ -241,7 +242,21 @@ def test_cli_entry_point_trains(tmp_path, tiny_overrides):
     assert "it 2/2" in (out / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_hierce_training_supervised_loss_falls(tmp_path, tiny_overrides):
+    """80 steps with a HierCE head: the mean HierCE loss of the last 10 steps is below 0.85
+    of the first 10's.
+
+    The run is deterministic for a given thread count, CPU and torch build, but any change
+    of float summation order (another thread count, CPU kernel or torch version) draws
+    another trajectory. Measured on the 2-core CPU with torch 2.14.1: seeds 0-8 with one
+    thread and seed 0 with 2, 3 and 4 threads ended at 0.549-0.743 of the first loss (mean
+    0.652, sd 0.065); without learning (``optim.base_lr=0``, seeds 0-5) at 0.969-1.024
+    (mean 1.005, sd 0.022). The former bound, 0.75, sat 1.5 sd above the learning runs'
+    mean: seed 0 with two threads (this test run alone on 2 cores, before conftest fixed
+    one thread for the session) ended at 0.743, and a full run was reported to fail once.
+    0.85 is 3.0 of their sd above their mean and 7.2 of the no-learning runs' sd below
+    theirs: a head that does not learn still fails."""
     overrides = tiny_overrides + [
         "supervision.hierarchy=hierarchies/synthetic.json",
         "supervision.losses=[{name: hierce, weight: 1.0, alpha: 0.5, head: linear}]",
@@ -258,7 +273,7 @@ def test_hierce_training_supervised_loss_falls(tmp_path, tiny_overrides):
     assert not any("hierce" in k for k in trainer.model.teacher.state_dict())
     hierce = [r["loss_hierce"] for r in _metrics(tmp_path / "run")]
     first, last = sum(hierce[:10]) / 10, sum(hierce[-10:]) / 10
-    assert last < 0.75 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
 
 
 def test_labelled_share_puts_labels_in_every_batch(tmp_path, tiny_overrides):

@@ -367,6 +367,7 @@ def _two_rank_val_worker(rank: int, ports: list[int], out_dir: str) -> None:
         Path(out_dir, "val.json").write_text(json.dumps(results))
 
 
+@pytest.mark.slow
 def test_two_ranks_validate_their_shards_and_agree_with_one_process(tmp_path):
     """2 ranks x batch 4 (DDP and FSDP2) see, batch by batch, the same 8 held-out images as
     one process with batch 8; the all-reduced per-image means equal the one-process ones."""
