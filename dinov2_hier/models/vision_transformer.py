@@ -102,7 +102,7 @@ def add_on_subset(x: Tensor, branch: Callable[[Tensor], Tensor], rate: float) ->
     Written as a row permutation: shuffle the rows, update the leading ``kept``, shuffle
     back. Each shuffle's backward is the other shuffle, where a gather + ``index_put``
     would scatter into full-size zero tensors in the backward; on an H200 the shipped ViT-L
-    step ran 3.9% faster this way (``docs/performance.md``, eighth pass).
+    step ran 3.9% faster this way (``docs/performance.md``, "What the shipped settings give").
     """
     n = x.shape[0]
     kept = max(int(n * (1.0 - rate)), 1)
