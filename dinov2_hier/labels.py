@@ -11,6 +11,9 @@ Label lookup is exact first, then on a normalised form (case-folded, runs of
 spaces / hyphens / underscores as one ``_``), so ``"Lymphocyte typical"``,
 ``"lymphocyte_typical"`` and ``"LYMPHOCYTE-TYPICAL"`` are one label. Two keys of a
 map that normalise alike must map to the same node.
+
+Length (~480 lines): the label-map file format (validated with located errors), the one
+folder loader and the one resolver, which training and evaluation share.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ without renaming. Attention uses ``F.scaled_dot_product_attention`` (no xformers
 
 Shapes: ``n`` images, ``D`` embedding width, ``R`` register tokens, ``N = (H/p) * (W/p)``
 patch tokens of an ``H x W`` input with patch side ``p`` pixels.
+
+Length (~520 lines): one network; its blocks, drop-path modes and position-embedding
+interpolation are the pieces DINOv2's parameter names and the training step's speed need.
 """
 from __future__ import annotations
 
