@@ -48,11 +48,7 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.paths import resolve_resource
 from dinov2_hier.train.batch import batch_to_device
 from dinov2_hier.train.data import build_augmentation, patch_grid
-from dinov2_hier.train.loop import resolve_compute
-from dinov2_hier.train.meta_arch import SSLMetaArch
-from dinov2_hier.train.optim import build_optimizer, build_param_groups, clip_grad_per_module
-from dinov2_hier.train.parallel import resolve_parallel, wrap_model
-from dinov2_hier.train.schedules import build_schedules
+from dinov2_hier.train.parts import StepParts, build_step_parts, resolve_step_compute
 from dinov2_hier.train.step import train_step
 
 
@@ -275,22 +271,23 @@ def find_host_syncs(step, device: torch.device) -> list[str] | None:
     return sites
 
 
-def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
-    cfg = load_config(args.config, overrides)
-    device, precision = resolve_compute(cfg)
-    mode = resolve_parallel(cfg, info.world_size)
-    torch.manual_seed(cfg.seed)
+def build_bench_parts(cfg, world_size: int, rank: int) -> tuple[StepParts, Hierarchy | None]:
+    """The step's parts as the trainer builds them (:func:`~dinov2_hier.train.parts.build_step_parts`),
+    from the initial weights (``student.pretrained_weights`` is not loaded), and the label
+    hierarchy of ``supervision.hierarchy`` (None without). Resolves ``cfg``'s ``compute``."""
+    compute = resolve_step_compute(cfg, world_size)
     hierarchy = None
     if cfg.supervision.hierarchy is not None:
         hierarchy = Hierarchy.from_json(resolve_resource(cfg.supervision.hierarchy, "supervision.hierarchy"))
-    model = SSLMetaArch(cfg, hierarchy).to(device)
-    engine = wrap_model(model, mode, cfg, device)  # as training does; optimizer after wrapping
-    engine.train()
-    groups = build_param_groups(model.trainable_modules(), model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
-    grad_groups, clip_per_module = model.gradient_groups(), clip_grad_per_module(cfg)  # as the trainer
-    scaler = precision.grad_scaler()
-    schedule = build_schedules(cfg, info.world_size).values(cfg.train.iterations // 2)  # mid-run values
+    return build_step_parts(cfg, compute, hierarchy, world_size, rank, pretrained=False), hierarchy
+
+
+def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: list[str]) -> dict:
+    cfg = load_config(args.config, overrides)
+    parts, hierarchy = build_bench_parts(cfg, info.world_size, info.rank)
+    device, precision, mode, model = parts.compute.device, parts.compute.precision, parts.compute.parallel, parts.model
+    parts.engine.train()
+    schedule = parts.schedules.values(cfg.train.iterations // 2)  # mid-run values
     batch = synthetic_batch(cfg, device, hierarchy.num_leaves if hierarchy is not None else 0, info.rank)
     augmentation = build_augmentation(cfg)
 
@@ -301,8 +298,8 @@ def _measure(args: argparse.Namespace, info: distributed.DistInfo, overrides: li
         step_batch = batch_to_device(batch, device, augmentation)
         # Diagnostics on every train.log_every-th step, as the trainer computes them.
         logged = next(calls) % cfg.train.log_every == 0
-        return train_step(engine, optimizer, scaler, step_batch, schedule, precision, cfg.optim.clip_grad,
-                          grad_groups, clip_per_module, with_stats=logged)
+        return train_step(parts.engine, parts.optimizer, parts.scaler, step_batch, schedule, precision,
+                          parts.clip_grad, parts.grad_groups, parts.clip_per_group, with_stats=logged)
 
     for _ in range(args.warmup):
         step().read()

@@ -270,3 +270,54 @@ def test_benchmarks_report_bad_input_in_one_line_with_exit_code_2(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         probe_main(["--skip-probes"])
     assert exit_info.value.code == 2 and "give --ckpt and --data" in capsys.readouterr().err
+
+
+def test_bench_builds_the_step_parts_the_trainer_builds(tmp_path, tiny_overrides, monkeypatch):
+    """bench/train_step.py and Trainer take their step from one builder (train/parts.py):
+    for one config they get the same optimizer groups, schedules, clipping and precision."""
+    from bench.train_step import build_bench_parts
+    from dinov2_hier.config import load_config
+    from dinov2_hier.train.loop import Trainer
+
+    overrides = tiny_overrides + [
+        "supervision.hierarchy=hierarchies/synthetic.json", "supervision.losses=[{name: hierce}]",
+        "optim.clip_grad=1.5", "optim.clip_grad_mode=global",
+    ]
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run", resume=False)
+    trainer.release()
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    monkeypatch.chdir(bench_dir)
+    parts, hierarchy = build_bench_parts(load_config(None, overrides), world_size=1, rank=0)
+    assert list(bench_dir.iterdir()) == []  # no output directory, lock or log file
+    assert hierarchy is not None and sorted(parts.model.supervised.keys()) == ["hierce"]
+
+    def layout(optimizer):
+        return [(g["lr_mult"], g["wd_mult"], g["is_last_layer"], len(g["params"]), sum(p.numel() for p in g["params"]))
+                for g in optimizer.param_groups]
+
+    assert layout(parts.optimizer) == layout(trainer.optimizer)
+    groups = layout(parts.optimizer)
+    assert len(groups) == 14 and sum(g[4] for g in groups) == 2_305_995
+    assert groups[0][:2] == pytest.approx((0.9 ** 5, 1.0)) and groups[-1] == (1.0, 1.0, True, 2, 16640)
+    expected = {  # (lr, wd, momentum, teacher_temp) at iterations 0, 1, 3, 5 of 6
+        0: (0.0, 0.04, 0.992, 0.04),
+        1: (1.767766952966369e-4, 0.0507179676972449, 0.9925358983848622, 0.055),
+        3: (3.0192314190604367e-4, 0.12, 0.996, 0.07),
+        5: (5.263024868723017e-5, 0.18928203230275512, 0.9994641016151378, 0.07),
+    }
+    for it, (lr, wd, momentum, temp) in expected.items():
+        values = parts.schedules.values(it)
+        assert values == trainer.schedules.values(it)
+        assert (values["lr"], values["wd"], values["momentum"], values["teacher_temp"]) == pytest.approx(
+            (lr, wd, momentum, temp), rel=1e-12)
+        assert values["last_layer_lr"] == values["lr"] and values["supervision_weight"] == 1.0
+    assert parts.clip_grad == 1.5 and parts.clip_per_group is False is trainer.clip_per_group
+    assert sorted(parts.grad_groups) == sorted(trainer.grad_groups) == ["backbone", "dino_head", "supervised"]
+    assert parts.compute.precision == trainer.precision and parts.compute.precision.dtype == "fp32"  # CPU
+    assert parts.compute.parallel == trainer.parallel == "none" and parts.compute.device == trainer.device
+    assert parts.scaler.is_enabled() is trainer.scaler.is_enabled() is False
+    # The same seed before the model: the same initial weights.
+    bench_state, trainer_state = parts.model.state_dict(), trainer.model.state_dict()
+    assert bench_state.keys() == trainer_state.keys()
+    assert all(torch.equal(bench_state[k], trainer_state[k]) for k in bench_state)

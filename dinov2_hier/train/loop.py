@@ -19,13 +19,12 @@ import torch
 from omegaconf import DictConfig
 
 from .. import distributed
-from ..config import ConfigError, save_config, to_yaml
+from ..config import save_config, to_yaml
 from ..data import SkipCounter
 from ..errors import RunAborted
 from ..io import atomic_torch_save, atomic_write_text, read_jsonl
 from ..models.artifacts import RUN_CONFIG_FILE, teacher_backbone_state
 from ..models.spec import BackboneSpec
-from ..paths import resolve_resource
 from .batch import batch_to_device
 from .collapse import CollapseDetector, CollapseError, ln_k_of
 from .checkpoint import (
@@ -47,15 +46,11 @@ from .parallel import (
     gather_optimizer_state,
     load_model_state_any,
     load_optimizer_state_any,
-    resolve_parallel,
-    wrap_model,
 )
-from .pretrained import head_warmup_iterations, heads_mode, load_pretrained, log_pretrained
 from .supervision import build_supervision
 from .run_lock import RunLock
-from .optim import build_optimizer, build_param_groups, clip_grad_per_module
-from .schedules import build_schedules
-from .step import PendingStep, Precision, StepOutput, train_step
+from .parts import build_step_parts, resolve_step_compute
+from .step import PendingStep, StepOutput, train_step
 from .validation import (
     DEFAULT_CRITERION,
     SPLIT_KEY,
@@ -85,30 +80,6 @@ class RunState:
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
     interrupted: bool = False
-
-
-def resolve_compute(cfg: DictConfig) -> tuple[torch.device, Precision]:
-    """Fix ``compute.device`` and ``compute.dtype`` to what will actually run, in ``cfg``
-    itself, so the saved config records it (CPU always runs fp32)."""
-    requested = cfg.compute.device
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("compute.device=cuda but no CUDA device is available")
-    if requested not in ("cpu", "cuda"):
-        raise ConfigError(f"compute.device must be auto, cpu or cuda, got '{requested}'")
-    if cfg.compute.dtype not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"compute.dtype must be bf16, fp16 or fp32, got '{cfg.compute.dtype}'")
-    dtype = cfg.compute.dtype if requested == "cuda" else "fp32"
-    cfg.compute.device = requested
-    cfg.compute.dtype = dtype
-    if cfg.optim.fused == "auto":
-        cfg.optim.fused = requested == "cuda"
-    if requested == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.compute.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = bool(cfg.compute.allow_tf32)
-    device = torch.device("cuda", torch.cuda.current_device()) if requested == "cuda" else torch.device("cpu")
-    return device, Precision(device_type=device.type, dtype=dtype)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -207,9 +178,9 @@ class Trainer:
         # One run per directory: the main process holds OUTPUT_DIR/.lock until run() ends.
         self._lock = RunLock(self.output_dir) if distributed.is_main_process() else None
         self.world_size = distributed.get_world_size()
-        self.device, self.precision = resolve_compute(cfg)
-
-        self.parallel = resolve_parallel(cfg, self.world_size)
+        # Device, precision and parallel mode first: the data and validation need them.
+        compute = resolve_step_compute(cfg, self.world_size)
+        self.device, self.precision, self.parallel = compute.device, compute.precision, compute.parallel
         # Per-iteration counts and stop flags agree over the ranks on the CPU, so that the
         # host never waits for the GPU between steps (None on one process).
         self.host_group = distributed.new_host_group()
@@ -219,26 +190,14 @@ class Trainer:
         # data.val_fraction / data.val: the held-out images leave the training set (validation.py).
         self.data, val_dataset = hold_out(cfg, build_train_data(cfg))
         self.supervision = build_supervision(cfg, self.data.dataset, val_dataset)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         hierarchy = self.supervision.hierarchy if self.supervision is not None else None
-        self.model = SSLMetaArch(cfg, hierarchy).to(self.device)
+        # The step's parts, built as bench/train_step.py builds them (parts.py).
+        parts = build_step_parts(cfg, compute, hierarchy, self.world_size, self.rank)
+        self.model, self.engine, self.optimizer = parts.model, parts.engine, parts.optimizer
+        self.scaler, self.schedules = parts.scaler, parts.schedules
+        self.grad_groups, self.clip_per_group = parts.grad_groups, parts.clip_per_group
         # Iterations at the start with the backbone frozen (fresh heads on a pretrained backbone).
-        self.head_warmup_iterations = 0
-        if cfg.student.pretrained_weights:
-            self.head_warmup_iterations = self._load_pretrained(cfg.student.pretrained_weights)
-        if self.world_size > 1:
-            torch.manual_seed(cfg.seed + self.rank)  # own stochastic-depth draws per rank
-        # What the step calls: a DDP wrapper, the FSDP2-sharded model itself, or the model.
-        # The optimizer must be built after wrapping (FSDP2 replaces the parameters).
-        self.engine = wrap_model(self.model, self.parallel, cfg, self.device)
-        groups = build_param_groups(
-            self.model.trainable_modules(), self.model.n_blocks, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
-        )
-        self.optimizer = build_optimizer(groups, tuple(cfg.optim.betas), bool(cfg.optim.fused))
-        self.grad_groups = self.model.gradient_groups()
-        self.clip_per_group = clip_grad_per_module(cfg)
-        self.scaler = self.precision.grad_scaler()
-        self.schedules = build_schedules(cfg, self.world_size)
+        self.head_warmup_iterations = parts.head_warmup_iterations
         self.skips = SkipCounter()
         self.validation = None
         if val_dataset is not None and cfg.train.val_every > 0:
@@ -282,16 +241,6 @@ class Trainer:
                 os.replace(self.output_dir / name, target / name)
             logger.warning("--no-resume: starting over; the previous run's %s moved to %s", ", ".join(present), target)
         distributed.barrier()  # every rank, whatever it saw: rank 0 may have moved the files already
-
-    def _load_pretrained(self, path: str) -> int:
-        """Backbone and fitting heads from ``path`` (:mod:`.pretrained`); returns the
-        head warm-up's length in iterations."""
-        resolved = resolve_resource(path, "student.pretrained_weights")
-        start = load_pretrained(
-            self.model.student, self.model.teacher, str(resolved), heads_mode(self.cfg), head_warmup_iterations(self.cfg)
-        )
-        log_pretrained(str(resolved), start)
-        return start.head_warmup_iterations
 
     def _maybe_resume(self) -> None:
         if self._lock is not None:
