@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import dinov2_hier.heads.constrained_head as _head_module
+import dinov2_hier.heads.constrained_loss as _loss_module
 from dinov2_hier.constraints import ConstraintMatrix
-from dinov2_hier.heads.constrained_head import (
+from dinov2_hier.heads.constrained_head import (  # noqa: F401 (re-exported: see __all__)
     CONSTRAINT_MODES,
     HEAD_FORMAT,
     THRESHOLD_MODES,
@@ -42,7 +44,7 @@ from dinov2_hier.heads.constrained_head import (
     decode_exclusive,
     impossible_mask,
 )
-from dinov2_hier.heads.constrained_loss import (
+from dinov2_hier.heads.constrained_loss import (  # noqa: F401 (re-exported: see __all__)
     bernoulli_kl,
     constrained_loss,
     relation_entropy,
@@ -52,32 +54,16 @@ from dinov2_hier.heads.constrained_loss import (
 )
 from dinov2_hier.io import load_error_message
 
+# This module's names, then every public name of the head and of its loss (re-exported).
 __all__ = [
-    "CONSTRAINT_MODES",
-    "HEAD_FORMAT",
-    "THRESHOLD_MODES",
-    "AdaptiveThresholds",
-    "ConstrainedConfig",
-    "ConstrainedHeadError",
-    "ConstrainedMultiLabelHead",
-    "FeatureProjection",
     "FitResult",
-    "HeadOutput",
     "MultiLabelPrediction",
-    "RelationModule",
-    "bernoulli_kl",
-    "class_weights",
-    "constrained_loss",
-    "decode_exclusive",
     "fit_constrained_head",
-    "impossible_mask",
     "load_head",
     "predict",
-    "relation_entropy",
-    "relation_loss",
     "save_head",
-    "uncertainty_loss",
-    "weighted_bce",
+    *_head_module.__all__,
+    *_loss_module.__all__,
 ]
 
 
