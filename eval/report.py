@@ -239,7 +239,7 @@ class PredictionTable:
         return list(self.predictions)
 
     def columns(self) -> dict[str, list[str]]:
-        """``{column: [value per row]}`` as strings, the table format of :mod:`eval.bootstrap`."""
+        """``{column: [value per row]}`` as strings, the table format of :mod:`eval.predictions_csv`."""
         out = {"sample": [str(int(v)) for v in self.sample], "path": list(self.path),
                "fold": [str(int(v)) for v in self.fold], "y_true": [str(v) for v in self.y_true]}
         out.update({k: [str(v) for v in vals] for k, vals in self.predictions.items()})
@@ -285,14 +285,14 @@ def write_predictions_csv(
 def read_predictions_csv(path: str | Path) -> PredictionTable:
     """Read a predictions.csv (or the one inside a directory) into a :class:`PredictionTable`.
 
-    Parsing is :func:`eval.bootstrap.read_predictions_csv`'s; this adds the checks of the
+    Parsing is :func:`eval.predictions_csv.read_predictions_csv`'s; this adds the checks of the
     format written by :func:`write_predictions_csv`.
 
     Raises:
         PredictionsFileError: missing file, missing columns, a bad integer, a repeated sample.
     """
-    from .bootstrap import PredictionTableError
-    from .bootstrap import read_predictions_csv as read_columns
+    from .predictions_csv import PredictionTableError
+    from .predictions_csv import read_predictions_csv as read_columns
 
     path = Path(path)
     if path.is_dir():

@@ -2,7 +2,8 @@
 
 * :mod:`dinov2_hier.heads.constrained`: biologically constrained multi-label classification
   (learnable relation matrix, MC-dropout uncertainty, adaptive thresholds, decoding that
-  never predicts an exclusive pair).
+  never predicts an exclusive pair): training, prediction, saving; the head itself is
+  :mod:`dinov2_hier.heads.constrained_head`, its loss :mod:`dinov2_hier.heads.constrained_loss`.
 """
 from __future__ import annotations
 

@@ -24,13 +24,9 @@ from torch import nn
 
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError, _check_positive
-from dinov2_hier.losses.hierarchical import (
-    _check_hierarchy,
-    check_2d,
-    check_targets,
-    class_at_level_table,
-)
+from dinov2_hier.losses.inputs import _check_hierarchy, check_2d, check_targets
 from dinov2_hier.losses.ssl import _autocast_disabled
+from dinov2_hier.losses.tree_tables import class_at_level_table
 
 __all__ = ["HierSupConLoss", "SupConLoss", "supcon_per_level"]
 
@@ -121,7 +117,7 @@ class HierSupConLoss(nn.Module):
     """Hierarchical supervised contrastive loss (Zhang et al. 2022, HMCE; Chossegros et al. 2.3.2).
 
     Levels are the depths ``d = 1 .. max_depth``. At level ``d`` a sample's class is
-    :func:`~dinov2_hier.losses.hierarchical.class_at_level_table` ``[y, d - 1]``: its
+    :func:`~dinov2_hier.losses.tree_tables.class_at_level_table` ``[y, d - 1]``: its
     ancestor at depth ``d``; a leaf shallower than ``d`` is its own class (it is fully
     specified); an internal label shallower than ``d`` drops out of that level (neither
     anchor nor contrast sample). So the finest level contrasts sibling leaves (band vs

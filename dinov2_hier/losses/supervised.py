@@ -34,9 +34,8 @@ from dinov2_hier.losses.hierarchical import (
     FlatCELoss,
     HierCELoss,
     MultiLevelCELoss,
-    _check_hierarchy,
-    check_2d,
 )
+from dinov2_hier.losses.inputs import _check_hierarchy, check_2d
 
 __all__ = [
     "SUPERVISED_TERMS",
