@@ -34,6 +34,7 @@ FLOORS: dict[str, int] = {
     "dinov2_hier.io": 1,
     "dinov2_hier.eval_results": 1,  # what eval writes and export reads: below both
     "dinov2_hier.distributed": 1,
+    "dinov2_hier.launch_env": 1,
     "dinov2_hier.paths": 1,
     "dinov2_hier.cpu": 1,
     "dinov2_hier.cli": 1,

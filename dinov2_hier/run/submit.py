@@ -25,6 +25,9 @@ What happens (docs/slurm.md has the long version):
    and exits. Ranks > 0 ignore the signal (submitit's rule) and stop through the
    all-reduce. The requeued job starts from the top and the Trainer resumes from the
    newest checkpoint in ``DIR``.
+
+Length (~460 lines): one SLURM job's whole life (submission, the training thread, signals,
+checkpoint and requeue) in the order it happens.
 """
 from __future__ import annotations
 
