@@ -66,6 +66,8 @@ BAD_VALUES = [
                                           "with min <= max, got [0.5, 0.1]"),
     ("crops.mean=[0.5]", "crops.mean must be a list of 3 numbers, got [0.5]"),
     ("optim.fused=sometimes", "optim.fused must be true, false or auto, got 'sometimes'"),
+    ("supervision.crops=masked", "supervision.crops must be one of all, unmasked, got 'masked'; "
+                                 "did you mean 'unmasked'?"),
     ("student.layerscale=0", "student.layerscale must be a number > 0 or null, got 0"),
     ("data.train=[1]", "data.train must be a list of strings or a string, got [1]"),
     # Unknown keys name the closest known one.
