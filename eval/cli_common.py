@@ -53,7 +53,8 @@ __all__ = [
 def _add_common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data")
     g.add_argument("--ckpt", required=True,
-                   help="training checkpoint (checkpoints/ckpt_*.pt), teacher_backbone.pt, DINOv2/DinoBloom "
+                   help="training checkpoint (checkpoints/ckpt_*.pt), teacher_backbone.pt, an export of "
+                        "dinov2_hier.export (its folder, config.json or weights file), DINOv2/DinoBloom "
                         "weights (with --arch), a training output directory (every checkpoint, in iteration "
                         "order), 'none' (untrained --arch baseline) or 'baseline:colour' (colour histogram + "
                         "16x16 grey pixels: the floor a pretrained model must clear)")

@@ -54,7 +54,7 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.io import file_sha256
 from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_label_maps
 from dinov2_hier.models import BackboneArtifact, WeightsError, build_backbone, load_backbone_weights, read_artifact
-from dinov2_hier.models.artifacts import TEACHER
+from dinov2_hier.models.artifacts import CONFIG_FILE, EXPORT, TEACHER, locate_export
 from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
 from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_model_state
 
@@ -187,7 +187,7 @@ def _check_recorded_geometry(state: Mapping[str, Any], path: Path, img_size: int
 
 
 def _from_recorded(artifact: BackboneArtifact, arch: str | None) -> tuple[nn.Module, dict]:
-    """A teacher file or our training checkpoint: the recorded architecture (``arch``
+    """A teacher file, an export or our training checkpoint: the recorded architecture (``arch``
     overrides its name), geometry checked against the weights before building, strict load."""
     path = artifact.path
     try:
@@ -253,7 +253,9 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
 
     ``ckpt``: a ``teacher_backbone.pt`` (``{"model", "meta"}``), a training checkpoint
     (teacher weights ``teacher.backbone.*`` of ``"model"``, architecture and normalisation
-    from its ``"config"``), a DINOv2/DinoBloom weights file (needs ``arch``), ``"none"``:
+    from its ``"config"``), an export of ``python -m dinov2_hier.export`` (its weights file or
+    ``config.json``: architecture, image size and normalisation from its config), a
+    DINOv2/DinoBloom weights file (needs ``arch``), ``"none"``:
     an untrained ``arch`` backbone at 224 px with ImageNet normalisation, initialised under
     ``torch.manual_seed(seed)`` without touching the global RNG, or ``"baseline:NAME"``: a
     non-learned extractor of :mod:`eval.baselines` (``baseline:colour``).
@@ -288,11 +290,12 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
         artifact = read_artifact(path)
     except WeightsError as err:  # as always: a torch file is a checkpoint, a safetensors file weights
         raise (WeightsError if path.suffix == ".safetensors" else CheckpointError)(str(err)) from None
-    if artifact.kind == TEACHER or artifact.stores_config:
+    if artifact.kind in (TEACHER, EXPORT) or artifact.stores_config:
         model, meta = _from_recorded(artifact, arch)
-    else:  # foreign weights, an export file, a checkpoint that records no configuration
+    else:  # foreign weights, a checkpoint that records no configuration
         model, meta = _from_foreign_weights(artifact, arch)
-    return _finish(model, meta, str(path), file_sha256(path), device)
+    # An export named by its config.json: the weights file read identifies it (and keys the cache).
+    return _finish(model, meta, str(artifact.path), file_sha256(artifact.path), device)
 
 
 def _baseline_name(ckpt: object) -> str:
@@ -315,7 +318,8 @@ def resolve_checkpoints(path: str | os.PathLike, select: str | None = None) -> l
     """``(name, ckpt)`` pairs to evaluate for a ``--ckpt`` argument.
 
     ``"none"`` -> ``[("untrained", "none")]``; ``"baseline:colour"`` ->
-    ``[("baseline_colour", "baseline:colour")]``; a file -> ``[(stem, path)]``; a training
+    ``[("baseline_colour", "baseline:colour")]``; a file -> ``[(stem, path)]``; an export folder
+    (``python -m dinov2_hier.export``; holds ``config.json``) -> ``[(folder name, weights file)]``; a training
     output directory -> every ``checkpoints/ckpt_*.pt`` in iteration order, named
     ``iter_00001000``; a directory without full checkpoints but with a
     ``teacher_backbone.pt`` -> that file. ``select="val_loss"`` (``--select``): of a
@@ -334,6 +338,12 @@ def resolve_checkpoints(path: str | os.PathLike, select: str | None = None) -> l
     p = Path(path).expanduser()
     if p.is_file():
         return [(p.stem, str(p))]
+    if p.is_dir() and (p / CONFIG_FILE).is_file():  # an export folder: its weights file
+        try:
+            weights = locate_export(p)[0]
+        except WeightsError as err:
+            raise CheckpointError(str(err)) from None
+        return [(p.name, str(weights))]
     if p.is_dir():
         found = [(f"iter_{it:08d}", str(ckpt)) for it, ckpt in list_checkpoints(p)]
         if found:

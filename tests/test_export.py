@@ -427,3 +427,26 @@ def test_checkpoint_with_wrapper_prefixes(run, tmp_path):
     tensors = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert sorted(tensors) == sorted(run["teacher"])
     assert all(torch.equal(tensors[k], v) for k, v in run["teacher"].items())
+
+
+def test_eval_reads_an_export_like_the_teacher_file(run):
+    """eval takes an export (folder, config.json or weights file) without --arch: the recorded
+    architecture, training image size and normalisation, features equal to the teacher file's,
+    and the cache keyed by the weights file whichever path named it."""
+    from eval.features import load_eval_backbone, resolve_checkpoints
+
+    teacher = load_eval_backbone(run["root"] / "train" / TEACHER_FILE)
+    weights = run["export"] / "model.safetensors"
+    assert resolve_checkpoints(run["export"]) == [("export", str(weights))]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = teacher.model(x)["x_norm_clstoken"]
+    weights_fingerprint = load_eval_backbone(weights).fingerprint
+    for where in (weights, run["export"] / "config.json"):
+        backbone = load_eval_backbone(where)
+        assert backbone.meta["img_size"] == teacher.meta["img_size"] == 32
+        assert backbone.meta["mean"] == teacher.meta["mean"] and backbone.meta["std"] == teacher.meta["std"]
+        assert backbone.meta["arch"] == "vit_tiny" and backbone.meta["num_register_tokens"] == 2
+        assert backbone.source == str(weights) and backbone.fingerprint == weights_fingerprint
+        with torch.no_grad():
+            assert torch.equal(backbone.model(x)["x_norm_clstoken"], expected)
