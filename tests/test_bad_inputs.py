@@ -256,6 +256,7 @@ def test_a_synthetic_tree_without_cell_attributes_names_the_node(tmp_path, capsy
     assert _one_error_line(capsys) == "error: node 'A': meta is missing key 'nucleus'"
 
 
+@pytest.mark.slow
 def test_a_truncated_feature_cache_is_extracted_again(tmp_path, capsys):
     """A cache file cut short (a kill or a full disk while writing or copying it) is a broken
     zip: one warning naming it, the features are extracted again and the run succeeds."""

@@ -155,6 +155,7 @@ def test_report_renders_measured_json_into_the_doc(tmp_path):
     assert "| n.json |" in text and "| back to back | fp32 | drop path subset |" in text
 
 
+@pytest.mark.slow
 def test_profile_writes_an_op_table(tmp_path, tiny_overrides):
     table = tmp_path / "profile.txt"
     assert bench_main(["--steps", "1", "--warmup", "1", "--profile", str(table), *tiny_overrides]) == 0

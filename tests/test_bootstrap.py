@@ -142,6 +142,7 @@ def test_resamples_keep_every_class_size() -> None:
     assert any(len(set(row)) < len(row) for row in rows)
 
 
+@pytest.mark.slow
 def test_vectorised_path_matches_the_loop_over_the_metric_functions(tree: Hierarchy) -> None:
     y_true, pred_a, pred_b = random_predictions(150, seed=6)
     labels = sorted(set(y_true) | set(pred_a) | set(pred_b), key=tree.index)

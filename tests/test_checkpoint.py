@@ -58,6 +58,7 @@ def test_failure_before_rename_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert list((tmp_path / "checkpoints").glob("*.tmp")) == []  # temporary file cleaned up
 
 
+@pytest.mark.slow
 def test_sigkill_between_write_and_rename(tmp_path):
     save_checkpoint(_state(1), tmp_path, 1, keep=0)
     script = textwrap.dedent(

@@ -596,6 +596,7 @@ def test_step_forward_traces_as_one_graph(tiny_overrides, centering, supervised_
     assert len(graphs) == 2
 
 
+@pytest.mark.slow
 def test_residual_stream_and_subset_drop_path_reach_the_backbones_and_trace_as_one_graph(tiny_overrides):
     """compute.residual_stream=autocast: student and teacher keep bf16 tokens between blocks
     under autocast (checked here with CPU bf16 autocast); student.drop_path_mode=subset:

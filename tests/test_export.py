@@ -300,6 +300,7 @@ def test_export_serves_as_pretrained_weights(run, tmp_path):
         assert torch.equal(teacher[key], value), key
 
 
+@pytest.mark.slow
 def test_import_is_cheap_and_timm_free():
     code = (
         "import sys; import dinov2_hier; assert 'torch' not in sys.modules, 'torch imported'; "
@@ -339,6 +340,7 @@ def _randomised(model):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_timm_vit_small_patch14_dinov2_at_224(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -82,6 +82,7 @@ def test_resume_repairs_a_torn_metrics_line(tmp_path, tiny_overrides, caplog):
     assert [r["iteration"] for r in _records(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path, capsys):
     """Two runs on one folder would interleave their records and lose one's work: the second
     exits 2 naming the holder. A SIGKILLed holder leaves its ``.lock`` file behind, but the
@@ -113,6 +114,7 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_killed_ones_lock_is
     resumed.release()
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_partial_writes(tmp_path, caplog):
     """A kill or a full disk can leave the newest checkpoint truncated (copied in by hand,
     say) and ``.*.tmp`` files of interrupted atomic writes: resume takes the checkpoint
@@ -141,6 +143,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_cleans_partial_writes
         Trainer(load_config(None, overrides), run)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_streak_never_prunes_the_last_good_checkpoint_and_resume_skips_poisoned_ones(
         tmp_path, monkeypatch, caplog):
     """Checkpoints written during a non-finite streak hold the weights that led into it: they

@@ -328,6 +328,7 @@ def _gloo_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.slow
 def test_sinkhorn_and_centre_over_two_gloo_ranks_equal_full_batch(tmp_path: Path) -> None:
     mp.spawn(_gloo_worker, args=(2, free_ports(1)[0], str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

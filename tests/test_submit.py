@@ -137,6 +137,7 @@ def test_dry_run_prints_parameters_and_submits_nothing(tmp_path, capsys, monkeyp
     assert not out_dir.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_through_python_dash_m_names_the_importable_class(tmp_path):
     """Run as ``python -m``, the job class must still be dinov2_hier.run.submit.TrainingJob
     (a pickled ``__main__.TrainingJob`` could not be loaded by the job)."""

@@ -184,6 +184,7 @@ def test_val_records_at_the_right_iterations_with_finite_values(val_run):
     assert summary["last_record"]["iteration"] == 6 and "split" not in summary["last_record"]
 
 
+@pytest.mark.slow
 def test_validation_leaves_training_bitwise_unchanged(tmp_path, tiny_overrides):
     """Stochastic depth (the global RNG) and softmax centres (buffers the loss updates) are
     on: the validation pass re-seeds and restores both, so the training losses and weights
@@ -211,6 +212,7 @@ def test_validation_leaves_training_bitwise_unchanged(tmp_path, tiny_overrides):
         assert torch.equal(w_off[key], w_on[key]), key
 
 
+@pytest.mark.slow
 def test_resume_keeps_val_records_and_recomputes_the_split(val_run, tmp_path):
     """Stopped at the checkpoint of iteration 3 and resumed: the same held-out images (the
     split is recomputed from seed and paths), the validation records of both attempts once
