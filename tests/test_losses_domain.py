@@ -167,3 +167,31 @@ def test_centroid_state_round_trips_through_state_dict():
     d.load_state_dict(state)
     for name in state:
         assert torch.equal(getattr(d, name), getattr(c, name))
+
+
+def _two_rank_update_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        c = DomainCentroids(1, 2, 1, momentum=0.5)
+        # rank 0 sees class 0 at 2 and 4; rank 1 sees class 0 at 9 and class 1 at 1
+        z = torch.tensor([[2.0], [4.0]]) if rank == 0 else torch.tensor([[9.0], [1.0]])
+        labels = torch.tensor([0, 0]) if rank == 0 else torch.tensor([0, 1])
+        c.update(z, labels, torch.zeros(2, dtype=torch.long))
+        torch.save(c.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_centroid_update_sums_over_ranks(tmp_path):
+    from tests.ports import free_ports
+    from tests.test_distributed import _spawn  # 2 spawned ranks, ended after a timeout
+
+    _spawn(_two_rank_update_worker, (free_ports(1)[0], str(tmp_path)))
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for s in states:  # class 0: (2 + 4 + 9) / 3 = 5 from 3 samples; class 1: 1 from 1
+        assert s["centroids"].flatten().tolist() == [5.0, 1.0]
+        assert s["counts"].flatten().tolist() == [3.0, 1.0]
