@@ -44,3 +44,14 @@ __all__ += [
     "class_at_level_table",
     "level_classes",
 ]
+
+# Domain generalisation (issue 21): BoDA, CORAL, gradient reversal, the centroid state.
+from dinov2_hier.losses.domain import (
+    DomainCentroids,
+    boda_loss,
+    coral_loss,
+    grad_reverse,
+    macro_alignment_loss,
+)
+
+__all__ += ["DomainCentroids", "boda_loss", "coral_loss", "grad_reverse", "macro_alignment_loss"]
