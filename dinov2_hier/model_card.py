@@ -285,7 +285,8 @@ def render_model_card(
         lines += [
             f"timm: this export is in dinov2_hier's layout (timm has no DINOv2 model family for {arch} / "
             f"patch {patch}); `create_timm_model` builds timm's `VisionTransformer` with its shapes, strict load, "
-            f"`forward_features(x)[:, 0]` equal to `x_norm_clstoken` at {size} px:",
+            f"`forward_features(x)[:, 0]` equal to `x_norm_clstoken` for inputs of the `img_size` it is built for "
+            f"(here {size} px, the training crop size):",
             "",
             "```python",
             "from dinov2_hier.hub import create_timm_model",
