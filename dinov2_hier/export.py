@@ -1,33 +1,39 @@
 """Publish a trained teacher backbone: ``model.safetensors`` + ``config.json`` + ``README.md``.
 
 ```
-python -m dinov2_hier.export --ckpt CKPT --output-dir DIR [--format safetensors|pth]
+python -m dinov2_hier.export --ckpt CKPT --output-dir DIR [--format timm|ours|pth]
                              [--dtype fp32|bf16|fp16] [--eval EVAL_DIR ...] [--select val_loss]
+                             [--license ID] [--datasets ID ...] [--base-model ORG/NAME]
 ```
 
 ``CKPT`` is a training output directory (its newest ``checkpoints/ckpt_*.pt``, else its
 ``teacher_backbone.pt``; with ``--select val_loss`` its checkpoint with the lowest
 validation loss), a full training checkpoint file, or a ``teacher_backbone.pt``.
-The EMA teacher's backbone is written with DINOv2 parameter names as contiguous tensors
-(fp32 unless ``--dtype``), with ``config.json`` (architecture, normalisation, hierarchy,
-provenance; read by :func:`dinov2_hier.hub.load_backbone`) and a model card summarising
-the training data, supervision and, with ``--eval``, the probe results of
-``python -m eval.run`` output directories. Every file is written atomically; the export is
-loaded back and compared with the teacher before the command reports success.
-See docs/export.md.
 
-Length (~690 lines): one command's whole job, from the checkpoint to the verified export;
-about half is the model card (Markdown rendering of the run's data, supervision and
-evaluations), which is the part to split off if this module grows.
+Layouts (``--format``; default: timm when timm has a DINOv2 family for the backbone,
+else ours with a warning):
+
+- ``timm``: a folder ``timm.create_model("local-dir:DIR", pretrained=True)`` loads with no
+  project code (uploaded, ``hf-hub:ORG/NAME``): ``config.json`` in timm's schema
+  (:func:`~dinov2_hier.models.timm_compat.timm_hub_config`) with this project's document
+  under ``"dinov2_hier"``, timm's tensor names. Refused (exit 2) for backbones timm has no
+  family for (``vit_tiny``, patch 8, ...).
+- ``ours`` (alias ``safetensors``) / ``pth``: the layout of format version 1 (every export
+  before timm's): the document is ``config.json``, DINOv2 tensor names; readable by older
+  versions of this project.
+
+Both load with :func:`dinov2_hier.hub.load_backbone`, ``eval.run --ckpt DIR`` and
+``student.pretrained_weights``. Tensors are contiguous, fp32 unless ``--dtype``. The model
+card (:mod:`dinov2_hier.model_card`) carries the Hub's YAML front matter. Every file is
+written atomically; the export is loaded back and compared with the teacher before the
+command reports success. See docs/export.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from dinov2_hier import __version__
@@ -51,36 +57,42 @@ from dinov2_hier.eval_results import (
     read_metrics,
     section,
 )
-from dinov2_hier.hub import FORMAT_VERSION, check_state_dict, load_backbone
+from dinov2_hier.hub import FORMAT_VERSION, OURS_FORMAT_VERSION, check_state_dict, load_backbone
 from dinov2_hier.io import atomic_write_file, atomic_torch_save, atomic_write_text, file_sha256
 from dinov2_hier.models import BackboneSpec, WeightsError, read_artifact
+from dinov2_hier.model_card import (
+    CARD_FILE,
+    CARD_METRICS,
+    DEFAULT_LICENSE,
+    EvalSummary,
+    display_path,
+    render_model_card,
+    summarize_sources,
+)
 from dinov2_hier.models.artifacts import (
     CHECKPOINT,
     CONFIG_FILE,
+    DINOV2_LAYOUT,
+    EXPORT_BLOCK_KEY,
     PTH_FILE,
     RUN_CONFIG_FILE,
     SAFETENSORS_CONFIG_KEY,
     SAFETENSORS_FILE,
     TEACHER,
+    TIMM_LAYOUT,
     parse_run_config,
     spec_of_config,
 )
 from dinov2_hier.models.vision_transformer import Mlp
 
+__all__ = ["CARD_METRICS", "ExportError", "ExportResult", "export_backbone", "load_trained_teacher", "main",
+           "read_eval_summary", "summarize_sources"]
+
 logger = logging.getLogger("dinov2_hier.export")
 
-CARD_FILE = "README.md"
 _DTYPES: Mapping[str, torch.dtype] = MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
 _DTYPE_NAMES: Mapping[torch.dtype, str] = MappingProxyType({torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"})
 #: Metrics of the model card's evaluation table: metrics.json key -> column title.
-CARD_METRICS: Mapping[str, str] = MappingProxyType({
-    "balanced_accuracy": "balanced accuracy",
-    "weighted_f1": "weighted F1",
-    "hierarchical_f1": "hF1",
-    "lineage_accuracy": "lineage accuracy",
-})
-
-
 class ExportError(UserError, ValueError):
     """The checkpoint, output directory or an evaluation directory cannot be exported."""
 
@@ -188,15 +200,18 @@ def _hierarchy_info(teacher: TrainedTeacher) -> dict[str, Any] | None:
     return info
 
 
-def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: torch.dtype, weights_file: str) -> dict[str, Any]:
-    """The ``config.json`` document for ``teacher`` (``model``: its architecture, may be on meta)."""
+def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: torch.dtype, weights_file: str,
+                        layout: str = DINOV2_LAYOUT) -> dict[str, Any]:
+    """The export document for ``teacher`` (``model``: its architecture, may be on meta):
+    ``config.json`` itself in our layout, its ``"dinov2_hier"`` block in timm's."""
     spec = teacher.spec
     block = model.blocks[0]
     # Plain MLP: hidden width / D. SwiGLU: the factories' 4.0, which swiglu_hidden_dim maps.
     mlp_ratio = block.mlp.fc1.out_features / model.embed_dim if isinstance(block.mlp, Mlp) else 4.0
     config: dict[str, Any] = {
         "format": "dinov2_hier.backbone",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if layout == TIMM_LAYOUT else OURS_FORMAT_VERSION,
+        "tensor_layout": layout,
         "architecture": spec.arch,
         "embed_dim": model.embed_dim,
         "depth": model.n_blocks,
@@ -222,92 +237,16 @@ def build_export_config(teacher: TrainedTeacher, model: torch.nn.Module, dtype: 
         "dinov2_hier_version": __version__,
         "torch_version": torch.__version__,
     }
-    from dinov2_hier.models.timm_compat import timm_registered_name
+    from dinov2_hier.models.timm_compat import timm_family, timm_registered_name
 
-    # Only a timm model of exactly this shape is named; any other backbone still loads into
-    # timm's VisionTransformer through create_timm_model (the card says so).
+    # timm_model: the registered timm model of exactly this shape; timm_family: the one whose
+    # family it is (config.json's architecture in timm's layout), None when timm has none.
     config["timm_model"] = timm_registered_name(model, spec.arch)
+    config["timm_family"] = timm_family(model, spec.arch)
     return config
 
 
 # --------------------------------------------------------------------------- model card
-
-
-def _display_path(spec: str) -> str:
-    """The last two components of a path: enough to recognise it, no machine layout."""
-    parts = Path(spec).parts
-    return "/".join(parts[-2:]) if len(parts) >= 2 else spec
-
-
-def summarize_sources(cfg: DictConfig) -> list[dict[str, Any]]:
-    """One entry per ``data.train`` source: ``source``, ``kind`` and, when the manifest or
-    folder is readable now, ``images``, ``labelled`` and ``datasets`` (name -> images)."""
-    from dinov2_hier.data.records import DataSourceError, records_from_source
-    from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
-
-    entries = []
-    for source in list(cfg.data.train):
-        source = str(source)
-        if source == "synthetic":
-            entries.append(_synthetic_source(cfg))
-            continue
-        kind = "manifest" if source.lower().endswith(".csv") else "image folder"
-        entry: dict[str, Any] = {"source": _display_path(source), "kind": kind, "images": None,
-                                 "labelled": None, "datasets": {}}
-        try:
-            records = records_from_source(resolve_resource(source, "training source"))
-        except (DataSourceError, ResourceNotFoundError, OSError) as err:
-            logger.warning("training source %s not readable at export time: %s", source, err)
-        else:
-            entry["images"] = len(records)
-            entry["labelled"] = sum(r.label is not None for r in records)
-            entry["datasets"] = dict(sorted(Counter(r.dataset or "-" for r in records).items()))
-        entries.append(entry)
-    return entries
-
-
-def _synthetic_source(cfg: DictConfig) -> dict[str, Any]:
-    """The synthetic generator's images; the labelled count is exact (labels are a pure
-    function of seed and index), or None when the generator's tree is not readable."""
-    from dinov2_hier.data import SyntheticCellGenerator
-    from dinov2_hier.hierarchy import Hierarchy, HierarchyError
-    from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
-
-    syn = cfg.data.synthetic
-    n = int(syn.num_images)
-    entry: dict[str, Any] = {"source": "synthetic", "kind": f"synthetic cells ({syn.image_size} px, generator)",
-                             "images": n, "labelled": None, "datasets": {"synthetic": n}}
-    try:
-        tree = Hierarchy.from_json(resolve_resource(syn.hierarchy, "synthetic hierarchy"))
-    except (HierarchyError, ResourceNotFoundError, OSError) as err:
-        logger.warning("synthetic hierarchy not readable at export time: %s", err)
-        return entry
-    generator = SyntheticCellGenerator(tree, image_size=int(syn.image_size), seed=int(cfg.seed))
-    fraction, coarse = float(syn.label_fraction), float(syn.coarse_fraction)
-    entry["labelled"] = sum(generator.label(i, fraction, coarse) is not None for i in range(n))
-    return entry
-
-
-@dataclass
-class EvalSummary:
-    """Probe results of one ``eval.run`` output directory, for the card.
-
-    ``fingerprint`` / ``evaluated``: ``checkpoint.fingerprint`` (sha256 of the evaluated
-    weights file) and ``checkpoint.path`` as ``metrics.json`` records them (None when it
-    does not); ``verified``: False when the weights could not be checked against the
-    exported ones (see :func:`check_eval_weights`); the card then says so.
-    """
-
-    name: str
-    data: str
-    split: str
-    iteration: int | None
-    n_samples: int | None
-    probes: dict[str, dict[str, Any]]
-    metrics_path: Path | None = None
-    fingerprint: str | None = None
-    evaluated: str | None = None
-    verified: bool = True
 
 
 def read_eval_summary(directory: str | Path) -> EvalSummary:
@@ -329,7 +268,7 @@ def read_eval_summary(directory: str | Path) -> EvalSummary:
     data_path = data.get("test_path") or data.get("path")
     return EvalSummary(
         name=directory.name,
-        data=_display_path(str(data_path)) if data_path else "-",
+        data=display_path(str(data_path)) if data_path else "-",
         split=split_text,
         iteration=checkpoint.get("iteration"),
         n_samples=doc.get(N_SAMPLES_KEY),
@@ -389,192 +328,6 @@ def check_eval_weights(evals: Sequence[EvalSummary], teacher: TrainedTeacher) ->
         )
 
 
-def format_mean_std(entry: Any, digits: int = 3) -> str:
-    """``"0.812 ± 0.013"`` from ``{"mean": ..., "std": ...}``; ``"-"`` when absent or null."""
-    if not isinstance(entry, Mapping):
-        return "-"
-    mean, std = entry.get("mean"), entry.get("std")
-    if not isinstance(mean, (int, float)) or isinstance(mean, bool) or not math.isfinite(mean):
-        return "-"
-    if not isinstance(std, (int, float)) or isinstance(std, bool) or not math.isfinite(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    def cell(value: Any) -> str:
-        return "-" if value is None else str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines.extend("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)
-    return lines
-
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
-
-
-def render_model_card(config: Mapping[str, Any], cfg: DictConfig | None, evals: Sequence[EvalSummary] = ()) -> str:
-    """The model card (Markdown with a Hugging Face style front matter)."""
-    arch = config["architecture"]
-    name = f"{arch} / patch {config['patch_size']}"
-    lines = [
-        "---",
-        "library_name: dinov2_hier",
-        "pipeline_tag: image-feature-extraction",
-        "tags: [vision-transformer, dinov2, self-supervised, hematology, blood-cell-morphology]",
-        "---",
-        "",
-        f"# {name}: dinov2_hier teacher backbone",
-        "",
-        f"The EMA teacher backbone of a `dinov2_hier` pretraining run (DINOv2 recipe with two global crops"
-        f"{' and hierarchical supervision' if config.get('hierarchy') else ''}), exported at iteration "
-        f"{config.get('iteration')} from `{config.get('source_checkpoint')}`: {config['depth']} blocks, width "
-        f"{config['embed_dim']}, {config['num_heads']} heads, {config['num_register_tokens']} register tokens, "
-        f"{_fmt_params(int(config['num_parameters']))} parameters ({config['dtype']}).",
-        "",
-        "## Files",
-        "",
-        *_table(["file", "content"], [
-            [f"`{config['weights_file']}`", "backbone weights, DINOv2 parameter names"],
-            [f"`{CONFIG_FILE}`", "architecture, input normalisation, hierarchy, provenance"],
-            [f"`{CARD_FILE}`", "this card"],
-        ]),
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import dinov2_hier",
-        "model = dinov2_hier.load_backbone(\"PATH/TO/THIS/FOLDER\")  # eval mode, strict load",
-        "features = model(images)[\"x_norm_clstoken\"]  # images [n, 3, H, W] -> [n, "
-        f"{config['embed_dim']}]",
-        "```",
-        "",
-        f"Inputs: RGB scaled to [0, 1], normalised with mean {config['mean']} and std {config['std']}; "
-        f"height and width multiples of {config['patch_size']} px (trained at {config['img_size']} px; other "
-        "sizes interpolate the position embeddings).",
-        "",
-    ]
-    size, patch = int(config["img_size"]), int(config["patch_size"])
-    if size % patch == 0:
-        if config.get("timm_model"):
-            what = f"timm's `{config['timm_model']}` (the registered model of this shape)"
-        else:
-            what = (f"timm's `VisionTransformer` built with this model's shapes ({arch}, patch {patch}, "
-                    f"{config['num_register_tokens']} register tokens; timm registers no DINOv2 model of this shape)")
-        lines += [
-            f"timm: {what}, strict load; `forward_features(x)[:, 0]` equals `x_norm_clstoken` for "
-            f"inputs of the `img_size` it is built for (here {size} px, the training crop size):",
-            "",
-            "```python",
-            "from dinov2_hier.hub import create_timm_model",
-            f"model = create_timm_model(\"PATH/TO/THIS/FOLDER\", img_size={size})",
-            "```",
-            "",
-        ]
-    lines += [
-        f"As initialisation of a new run: `python -m dinov2_hier.train ... "
-        f"student.arch={arch} student.patch_size={config['patch_size']} "
-        f"student.pretrained_weights=PATH/TO/THIS/FOLDER/{config['weights_file']}`.",
-        "",
-        "## Architecture",
-        "",
-        *_table(["setting", "value"], [[k, config[k] if isinstance(config[k], str) else json.dumps(config[k])] for k in (
-            "architecture", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size",
-            "num_register_tokens", "ffn_layer", "layerscale", "qkv_bias", "interpolate_offset",
-        )]),
-        "",
-    ]
-    lines += _training_sections(config, cfg)
-    if evals:
-        lines += _evaluation_section(config, evals)
-    hierarchy = config.get("hierarchy")
-    lines += [
-        "## Provenance",
-        "",
-        f"- exported from `{config.get('source_checkpoint')}`, iteration {config.get('iteration')}",
-        f"- dinov2_hier {config['dinov2_hier_version']}, torch {config['torch_version']}",
-    ]
-    if hierarchy:
-        lines.append(f"- hierarchy `{hierarchy.get('name')}` ({hierarchy.get('file')}), "
-                     f"fingerprint `{hierarchy.get('fingerprint')}`")
-    return "\n".join(lines) + "\n"
-
-
-def _training_sections(config: Mapping[str, Any], cfg: DictConfig | None) -> list[str]:
-    if cfg is None:
-        return ["## Training", "", "The run's configuration was not available at export time.", ""]
-    lines = ["## Training data", ""]
-    rows = []
-    for s in summarize_sources(cfg):
-        datasets = ", ".join(f"{k}: {v}" for k, v in s["datasets"].items()) or None
-        rows.append([f"`{s['source']}`", s["kind"], s["images"] if s["images"] is not None else "not readable at export",
-                     s["labelled"], datasets])
-    lines += _table(["source", "kind", "images", "labelled", "datasets"], rows)
-    lines += ["", "## Supervision", ""]
-    lines += [
-        f"- self-supervised: DINO (weight {cfg.dino.loss_weight}), iBOT (weight {cfg.ibot.loss_weight}), "
-        f"KoLeo (weight {cfg.dino.koleo_loss_weight}); centering {cfg.dino.centering}",
-    ]
-    terms = OmegaConf.to_container(cfg.supervision.losses, resolve=True) or []
-    if terms:
-        hierarchy = config.get("hierarchy") or {}
-        lines.append(f"- supervised terms on the student CLS token, labels resolved onto the hierarchy "
-                     f"`{hierarchy.get('name')}` (fingerprint `{str(hierarchy.get('fingerprint'))[:16]}`):")
-        lines.append("")
-        term_rows = []
-        for term in terms:
-            term = dict(term)
-            name, weight = term.pop("name", "?"), term.pop("weight", 1.0)
-            term_rows.append([name, weight, ", ".join(f"{k}={v}" for k, v in term.items()) or None])
-        lines += _table(["term", "weight", "settings"], term_rows)
-        share = cfg.supervision.labelled_fraction
-        lines += ["", f"- labelled share per batch: {'as drawn' if share is None else share}; "
-                      f"balance: {cfg.supervision.balance}"]
-    else:
-        lines.append("- no supervised terms (self-supervised only)")
-    trained = config.get("iteration")
-    lines += [
-        "",
-        "## Training",
-        "",
-        *_table(["setting", "value"], [
-            ["iterations (trained / planned)", f"{trained} / {cfg.train.iterations}"],
-            ["batch size per GPU (images, 2 global crops each)", cfg.train.batch_size_per_gpu],
-            ["global crop size (px)", cfg.crops.global_crops_size],
-            ["base learning rate", cfg.optim.base_lr],
-            ["precision", f"{cfg.compute.device}, {cfg.compute.dtype}"],
-            ["seed", cfg.seed],
-        ]),
-        "",
-    ]
-    return lines
-
-
-def _evaluation_section(config: Mapping[str, Any], evals: Sequence[EvalSummary]) -> list[str]:
-    lines = [
-        "## Evaluation",
-        "",
-        "Frozen CLS features (`x_norm_clstoken`) probed by `python -m eval.run` (kNN and logistic regression); "
-        "mean ± standard deviation over the folds; higher is better for every metric shown.",
-        "",
-    ]
-    rows = []
-    for ev in evals:
-        for probe, metrics in ev.probes.items():
-            rows.append([ev.data, ev.split, probe, *(format_mean_std(metrics.get(k)) for k in CARD_METRICS)])
-    lines += _table(["data", "split", "probe", *CARD_METRICS.values()], rows)
-    other = sorted({ev.iteration for ev in evals if ev.iteration is not None and ev.iteration != config.get("iteration")})
-    if other:
-        lines += ["", f"Note: evaluated at iteration(s) {', '.join(map(str, other))}; "
-                      f"the exported weights are from iteration {config.get('iteration')}."]
-    unverified = [ev.name for ev in evals if not ev.verified]
-    if unverified:
-        lines += ["", f"Note: the weights evaluated in {', '.join(f'`{n}`' for n in unverified)} are not verified "
-                      "to be the exported ones (no checkpoint fingerprint recorded in metrics.json)."]
-    return lines + [""]
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -584,31 +337,68 @@ class ExportResult:
     config: Path
     card: Path
     document: dict[str, Any]
+    #: ``"timm"`` or ``"dinov2"`` (ours); ``config.json`` as written (timm's schema or ``document``).
+    layout: str = DINOV2_LAYOUT
+    config_json: dict[str, Any] | None = None
+
+
+#: ``--format`` values: the tensor layout and weights file of each.
+FORMATS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "timm": (TIMM_LAYOUT, SAFETENSORS_FILE),
+    "ours": (DINOV2_LAYOUT, SAFETENSORS_FILE),
+    "safetensors": (DINOV2_LAYOUT, SAFETENSORS_FILE),  # the name of "ours" before timm's layout
+    "pth": (DINOV2_LAYOUT, PTH_FILE),
+})
+
+
+def _choose_format(fmt: str | None, family: str | None, spec: BackboneSpec) -> str:
+    """``fmt``, or for None timm's layout when timm has a family for the backbone, else
+    ours with a warning; ``--format timm`` without a family is refused."""
+    what = f"{spec.arch} / patch {spec.patch_size} / {spec.num_register_tokens} registers"
+    if family is not None:
+        return fmt or "timm"
+    if fmt == "timm":
+        raise ExportError(f"--format timm: timm has no DINOv2 model family for {what} (timm's are vit_small, "
+                          "vit_base, vit_large and vit_giant2 at patch 14); export with --format ours, which "
+                          "dinov2_hier.load_backbone and dinov2_hier.hub.create_timm_model load")
+    if fmt is None:
+        logger.warning("timm has no DINOv2 model family for %s: writing dinov2_hier's layout (config.json "
+                       "'timm_family': null), not timm's; load it with dinov2_hier.load_backbone or "
+                       "dinov2_hier.hub.create_timm_model", what)
+        return "ours"
+    return fmt
 
 
 def export_backbone(
     ckpt: str | Path,
     output_dir: str | Path,
-    fmt: str = "safetensors",
+    fmt: str | None = None,
     dtype: str = "fp32",
     eval_dirs: Sequence[str | Path] = (),
     select: str | None = None,
+    license_name: str = DEFAULT_LICENSE,
+    datasets: Sequence[str] | None = None,
+    base_model: str | None = None,
 ) -> ExportResult:
     """Export the teacher backbone of ``ckpt`` into ``output_dir`` (see the module docstring).
 
     Args:
         ckpt: run directory, full checkpoint or ``teacher_backbone.pt``.
         output_dir: created if needed; existing export files are replaced.
-        fmt: ``safetensors`` (``model.safetensors``) or ``pth`` (``model.pth``, a plain
-            ``torch.save`` dict name -> tensor, readable with ``weights_only=True``).
+        fmt: ``timm`` (timm's layout, ``model.safetensors``), ``ours`` / ``safetensors``
+            (ours, ``model.safetensors``), ``pth`` (ours, ``model.pth``, a plain
+            ``torch.save`` dict name -> tensor, readable with ``weights_only=True``);
+            None: timm when timm has a family for the backbone, else ours (a warning).
         dtype: ``fp32`` (default), ``bf16`` or ``fp16`` for the stored tensors.
         eval_dirs: ``eval.run`` output directories for the card's evaluation table; each
             must have evaluated the exported weights (:func:`check_eval_weights`).
         select: ``"val_loss"``: export the checkpoint of the run directory ``ckpt`` with
             the lowest validation loss instead of the newest.
+        license_name, datasets, base_model: the card's front matter
+            (:func:`dinov2_hier.model_card.card_metadata`).
     """
-    if fmt not in ("safetensors", "pth"):
-        raise ExportError(f"--format must be safetensors or pth, got '{fmt}'")
+    if fmt is not None and fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(_DTYPES)}, got '{dtype}'")
     torch_dtype = _DTYPES[dtype]
@@ -622,49 +412,71 @@ def export_backbone(
         raise ExportError(f"{teacher.source}: cannot build the recorded architecture: {err}") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(shapes, teacher.state, teacher.source)
-    tensors = {k: teacher.state[k].detach().to("cpu", torch_dtype).contiguous() for k in shapes}
+    from dinov2_hier.models.timm_compat import timm_family, timm_hub_config, to_timm_state_dict
+
+    fmt = _choose_format(fmt, timm_family(model, teacher.spec.arch), teacher.spec)
+    layout, weights_name = FORMATS[fmt]
+    ours = {k: teacher.state[k].detach().to("cpu") for k in shapes}
+    if layout == TIMM_LAYOUT:  # fold and rename in the teacher's dtype, then cast
+        ours = to_timm_state_dict(ours)  # the stored grid: timm is built at the training img_size
+    tensors = {k: v.to(torch_dtype).contiguous() for k, v in ours.items()}
 
     out = prepare_output_dir(Path(output_dir))  # OutputDirError: a file in the way, not writable
-    weights_name = SAFETENSORS_FILE if fmt == "safetensors" else PTH_FILE
-    document = build_export_config(teacher, model, torch_dtype, weights_name)
+    document = build_export_config(teacher, model, torch_dtype, weights_name, layout)
+    timm_part = None
+    if layout == TIMM_LAYOUT:
+        spec = teacher.spec
+        timm_part = timm_hub_config(model, spec.arch, spec.img_size, spec.mean, spec.std, spec.layerscale,
+                                    license_name)
+        config_json = {**timm_part, EXPORT_BLOCK_KEY: document}
+    else:
+        config_json = document
     weights_path = out / weights_name
-    if fmt == "safetensors":
+    if weights_name == SAFETENSORS_FILE:
         from safetensors.torch import save_file
 
-        metadata = {"format": "pt", SAFETENSORS_CONFIG_KEY: json.dumps(document)}
+        metadata = {"format": "pt", SAFETENSORS_CONFIG_KEY: json.dumps(config_json)}
         atomic_write_file(weights_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     else:
         atomic_torch_save(tensors, weights_path)
-    stale = out / (PTH_FILE if fmt == "safetensors" else SAFETENSORS_FILE)
+    stale = out / (PTH_FILE if weights_name == SAFETENSORS_FILE else SAFETENSORS_FILE)
     if stale.is_file():
         stale.unlink()
         logger.info("removed %s of an earlier export", stale)
     config_path = out / CONFIG_FILE
-    atomic_write_text(config_path, json.dumps(document, indent=2) + "\n")
+    atomic_write_text(config_path, json.dumps(config_json, indent=2) + "\n")
     card_path = out / CARD_FILE
-    atomic_write_text(card_path, render_model_card(document, teacher.cfg, evals))
+    atomic_write_text(card_path, render_model_card(
+        document, teacher.cfg, evals, timm_config=timm_part, model_name=out.resolve().name,
+        license_name=license_name, datasets=datasets, base_model=base_model))
 
-    # Read the export back the way users will and compare with the teacher, bit for bit.
+    # Read the export back the way users will and compare with the teacher, bit for bit
+    # (timm's layout: converted back to ours and again to timm's, which is exact).
     loaded = load_backbone(out, dtype=torch_dtype).state_dict()
+    if layout == TIMM_LAYOUT:
+        loaded = to_timm_state_dict(loaded)
     for key, value in tensors.items():
         if not torch.equal(loaded[key], value):
             raise RuntimeError(f"export verification failed: '{key}' differs after reloading {weights_path}")
     size = weights_path.stat().st_size
-    logger.info("wrote %s (%.1f MiB), %s, %s", weights_path, size / 2**20, config_path.name, card_path.name)
-    return ExportResult(weights_path, config_path, card_path, document)
+    logger.info("wrote %s (%.1f MiB, %s layout), %s, %s", weights_path, size / 2**20, layout, config_path.name,
+                card_path.name)
+    return ExportResult(weights_path, config_path, card_path, document, layout, config_json)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dinov2_hier.export",
         description="Export the teacher backbone of a training run as model.safetensors + config.json + "
-                    "README.md (model card).",
+                    "README.md (model card), by default in timm's layout (timm.create_model('local-dir:DIR')).",
     )
     parser.add_argument("--ckpt", required=True,
                         help="training output directory (newest checkpoint), checkpoints/ckpt_*.pt or teacher_backbone.pt")
     parser.add_argument("--output-dir", required=True, help="folder to write model.safetensors, config.json, README.md")
-    parser.add_argument("--format", default="safetensors", choices=("safetensors", "pth"),
-                        help="weights file format (default safetensors)")
+    parser.add_argument("--format", default=None, choices=tuple(FORMATS),
+                        help="timm: timm's config.json and tensor names (default when timm has a DINOv2 family for "
+                             "the backbone; else the default is ours, with a warning); ours (alias safetensors): "
+                             "dinov2_hier's layout of format version 1; pth: ours as model.pth")
     parser.add_argument("--dtype", default="fp32", choices=tuple(_DTYPES), help="stored tensor dtype (default fp32)")
     parser.add_argument("--select", choices=("val_loss",), default=None,
                         help="with a training output directory: export its checkpoint with the lowest validation "
@@ -672,6 +484,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", nargs="+", default=[], metavar="DIR",
                         help="output directories of python -m eval.run, tabulated in the model card; each must "
                              "have evaluated the exported weights (checked by their recorded fingerprint)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, dest="license_name",
+                        help=f"the card's license (Hub licence id; default {DEFAULT_LICENSE})")
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="ID",
+                        help="the card's datasets (Hub dataset ids; default: the dataset names of the training data)")
+    parser.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                        help="the card's base_model (default: the timm id of DINOv2 release weights named by "
+                             "student.pretrained_weights; none for other initial weights)")
     return parser.parse_args(argv)
 
 
@@ -681,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> None:
         result = export_backbone(args.ckpt, args.output_dir, fmt=args.format, dtype=args.dtype, eval_dirs=args.eval,
-                                 select=args.select)
+                                 select=args.select, license_name=args.license_name, datasets=args.datasets,
+                                 base_model=args.base_model)
         print(f"exported {result.weights}")
 
     return run_cli(job)

@@ -2,14 +2,23 @@
 
 An export directory (written by ``python -m dinov2_hier.export``) holds
 
-- ``config.json``: the architecture (``embed_dim``, ``depth``, ``num_heads``, ``patch_size``,
-  ``img_size`` in pixels, ``num_register_tokens``, ``ffn_layer``, ``layerscale``,
-  ``qkv_bias``, ...), the input normalisation (``mean``/``std``, RGB in [0, 1]) and
-  provenance (iteration, hierarchy, versions);
-- ``model.safetensors`` or ``model.pth``: a flat mapping parameter name -> tensor with
-  DINOv2 names (``cls_token [1, 1, D]``, ``pos_embed [1, 1 + (img_size/patch)^2, D]``,
-  ``blocks.{i}.*``, ``norm.*``, ``mask_token [1, D]``, ``register_tokens [1, R, D]``);
+- ``config.json``: our export document: the architecture (``embed_dim``, ``depth``,
+  ``num_heads``, ``patch_size``, ``img_size`` in pixels, ``num_register_tokens``,
+  ``ffn_layer``, ``layerscale``, ``qkv_bias``, ...), the input normalisation
+  (``mean``/``std``, RGB in [0, 1]) and provenance (iteration, hierarchy, versions). In
+  the timm layout (``format_version`` 2, the default) the file is timm's schema
+  (``architecture`` a timm model name, ``model_args``, ``pretrained_cfg``) and the
+  document sits in its ``"dinov2_hier"`` block; in ours (``format_version`` 1,
+  ``--format ours``, and every export written before) it is the whole file;
+- ``model.safetensors`` or ``model.pth``: a flat mapping parameter name -> tensor; timm's
+  names in the timm layout (``reg_token``, the class position folded into ``cls_token``
+  with registers, no ``mask_token``), DINOv2's in ours (``cls_token [1, 1, D]``,
+  ``pos_embed [1, 1 + (img_size/patch)^2, D]``, ``blocks.{i}.*``, ``norm.*``,
+  ``mask_token [1, D]``, ``register_tokens [1, R, D]``);
 - ``README.md``: the model card.
+
+Both layouts load here (the timm one converted back by
+:func:`~dinov2_hier.models.artifacts.export_tensors`, exactly: same outputs at every size).
 
 :func:`load_backbone` is strict: every parameter of the model described by the config must
 be in the file with exactly its shape, and the file may hold nothing else. Loading never
@@ -43,7 +52,10 @@ from dinov2_hier.models.weights import WeightsError, dtype_name
 PathLike = Union[str, os.PathLike]
 
 #: Version of the export layout (config keys and file names); bumped on incompatible change.
-FORMAT_VERSION = 1
+#: 2: timm's config schema with our document under ``"dinov2_hier"``, timm tensor names;
+#: 1: our document as config.json, DINOv2 tensor names (``--format ours``).
+FORMAT_VERSION = 2
+OURS_FORMAT_VERSION = 1
 
 
 def model_kwargs(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
@@ -146,7 +158,8 @@ def load_backbone(
     # Shapes before building: a config that does not describe the file fails here, before
     # the model (a crafted 'depth': 5000 took ~68 s to build on meta before its mismatch was found).
     shapes = expected_shapes(config, config_source)
-    state = artifact.raw  # the file as stored: strictly nothing renamed, nothing dropped
+    # The file as stored (a timm-layout file converted back): nothing dropped, nothing else renamed.
+    state = artifact.tensors
     depth, blocks = config["depth"], _block_count(state)
     if blocks != depth:
         raise WeightsError(

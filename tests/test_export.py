@@ -349,7 +349,11 @@ def test_timm_vit_small_patch14_dinov2_at_224(tmp_path):
             "layerscale": 1e-5, "qkv_bias": True, "mean": [0.5] * 3, "std": [0.25] * 3, "iteration": 0}
     torch.save({"model": ours.state_dict(), "meta": meta}, tmp_path / TEACHER_FILE)
     export_backbone(tmp_path / TEACHER_FILE, tmp_path / "export")
+    # timm's layout (issue 23): timm's schema, our document under "dinov2_hier", timm's tensor names
+    # (to_timm_state_dict below leaves them as they are).
     config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch14_dinov2"
+    config = config["dinov2_hier"]
     assert config["timm_model"] == "vit_small_patch14_dinov2" and config["hierarchy"] is None
     assert config["mean"] == [0.5] * 3 and config["std"] == [0.25] * 3
     # The named timm model as is, with the converted file, strict.

@@ -66,6 +66,14 @@ PTH_FILE = "model.pth"
 #: Key of the safetensors header metadata that repeats config.json, so that a
 #: ``model.safetensors`` copied without its folder still describes itself.
 SAFETENSORS_CONFIG_KEY = "dinov2_hier_config"
+#: An export in timm's layout (``format_version`` 2, the default of the export command):
+#: ``config.json`` is timm's schema (``architecture``, ``model_args``, ``pretrained_cfg``)
+#: with this project's document under this top-level key, which timm ignores; the document's
+#: ``tensor_layout`` is :data:`TIMM_LAYOUT` and the weights file holds timm's tensor names.
+#: Older exports (``format_version`` 1, ``--format ours``) are this document itself, with
+#: DINOv2 tensor names (``tensor_layout`` :data:`DINOV2_LAYOUT`, or absent).
+EXPORT_BLOCK_KEY = "dinov2_hier"
+TIMM_LAYOUT, DINOV2_LAYOUT = "timm", "dinov2"
 
 # ------------------------------------------------------------------ kinds
 CHECKPOINT, TEACHER, EXPORT, WEIGHTS = "checkpoint", "teacher", "export", "weights"
@@ -133,8 +141,49 @@ def spec_of_config(cfg: Any, source: str) -> BackboneSpec:
 
 
 def read_config(path: PathLike) -> dict[str, Any]:
-    """Read an export's ``config.json`` (a JSON object); :class:`WeightsError` naming the file otherwise."""
+    """Read an export's ``config.json`` (a JSON object); :class:`WeightsError` naming the file otherwise.
+    The document as stored (for a timm-layout export, timm's schema with our block inside)."""
     return read_json_object(path, WeightsError, what="config file")
+
+
+def is_foreign_timm_config(config: Mapping[str, Any]) -> bool:
+    """A ``config.json`` in timm's schema without our block (a timm model of another project)."""
+    return "pretrained_cfg" in config and "embed_dim" not in config and not isinstance(config.get(EXPORT_BLOCK_KEY), Mapping)
+
+
+def export_document(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """This project's export document of a ``config.json``: the :data:`EXPORT_BLOCK_KEY`
+    block of a timm-layout export, the whole object of an older one. A timm config
+    without the block (another project's timm model) raises :class:`WeightsError`."""
+    block = config.get(EXPORT_BLOCK_KEY)
+    if isinstance(block, Mapping):
+        return dict(block)
+    if is_foreign_timm_config(config):
+        raise WeightsError(f"{source}: timm's config schema without a '{EXPORT_BLOCK_KEY}' block: not a dinov2_hier "
+                           f"export (load it with timm.create_model(\"local-dir:...\"))")
+    return dict(config)
+
+
+def tensor_layout(document: Mapping[str, Any], source: str = "config") -> str:
+    """``tensor_layout`` of an export document (:data:`DINOV2_LAYOUT` when absent)."""
+    layout = document.get("tensor_layout", DINOV2_LAYOUT)
+    if layout not in (TIMM_LAYOUT, DINOV2_LAYOUT):
+        raise WeightsError(f"{source}: 'tensor_layout' must be {TIMM_LAYOUT} or {DINOV2_LAYOUT}, got {layout!r}")
+    return layout
+
+
+def export_tensors(raw: Mapping[str, Any], document: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """An export's tensors in DINOv2's layout: as stored, or converted from timm's
+    (:func:`~dinov2_hier.models.timm_compat.from_timm_state_dict`: renames, the zero class
+    position, a zero ``mask_token``); nothing else renamed or dropped, so strict checks
+    still see the file's own keys."""
+    if tensor_layout(document, source) == DINOV2_LAYOUT:
+        return dict(raw)
+    from dinov2_hier.models.timm_compat import from_timm_state_dict
+
+    registers = document.get("num_register_tokens", 0)
+    registers = registers if isinstance(registers, int) and not isinstance(registers, bool) else 0
+    return from_timm_state_dict(raw, registers, str(document.get("ffn_layer", "mlp")))
 
 
 def safetensors_config(path: PathLike) -> dict[str, Any] | None:
@@ -155,7 +204,7 @@ def safetensors_config(path: PathLike) -> dict[str, Any] | None:
         config = json.loads(text)
     except json.JSONDecodeError as err:
         raise WeightsError(f"{path}: header metadata '{SAFETENSORS_CONFIG_KEY}' is not valid JSON: {err.msg}") from None
-    return config if isinstance(config, dict) else None
+    return export_document(config, f"{path} (header metadata)") if isinstance(config, dict) else None
 
 
 def locate_export(path: PathLike) -> tuple[Path, dict[str, Any], str]:
@@ -173,7 +222,7 @@ def locate_export(path: PathLike) -> tuple[Path, dict[str, Any], str]:
     if path.is_dir() or path.name == CONFIG_FILE:
         folder = path if path.is_dir() else path.parent
         config_path = folder / CONFIG_FILE
-        config = read_config(config_path)
+        config = export_document(read_config(config_path), str(config_path))
         name = config.get("weights_file")
         if name is not None:
             if not isinstance(name, str) or Path(name).name != name:
@@ -187,7 +236,7 @@ def locate_export(path: PathLike) -> tuple[Path, dict[str, Any], str]:
         return weights, config, str(config_path)
     config_path = path.parent / CONFIG_FILE
     if config_path.is_file():
-        return path, read_config(config_path), str(config_path)
+        return path, export_document(read_config(config_path), str(config_path)), str(config_path)
     if path.suffix == ".safetensors":
         config = safetensors_config(path)
         if config is not None:
@@ -232,9 +281,17 @@ class BackboneArtifact:
         if self.stores_config:  # ours
             return _tensor_dict(teacher_backbone_state(self.raw["model"]), f"{self.path}: 'model'")
         try:  # DINOv2's checkpoints may name chunked blocks: the general extraction renames them
-            return extract_backbone_state_dict(self.raw)
+            return extract_backbone_state_dict(self.tensors if self.kind == EXPORT else self.raw)
         except WeightsError as err:
             raise WeightsError(f"{self.path}: {err}") from None
+
+    @cached_property
+    def tensors(self) -> dict[str, Any]:
+        """The file's entries in DINOv2's layout, nothing dropped: an export in timm's
+        layout converted (:func:`export_tensors`), any other file as stored."""
+        if self.kind != EXPORT:
+            return dict(self.raw)
+        return export_tensors(self.raw, self.metadata, self.metadata_source)
 
     @cached_property
     def metadata(self) -> Any:
@@ -320,8 +377,9 @@ def _classify(obj: Mapping[str, Any]) -> str:
 def _is_export_file(path: Path) -> bool:
     """Whether a weights file describes itself as an export (config.json beside it, or the
     config in its safetensors header)."""
-    if (path.parent / CONFIG_FILE).is_file():
-        return True
+    config_path = path.parent / CONFIG_FILE
+    if config_path.is_file():  # another project's timm config.json beside it: foreign weights
+        return not is_foreign_timm_config(read_config(config_path))
     return path.suffix == ".safetensors" and safetensors_config(path) is not None
 
 

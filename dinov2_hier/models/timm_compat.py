@@ -35,10 +35,11 @@ is not the same function, so at other input sizes timm's features differ slightl
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from dinov2_hier.models.vision_transformer import (
@@ -59,6 +60,12 @@ _TIMM_FFN: Mapping[str, str] = MappingProxyType({"vit_small": "mlp", "vit_base":
 #: (embed_dim, depth, num_heads) of each timm DINOv2 family as timm registers it (patch 14).
 _TIMM_SHAPES: Mapping[str, tuple[int, int, int]] = MappingProxyType({
     "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant": (1536, 40, 24),
+})
+
+
+#: timm's MLP ratio of each family (giant: ``SwiGLUPacked``, both halves of ``fc1``).
+_TIMM_MLP_RATIO: Mapping[str, float] = MappingProxyType({
+    "vit_small": 4.0, "vit_base": 4.0, "vit_large": 4.0, "vit_giant": 2.66667 * 2,
 })
 
 
@@ -195,3 +202,124 @@ def timm_registered_name(model: VisionTransformer, arch: str | None = None) -> s
     ):
         return None
     return f"{stem}_patch14_reg4_dinov2" if registers else f"{stem}_patch14_dinov2"
+
+
+def timm_family(model: VisionTransformer, arch: str | None = None) -> str | None:
+    """The timm DINOv2 model whose family ``model`` belongs to, or None.
+
+    A family is one of timm's ``vit_{small,base,large,giant}_patch14_dinov2`` (``_reg4_``
+    with registers): ``arch`` names it (``vit_giant2`` is timm's ``vit_giant``), the width,
+    depth, heads, feed-forward layer and patch size (14) are the family's. What else may
+    differ (image size, register count, LayerScale on/off, qkv bias, MLP width, input
+    channels) is stated in the ``model_args`` of :func:`timm_hub_config`. ``vit_tiny``,
+    patch 8 or 16, a non-standard depth: None (timm registers no DINOv2 model to name).
+    """
+    stem = _TIMM_STEMS.get(arch or "")
+    if stem is None:
+        return None
+    swiglu = isinstance(model.blocks[0].mlp, SwiGLUFFN)
+    if (_TIMM_FFN[stem] != ("swiglu" if swiglu else "mlp")
+            or (model.embed_dim, model.n_blocks, model.num_heads) != _TIMM_SHAPES[stem]
+            or model.patch_size != 14):
+        return None
+    return f"{stem}_patch14_reg4_dinov2" if model.num_register_tokens else f"{stem}_patch14_dinov2"
+
+
+def timm_hub_config(
+    model: VisionTransformer,
+    arch: str | None,
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    layerscale: float | None = 1e-5,
+    license_name: str | None = None,
+) -> dict[str, Any]:
+    """``config.json`` in timm's schema for ``model`` (read by ``timm.create_model("local-dir:DIR")``
+    and ``"hf-hub:ORG/NAME"``; timm 1.0.31's ``_hub._parse_model_cfg``).
+
+    ``architecture``: :func:`timm_family`'s name; ``num_classes`` 0 (a feature extractor);
+    ``model_args``: ``img_size`` (the training crop: timm's position grid is then the
+    stored one), ``reg_tokens``, ``init_values`` (the LayerScale init value, 0.0 = no
+    LayerScale: timm drops None-valued arguments) and every other argument whose value
+    differs from the named model's (``mlp_ratio``, ``qkv_bias``, ``in_chans``,
+    ``no_embed_class``); ``pretrained_cfg``: ``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct`` and the keys timm derives for its own exports. Only
+    keys timm reads are written here; callers add their own block (timm ignores other
+    top-level keys). Raises :class:`TimmConversionError` when timm has no family for ``model``.
+    """
+    name = timm_family(model, arch)
+    if name is None:
+        raise TimmConversionError(f"timm registers no DINOv2 model family for {arch} / patch {model.patch_size} / "
+                                  f"width {model.embed_dim}, depth {model.n_blocks}")
+    stem = name.split("_patch14")[0]
+    _, args = timm_model_args(model, img_size, arch)
+    registers = model.num_register_tokens
+    model_args: dict[str, Any] = {
+        "img_size": int(img_size),
+        "reg_tokens": registers,
+        "init_values": float(layerscale) if args["init_values"] and layerscale is not None else args["init_values"],
+    }
+    block = model.blocks[0]
+    width = block.mlp.w12.out_features if isinstance(block.mlp, SwiGLUFFN) else block.mlp.fc1.out_features
+    if int(model.embed_dim * _TIMM_MLP_RATIO[stem]) != width:
+        model_args["mlp_ratio"] = args["mlp_ratio"]
+    if not args["qkv_bias"]:
+        model_args["qkv_bias"] = False
+    if args["in_chans"] != 3:
+        model_args["in_chans"] = args["in_chans"]
+    # The _reg4_ models default to no_embed_class=True, the plain ones to False: as the name.
+    pretrained_cfg: dict[str, Any] = {
+        "input_size": [args["in_chans"], int(img_size), int(img_size)],
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "num_classes": 0,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    if license_name:
+        pretrained_cfg["license"] = license_name
+    return {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": model.embed_dim,
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+
+
+def from_timm_state_dict(
+    timm_sd: Mapping[str, Tensor], num_register_tokens: int, ffn_layer: str = "mlp"
+) -> dict[str, Tensor]:
+    """The inverse of :func:`to_timm_state_dict` for an export in timm's layout.
+
+    ``reg_token`` -> ``register_tokens``; SwiGLU ``mlp.fc1`` / ``fc2`` -> ``mlp.w12`` /
+    ``w3``; with registers (timm's ``no_embed_class``) ``pos_embed [1, N, D]`` gets a zero
+    class position in front (the class token already holds it, folded in); ``mask_token``
+    (iBOT training only, not in timm's layout) is added as zeros, DINOv2's initial value.
+    The result computes exactly what the exported model computed, at every input size.
+    Other keys pass through unchanged, so a strict load still names what is missing or
+    unexpected.
+    """
+    swiglu = ffn_layer != "mlp"
+    out: dict[str, Tensor] = {}
+    for key, value in timm_sd.items():
+        if key == "reg_token":
+            out["register_tokens"] = value
+        elif swiglu and ".mlp.fc1." in key:
+            out[key.replace(".mlp.fc1.", ".mlp.w12.")] = value
+        elif swiglu and ".mlp.fc2." in key:
+            out[key.replace(".mlp.fc2.", ".mlp.w3.")] = value
+        else:
+            out[key] = value
+    pos = out.get("pos_embed")
+    if num_register_tokens and isinstance(pos, Tensor) and pos.ndim == 3:
+        out["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[2]), pos], dim=1)
+    cls = out.get("cls_token")
+    if "mask_token" not in out and isinstance(cls, Tensor) and cls.ndim == 3:
+        out["mask_token"] = cls.new_zeros(1, cls.shape[-1])
+    return out

@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from collections.abc import Mapping
+from typing import Any
+
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ..models.artifacts import load_backbone_weights
+from ..models.artifacts import export_tensors, load_backbone_weights, locate_export
 from ..models.heads import upgrade_last_layer_keys
 from ..models.weights import LoadReport, WeightsError, extract_head_state_dicts, read_state_dict
 
@@ -65,6 +68,20 @@ def _fitting_state(module: nn.Module, state: dict[str, Tensor]) -> str | None:
     return None
 
 
+def _read_weights(path: str) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """``(raw, backbone)``: the file as stored and what holds its backbone. An export of
+    ``python -m dinov2_hier.export`` (its folder, ``config.json`` or weights file; either
+    layout) gives its tensors in DINOv2's layout (a timm-layout file converted back);
+    anything else its raw mapping, as read."""
+    try:
+        weights, document, source = locate_export(path)
+    except WeightsError:  # not an export (or another project's timm folder): plain weights
+        raw = read_state_dict(path)
+        return raw, raw
+    raw = read_state_dict(weights)
+    return raw, export_tensors(raw, document, source)
+
+
 def load_pretrained(
     student: nn.ModuleDict, teacher: nn.ModuleDict, path: str, mode: str, warmup_iterations: int
 ) -> PretrainedStart:
@@ -78,8 +95,8 @@ def load_pretrained(
     applies when some head stays fresh. Raises :class:`WeightsError` for a backbone that
     does not fit (:func:`load_backbone_weights`).
     """
-    raw = read_state_dict(path)
-    start = PretrainedStart(backbone=load_backbone_weights(student["backbone"], raw, source=path))
+    raw, backbone = _read_weights(path)
+    start = PretrainedStart(backbone=load_backbone_weights(student["backbone"], backbone, source=path))
     teacher["backbone"].load_state_dict(student["backbone"].state_dict())
     file_heads = extract_head_state_dicts(raw) if mode != "false" else {}
     for name in ("dino_head", "ibot_head"):
