@@ -268,6 +268,8 @@ def test_registry_builds_the_guided_terms(wbc: Hierarchy) -> None:
     assert terms["guide2d"].guide.shape == (wbc.num_nodes, 2)
     # Buffers are non-persistent: checkpoints keep the keys of the heads only.
     assert not any(k.endswith((".dims", ".guide", ".is_leaf")) for k in terms.state_dict())
+    with pytest.raises(ValueError, match=r"targets must be indices in \[0, 50\)"):
+        terms["triplet"](torch.zeros(2, 24), torch.tensor([50]))
     with pytest.raises(SupervisedConfigError, match="margin must be a finite number"):
         build_supervised_terms([{"name": "triplet", "margin": -1}], wbc, 24)
     with pytest.raises(SupervisedConfigError, match="at least 2 dimensions"):

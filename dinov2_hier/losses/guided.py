@@ -40,6 +40,7 @@ from dinov2_hier.errors import suggest
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.guide import growing_dims, guide_points
+from dinov2_hier.losses.inputs import check_targets
 from dinov2_hier.losses.ssl import _autocast_disabled
 from dinov2_hier.losses.term_base import _HEAD_KINDS, HeadKind, SupervisedTerm, build_head
 from dinov2_hier.paths import resolve_resource
@@ -226,6 +227,7 @@ class _GuidePointTerm(GuidedTerm):
 
     def rows(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(embedding [n, n_max], guide point per row [n, 2], labelled bool [n])``."""
+        targets = check_targets("targets", targets, tokens.shape[0], self.hierarchy.num_nodes)
         valid = targets >= 0
         return self.embed(tokens), self.guide[targets.clamp(min=0)], valid
 
@@ -301,6 +303,7 @@ class TripletTerm(GuidedTerm):
         self.register_buffer("is_leaf", leaf, persistent=False)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = check_targets("targets", targets, tokens.shape[0], self.hierarchy.num_nodes)
         keep = (targets >= 0) & self.is_leaf[targets.clamp(min=0)]
         labels = torch.where(keep, targets, torch.full_like(targets, -1))
         with _autocast_disabled(tokens.device):
