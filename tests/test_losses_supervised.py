@@ -456,7 +456,10 @@ def all_entries() -> list[dict]:
 
 def test_registry_builds_all_six(tree: Hierarchy) -> None:
     terms, weights = build_supervised_terms(all_entries(), tree, embed_dim=12)
-    assert set(SUPERVISED_TERMS) == {"hierce", "ce", "supcon", "hiersupcon", "multilevel_ce", "distance"}
+    assert set(SUPERVISED_TERMS) == {
+        "hierce", "ce", "supcon", "hiersupcon", "multilevel_ce", "distance",
+        "guide2d", "guide_distance", "triplet",  # issue 22: tests/test_losses_guide.py
+    }  # fmt: skip
     assert list(terms) == ["hierce", "ce", "supcon", "hiersupcon", "multilevel_ce", "distance", "hierce_alpha0"]
     assert weights == {
         "hierce": 1.0, "ce": 1.0, "supcon": 0.5, "hiersupcon": 1.0,

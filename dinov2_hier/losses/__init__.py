@@ -45,6 +45,12 @@ __all__ += [
     "level_classes",
 ]
 
+# Guided embeddings (issue 22, Gräbel et al.): the guide, its terms, the triplet baseline.
+from dinov2_hier.losses.guide import GuideError, generate_guide, growing_dims, load_guide
+from dinov2_hier.losses.guided import set_supervised_epoch
+
+__all__ += ["GuideError", "generate_guide", "growing_dims", "load_guide", "set_supervised_epoch"]
+
 # Domain generalisation (issue 21): BoDA, CORAL, gradient reversal, the centroid state.
 from dinov2_hier.losses.domain import (
     DomainCentroids,
