@@ -454,6 +454,12 @@ def all_entries() -> list[dict]:
     ]
 
 
+def test_pairwise_terms_are_those_that_compare_samples() -> None:
+    """These terms see the CLS tokens of every rank under supervision.contrast_across_ranks."""
+    assert {name for name, cls in SUPERVISED_TERMS.items() if cls.pairwise} == {
+        "supcon", "hiersupcon", "guide_distance", "triplet"}
+
+
 def test_registry_builds_all_six(tree: Hierarchy) -> None:
     terms, weights = build_supervised_terms(all_entries(), tree, embed_dim=12)
     assert set(SUPERVISED_TERMS) == {

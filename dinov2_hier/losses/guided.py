@@ -260,6 +260,7 @@ class GuideDistanceTerm(_GuidePointTerm):
     """``guide_distance``: Gräbel et al.'s eq. 2 (pairwise L1 distances match the guide's) + norm."""
 
     name = "guide_distance"
+    pairwise = True
 
     def __init__(
         self,
@@ -284,6 +285,7 @@ class TripletTerm(GuidedTerm):
     """``triplet``: batch-hard triplet loss on leaf labels (the paper's baseline) + norm."""
 
     name = "triplet"
+    pairwise = True
     is_leaf: torch.Tensor
 
     def __init__(

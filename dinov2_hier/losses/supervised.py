@@ -147,6 +147,8 @@ class MultiLevelCETerm(SupervisedTerm):
 class _ContrastiveTerm(SupervisedTerm):
     """Optional projection head, then a contrastive loss over the ``2B`` crops."""
 
+    pairwise = True
+
     def __init__(
         self, hierarchy: Hierarchy, embed_dim: int, projection_dim: int, head: HeadKind, hidden_dim: int
     ) -> None:

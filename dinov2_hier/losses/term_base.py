@@ -52,6 +52,9 @@ class SupervisedTerm(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: Whether the loss compares the rows with each other (contrastive, pairwise, triplet):
+    #: such terms see the CLS tokens of every rank (``supervision.contrast_across_ranks``).
+    pairwise: ClassVar[bool] = False
 
     def __init__(self, hierarchy: Hierarchy, embed_dim: int) -> None:
         super().__init__()

@@ -18,16 +18,10 @@ from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss, LossInputError
 from ..losses import diagnostics
 from ..hierarchy import Hierarchy
-from ..losses.supervised import HierSupConTerm, SupConTerm
 from ..config import ConfigError
 from ..models import BackboneSpec, DINOHead
 from ..models.vision_transformer import DROP_PATH_MODES, DROP_PATH_SCHEDULES, RESIDUAL_STREAMS
 from .supervision import build_supervised_heads
-
-#: Supervised terms that contrast samples with each other: with
-#: ``supervision.contrast_across_ranks`` they see the CLS tokens of every rank.
-CONTRASTIVE_TERMS = (SupConTerm, HierSupConTerm)
-
 
 @dataclass(frozen=True)
 class TeacherTargets:
@@ -292,7 +286,7 @@ class SSLMetaArch(nn.Module):
             # One target per crop row; crops carrying an iBOT mask count as unlabelled.
             supervised_targets = torch.where(masks.any(dim=1), -1, supervised_targets.repeat(2))
         for name, term in self.supervised.items():
-            if isinstance(term, CONTRASTIVE_TERMS) and self.contrast_across_ranks and distributed.get_world_size() > 1:
+            if term.pairwise and self.contrast_across_ranks and distributed.get_world_size() > 1:
                 if gathered is None:
                     gathered = gather_crop_major(cls_tokens, supervised_targets)
                 losses[name] = term(*gathered)
