@@ -184,12 +184,12 @@ def manifest(tmp_path_factory):
     return path
 
 
-def _run(manifest, out, *extra):
+def _run(manifest, out, *extra, report=False):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         rc = run_main(["--ckpt", "baseline:colour", "--crop-size", "32", "--data", str(manifest), "--output-dir",
-                       str(out), "--num-workers", "0", "--no-progress", "--no-cache", "--no-report", "--folds", "2",
-                       "--hierarchy", SYNTHETIC, "--k", "1", *extra])
+                       str(out), "--num-workers", "0", "--no-progress", "--no-cache", "--folds", "2",
+                       "--hierarchy", SYNTHETIC, "--k", "1", *extra, *([] if report else ["--no-report"])])
     return rc, err.getvalue()
 
 
@@ -199,8 +199,10 @@ def _rows(directory):
 
 
 def test_cli_leave_one_group_out_and_compare(manifest, tmp_path):
-    rc, _ = _run(manifest, tmp_path / "logo", "--split", "leave-one-group-out")
+    rc, _ = _run(manifest, tmp_path / "logo", "--split", "leave-one-group-out", report=True)
     assert rc == 0
+    html = (tmp_path / "logo" / "report.html").read_text()
+    assert "Held-out domains" in html and "held-out groups g0, g1, g2" in html
     m = json.loads((tmp_path / "logo" / "metrics.json").read_text())
     assert m["split"]["kind"] == "leave_one_group_out" and m["split"]["groups"] == ["g0", "g1", "g2"]
     rows = _rows(tmp_path / "logo")
@@ -236,7 +238,7 @@ def test_cli_kfold_flags_change_nothing(manifest, tmp_path):
 
 
 def test_cli_holdout_tests_only_that_group(manifest, tmp_path):
-    rc, _ = _run(manifest, tmp_path / "h", "--split", "holdout=g1", "--no-report")
+    rc, _ = _run(manifest, tmp_path / "h", "--split", "holdout=g1")
     assert rc == 0
     rows = _rows(tmp_path / "h")
     assert sorted(int(r["sample"]) for r in rows) == list(range(1, 66, 3))
@@ -288,3 +290,20 @@ def test_real_pbc_and_bccd_leave_one_domain_out(tmp_path):
     for entry in d["held_out"].values():
         r = entry["probes"]["logreg"]
         assert 0.0 <= r["out_of_domain"]["macro_f1"] <= 1.0 and 0.0 <= r["out_of_domain"]["micro_f1"] <= 1.0
+
+
+def test_combine_manifests_writes_a_dataset_column(tmp_path):
+    from eval.combine_manifests import main as combine_main
+
+    (tmp_path / "a.csv").write_text("path,code\nx.png,BNE\ny.png,EO\n")
+    (tmp_path / "b.csv").write_text("path,label\nz.png,neutrophil\n")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rc = combine_main(["--input", f"pbc={tmp_path / 'a.csv'}:code", "--input", f"bccd={tmp_path / 'b.csv'}",
+                           "--output", str(tmp_path / "all.csv")])
+    assert rc == 0 and "2 pbc, 1 bccd" in out.getvalue()
+    rows = list(csv.DictReader(open(tmp_path / "all.csv", newline="")))
+    assert [(r["label"], r["dataset"]) for r in rows] == [("BNE", "pbc"), ("EO", "pbc"), ("neutrophil", "bccd")]
+    assert rows[0]["path"] == str(tmp_path / "x.png")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert combine_main(["--input", "pbc", "--output", str(tmp_path / "o.csv")]) == 2
+    assert "--input 'pbc'" in err.getvalue()
