@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -198,6 +199,7 @@ class DomainPlan:
         from .crossval import run_probes
         from .report import summarize
 
+        t0 = time.perf_counter()
         held: dict[str, Any] = {}
         for i, (name, (train, test)) in enumerate(zip(self.names, folds)):
             test_counts, train_set = Counter(y[test].tolist()), set(y[train].tolist())
@@ -224,7 +226,7 @@ class DomainPlan:
             held[name] = entry
         return {"group_column": self.column, "split": self.kind, "headline_metrics": list(HEADLINE_METRICS),
                 "group_sizes": {g: int(n) for g, n in sorted(Counter(groups.tolist()).items())},
-                "class_filter": self.class_filter, "held_out": held}
+                "class_filter": self.class_filter, "held_out": held, "in_domain_s": time.perf_counter() - t0}
 
 
 def prepare_domains(args: argparse.Namespace, data: Any, source: str | Path, hierarchy: Any = None,
