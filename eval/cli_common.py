@@ -79,6 +79,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--folds", type=int, default=5, help="stratified cross-validation folds (default 5)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the folds, the inner C search, the untrained baseline and the UMAP (default 0)")
+    g.add_argument("--group-column", default="dataset",
+                   help="manifest column naming each row's group (domain) for --split and --classes shared "
+                        "(default: dataset)")
+    g.add_argument("--split", default="kfold", metavar="{kfold,leave-one-group-out,holdout=GROUP}",
+                   help="kfold (default): stratified --folds CV over all rows; leave-one-group-out: each group "
+                        "held out in turn, probes trained on the other groups; holdout=GROUP: trained on the "
+                        "other groups, tested on GROUP only (docs/domain-generalisation.md)")
+    g.add_argument("--classes", choices=("all", "shared"), default="all",
+                   help="all (default): every label as resolved; shared: compare at the label precision all "
+                        "groups share (each label -> its ancestor among the classes every group has; rows of "
+                        "classes in fewer groups are dropped and counted)")
     g = parser.add_argument_group("feature extraction")
     g.add_argument("--crop-size", type=int, default=None,
                    help="input size in px (default: the checkpoint's training crop size; 224 for --ckpt none)")
@@ -152,7 +163,8 @@ def format_results(result: dict[str, Any]) -> str:
             metrics.extend(k for k in probes[p] if k not in metrics)
         split = m.get("split", {})
         how = (f"{split.get('folds')}-fold CV" if split.get("kind") == "cross_validation"
-               else f"fixed split ({split.get('n_train')} train / {split.get('n_test')} test)")
+               else f"{split.get('kind')} over '{split.get('group_column')}' ({', '.join(split.get('groups', []))})"
+               if "groups" in split else f"fixed split ({split.get('n_train')} train / {split.get('n_test')} test)")
         lines.append(f"{ev['name']}: {m['n_samples']} samples, {len(m['classes'])} classes, {how}, "
                      f"{m['n_unreadable']} unreadable -> {ev['output_dir']}")
         width = max([len(metric_label(x)) for x in metrics] + [6])
@@ -160,6 +172,7 @@ def format_results(result: dict[str, Any]) -> str:
         for metric in metrics:
             lines.append(" ".join([f"{metric_label(metric):<{width}}",
                                    *(f"{format_mean_std(probes[p].get(metric)):>17}" for p in names)]))
+        lines.extend(format_domains(m.get("domains")))
         lines.append("")
     summary = result.get("summary")
     if summary:
@@ -167,6 +180,24 @@ def format_results(result: dict[str, Any]) -> str:
         lines.append(f"best checkpoint by {c['probe']} {c['metric']} ({c['statistic']}): {summary['best']} "
                      f"({summary['best_score']:.4f})" if summary["best_score"] is not None else "no best checkpoint")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def format_domains(domains: dict[str, Any] | None) -> list[str]:
+    """Lines per held-out group and probe: out-of-domain, in-domain and gap of the headline metrics."""
+    if not domains or not domains.get("held_out"):
+        return []
+    heads = domains["headline_metrics"]
+    lines = ["held out  probe       " + "  ".join(f"{h + ' out/in/gap':>30}" for h in heads)]
+    for group, entry in domains["held_out"].items():
+        for probe, r in entry["probes"].items():
+            cells = [" / ".join(f"{v:+.3f}" if k == "gap" and v is not None else (f"{v:.3f}" if v is not None else "n/a")
+                                for k, v in (("out", r["out_of_domain"].get(h)), ("in", r["in_domain"].get(h)),
+                                             ("gap", r["gap"].get(h)))) for h in heads]
+            lines.append(f"{group:<9} {probe:<11} " + "  ".join(f"{c:>30}" for c in cells))
+        if entry["classes_absent_from_training"]:
+            lines.append(f"{group:<9} classes absent from training (counted as errors): "
+                         + ", ".join(f"{c} ({n})" for c, n in entry["classes_absent_from_training"].items()))
+    return lines
 
 
 def run_evaluation(args: argparse.Namespace, run, fmt) -> int:

@@ -133,6 +133,7 @@ def run_probes(
     hierarchy: Any = None,
     ok: np.ndarray | None = None,
     metric_fn: Callable[..., dict] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> ProbeResult:
     """Fit and test every probe on every split.
 
@@ -143,7 +144,10 @@ def run_probes(
             fold unchanged.
         probes: objects with ``name``, ``fit(X, y)`` and ``predict(X) -> array[str]``
             (e.g. :class:`~eval.probes.KNNProbe`, :class:`~eval.probes.LogRegProbe`); names
-            must be unique.
+            must be unique. A probe whose class sets ``uses_groups = True`` (a domain-
+            generalisation method) is fitted as ``fit(X, y, groups)`` (third positional argument,
+            e.g. ``DGProbe.fit(X, y, domains)``) with the group (domain) of each training row,
+            or None when ``groups`` is not given.
         folds: a list of ``(train_idx, test_idx)`` (e.g. from :func:`stratified_folds`),
             a single ``(train_idx, test_idx)`` tuple of integer arrays = a fixed split
             (fold ``-1``), or None = 5 stratified folds with seed 0.
@@ -152,6 +156,8 @@ def run_probes(
             every training and test set and left ``NOT_TESTED``.
         metric_fn: ``f(y_true, y_pred, labels, hierarchy=None) -> dict``; default
             ``dinov2_hier.metrics.all_metrics``.
+        groups: optional ``n`` group (domain) labels, one per row: the training rows' groups
+            go to the probes that declare ``uses_groups`` (see ``probes``); others never see them.
     """
     X = np.asarray(features)
     y = np.asarray([str(v) for v in labels])
@@ -169,6 +175,9 @@ def run_probes(
     if keep.shape != (n,):
         raise EvalDataError(f"ok mask of shape {keep.shape} does not match {n} samples")
     metric_fn = metric_fn or _default_metrics()
+    group_of = None if groups is None else np.asarray([str(g) for g in groups], dtype=object)
+    if group_of is not None and group_of.shape != (n,):
+        raise EvalDataError(f"groups of shape {group_of.shape} do not match {n} samples")
 
     fold_of = np.full(n, NOT_TESTED, dtype=np.int64)
     width = max([len(c) for c in classes] + [1])
@@ -189,7 +198,10 @@ def run_probes(
         fold_of[test] = fold_id
         for probe in probes:
             t0 = time.perf_counter()
-            probe.fit(X[train], y[train])
+            if getattr(probe, "uses_groups", False):
+                probe.fit(X[train], y[train], None if group_of is None else group_of[train])  # fit(X, y, domains)
+            else:
+                probe.fit(X[train], y[train])
             t1 = time.perf_counter()
             pred = np.asarray(probe.predict(X[test])).astype(str)
             t2 = time.perf_counter()

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 
 from dinov2_hier.errors import UserError
-from dinov2_hier.eval_results import METRICS_FILE, SUMMARY_FILE, read_json_object, write_results_json
+from dinov2_hier.eval_results import METRICS_FILE, SUMMARY_FILE, read_json_object
 
 from .baselines import is_baseline
+from .checkpoint_summary import SELECTION_METRIC, SELECTION_PROBE, training_status, write_summary
 from .crossval import EvalDataError
 from .report import (
     PredictionTable,
-    json_safe,
     pooled_confusion,
     summarize,
     summarize_per_class,
@@ -46,6 +46,8 @@ from .report import (
 
 __all__ = [
     "MAX_LISTED_UNREADABLE",
+    "SELECTION_METRIC",
+    "SELECTION_PROBE",
     "SUMMARY_FILE",
     "EvalUsageError",
     "build_probes",
@@ -62,10 +64,6 @@ __all__ = [
 
 log = logging.getLogger("dinov2_hier.eval.cli")
 
-#: The metric and statistic that pick the best checkpoint of a training run.
-SELECTION_METRIC = "balanced_accuracy"
-#: Probe preferred for checkpoint selection (the first evaluated probe when it is not run).
-SELECTION_PROBE = "logreg"
 #: At most this many unreadable paths are listed in metrics.json (all are counted).
 MAX_LISTED_UNREADABLE = 50
 
@@ -234,6 +232,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     Raises the library's input errors (exit code 2 through :func:`eval.cli_common.run_face`).
     """
     from .crossval import stratified_folds
+    from .domains import prepare_domains
     from .features import load_eval_data, resolve_checkpoints
 
     _check_args(args)
@@ -247,10 +246,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     data = load_eval_data(str(data_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
     test = (load_eval_data(str(test_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
             if test_path is not None else None)
+    data, domain = prepare_domains(args, data, data_path, hierarchy, has_test=test is not None)  # --split, --classes
     # The class list is fixed once for everything evaluated, so no fold or split shifts it.
     classes = _class_list(list(data.labels) + (list(test.labels) if test else []), hierarchy)
     if test is None:
-        stratified_folds(data.labels, args.folds, args.seed)  # fail fast, before extracting features
+        if domain is None or domain.kfold:
+            stratified_folds(data.labels, args.folds, args.seed)  # fail fast, before extracting features
     else:
         unseen = sorted(set(test.labels) - set(data.labels))
         if unseen:
@@ -263,6 +264,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     shared = {
         "hierarchy": hierarchy, "hierarchy_info": hierarchy_info, "data": data, "test": test,
         "data_path": data_path, "test_path": test_path, "classes": classes, "probes": probes, "device": device,
+        "domain": domain,
     }
     evaluations = []
     for name, ckpt in checkpoints:
@@ -270,13 +272,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         log.info("evaluating %s (%s) -> %s", name, ckpt, target)
         evaluations.append(_evaluate_checkpoint(args, name, ckpt, target, **shared))
     selection = {"select": select, "checkpoint": checkpoints[0][1]} if select is not None else None
-    summary = _write_summary(out_dir, evaluations, [p.name for p in probes], selection) if multi else None
+    summary = write_summary(out_dir, evaluations, [p.name for p in probes], selection) if multi else None
     return {"output_dir": str(out_dir), "evaluations": evaluations, "summary": summary}
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target: Path, *, hierarchy: Any,
                          hierarchy_info: dict | None, data: Any, test: Any, data_path: Path, test_path: Path | None,
-                         classes: list[str], probes: list[Any], device: str) -> dict[str, Any]:
+                         classes: list[str], probes: list[Any], device: str, domain: Any = None) -> dict[str, Any]:
     import torch
 
     from .crossval import run_probes, stratified_folds
@@ -298,7 +300,13 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
                     n_unreadable)
 
     labels = np.asarray(data.labels, dtype=object)
-    if test is None:
+    keep = readable_rows(fs, data, data_path) if test is None else None
+    groups = domain.groups[keep] if domain is not None and keep is not None else None
+    if test is None and domain is not None and not domain.kfold:  # eval/domains.py: groups held out
+        X, y = fs.features[keep], labels[keep].astype(str)
+        split, test_rows, fold_of, split_info = domain.split(keep)
+        sample, paths = keep[test_rows], [data.paths[i] for i in keep[test_rows]]
+    elif test is None:
         keep = readable_rows(fs, data, data_path)
         X, y = fs.features[keep], labels[keep].astype(str)
         try:
@@ -333,7 +341,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
         t0 = time.perf_counter()
         with threads.applied():
             probe_torch_threads = torch.get_num_threads()
-            result = run_probes(X, y, classes, [probe], split, hierarchy=hierarchy)
+            result = run_probes(X, y, classes, [probe], split, hierarchy=hierarchy, groups=groups)
         probe_s[probe.name] = time.perf_counter() - t0
         predictions[probe.name] = np.asarray(result.predictions[probe.name])[test_rows]
         per_fold[probe.name] = result.per_fold[probe.name]
@@ -373,8 +381,10 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
         },
         "timings": {"load_s": t_loaded - t_start, "features_s": t_features - t_loaded, "probes_s": probe_s,
                     "probe_threads": probe_torch_threads},
-        "training": _training_status(ckpt, meta.get("iteration")),
+        "training": training_status(ckpt, meta.get("iteration")),
     }
+    if domain is not None:
+        extra["domains"] = domain.report(X, y, groups, split, classes, probes, per_fold, hierarchy=hierarchy)
     write_metrics_json(target, summary, extra)
     write_predictions_csv(target, sample, paths, fold_of, y_test.tolist(), predictions)
     metrics = read_json_object(target / METRICS_FILE)
@@ -382,61 +392,3 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
         table = PredictionTable(sample, paths, fold_of, y_test, predictions)
         write_report_html(target, metrics, table, features=X[test_rows], hierarchy=hierarchy, seed=args.seed)
     return {"name": name, "checkpoint": ckpt, "output_dir": str(target), "metrics": metrics}
-
-
-def _training_status(ckpt: str, iteration: Any) -> dict | None:
-    """Whether the training run of ``ckpt`` had collapsed by the checkpoint's iteration
-    (:func:`dinov2_hier.train.collapse.run_collapse_status`); None for files outside a
-    training run directory and for baselines. A collapse is also logged as a warning."""
-    from dinov2_hier.train.collapse import run_collapse_status, run_dir_of
-
-    if is_baseline(ckpt) or str(ckpt).strip().lower() == "none":
-        return None
-    run = run_dir_of(ckpt)
-    if run is None:
-        return None
-    status = run_collapse_status(run, int(iteration) if iteration is not None else None)
-    if status is not None:
-        status["run_dir"] = str(run)
-        if status["collapsed"]:
-            log.warning("%s: its training run had collapsed (detected at iteration %s): DINO/iBOT taught it "
-                        "nothing; see docs/training-dynamics.md", ckpt, status["detected_at_iteration"])
-    return status
-
-
-def _selection_probe(probe_names: Sequence[str]) -> str:
-    return SELECTION_PROBE if SELECTION_PROBE in probe_names else probe_names[0]
-
-
-def _write_summary(out_dir: Path, evaluations: list[dict[str, Any]], probe_names: Sequence[str],
-                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """summary.json of a training run: every checkpoint's scores and the best one.
-
-    Best = highest mean balanced accuracy of the logistic regression (of the first probe when
-    logreg did not run); on a tie the earlier iteration wins. ``selection``: how ``--select``
-    chose the one checkpoint evaluated (recorded as ``"selected_by"``).
-    """
-    probe = _selection_probe(probe_names)
-    rows = []
-    best_i, best_score = None, None
-    for i, ev in enumerate(evaluations):
-        probes = ev["metrics"]["probes"]
-        score = probes[probe][SELECTION_METRIC]["mean"]
-        rows.append({
-            "name": ev["name"], "checkpoint": ev["checkpoint"], "iteration": ev["metrics"]["checkpoint"]["iteration"],
-            "output_dir": ev["output_dir"], "score": score,
-            SELECTION_METRIC: {p: probes[p][SELECTION_METRIC]["mean"] for p in probes},
-        })
-        if score is not None and (best_score is None or score > best_score):
-            best_i, best_score = i, score
-    summary = {
-        "criterion": {"probe": probe, "metric": SELECTION_METRIC, "statistic": "mean over folds"},
-        "best": rows[best_i]["name"] if best_i is not None else None,
-        "best_checkpoint": rows[best_i]["checkpoint"] if best_i is not None else None,
-        "best_score": best_score,
-        "checkpoints": rows,
-    }
-    if selection is not None:
-        summary["selected_by"] = selection
-    write_results_json(out_dir / SUMMARY_FILE, json_safe(summary))
-    return summary

@@ -234,6 +234,9 @@ def render_report_html(
                 metric_names.append(name)
     folds_n = max((len(e.get("folds") or []) for p in probes.values() for e in p.values()), default=0)
     split = "fixed train/test split" if folds_n == 1 else f"{folds_n}-fold cross-validation, mean ± std over folds"
+    held = (metrics.get("domains") or {}).get("held_out") or {}
+    if held:  # eval/domains.py: one fold per held-out group
+        split = f"held-out groups {', '.join(held)} (column {metrics['domains']['group_column']}), mean ± std over them"
     parts.append(f"<h2>Metrics</h2><p>{_esc(split)}. Higher is better, except for metrics marked "
                  "(lower better).</p>")
     parts.append(html_table(["metric", *probe_names],
@@ -248,6 +251,17 @@ def render_report_html(
             parts.append(f"<h3>{_esc(probe)}</h3>")
             parts.append(html_table(["metric", *(f"fold {i}" for i in range(folds_n))], rows))
         parts.append("</details>")
+
+    if held:
+        heads = metrics["domains"]["headline_metrics"]
+        parts.append("<h2>Held-out domains</h2><p>Out of domain (tested on the held-out group) / in domain "
+                     "(cross-validation on the training groups) / gap = in - out.</p>")
+        parts.append(html_table(["held out", "probe", *(metric_label(h) if h != "micro_f1" else "micro F1" for h in heads),
+                                 "classes absent from training"],
+                                [(g, p, *(" / ".join(format_number(r[k].get(h)) for k in ("out_of_domain", "in_domain", "gap"))
+                                          for h in heads),
+                                  ", ".join(f"{c} ({n})" for c, n in e["classes_absent_from_training"].items()) or "none")
+                                 for g, e in held.items() for p, r in e["probes"].items()]))
 
     # -- confusion matrices, one per probe
     confusion = metrics.get("confusion_matrix") or {}
