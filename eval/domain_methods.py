@@ -69,6 +69,9 @@ class DGProbe:
     (``Linear -> ReLU -> Linear``) has its own Adam.
     """
 
+    #: :func:`eval.crossval.run_probes` passes the training rows' groups (domains) to ``fit``.
+    uses_groups = True
+
     def __init__(
         self,
         method: str = "erm",
@@ -95,6 +98,11 @@ class DGProbe:
         self.temperature, self.form, self.nu, self.macro = float(temperature), form, float(nu), float(macro)
         self.momentum = float(momentum)
         self.rt_epochs = self.epochs if rt_epochs is None else int(rt_epochs)
+
+    @property
+    def name(self) -> str:
+        """The probe's name in metrics.json and predictions.csv: ``dg_erm``, ..., ``dg_boda_plus``."""
+        return "dg_" + self.method.replace("+", "_plus")
 
     # -- fitting --------------------------------------------------------------------------
     def fit(self, X: Any, y: Any, domains: Any) -> "DGProbe":
