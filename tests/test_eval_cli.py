@@ -26,7 +26,7 @@ from eval.run import main as run_main
 from tests.conftest import TINY_OVERRIDES, real_data_dir
 
 SYNTHETIC = str(PROJECT_ROOT / "hierarchies" / "synthetic.json")
-FLAT = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+FLAT = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "macro_precision")
 HIER = ("hierarchical_precision", "hierarchical_recall", "hierarchical_f1", "lineage_accuracy", "mistake_severity")
 N_PER_CLASS = 4  # 11 synthetic classes -> 44 images
 
