@@ -11,10 +11,16 @@ confusion matrix or a per-class entry. Definitions:
 * ``accuracy``: fraction of samples with ``y_pred == y_true``.
 * ``balanced_accuracy``: mean recall over the classes present in ``y_true`` (scikit-learn's
   ``balanced_accuracy_score``); classes of ``labels`` absent from ``y_true`` do not count.
+  This *is* the macro recall (there is no separate ``macro_recall`` entry).
 * ``weighted_f1``: per-class F1 averaged with the true-class supports as weights.
 * ``macro_f1``: unweighted mean of per-class F1 over the classes present in ``y_true`` or
   ``y_pred`` (what scikit-learn averages when it is not given ``labels``), so a class of
   ``labels`` that occurs in neither does not pull the mean down with an F1 of 0.
+* ``macro_precision``: unweighted mean of per-class precision over the same classes as
+  ``macro_f1`` (present in ``y_true`` or ``y_pred``; scikit-learn's
+  ``precision_score(average="macro")`` without ``labels``). A class that is true but never
+  predicted has precision 0 (``zero_division=0``). Example: y_true ``[a, a, b]``, y_pred
+  ``[a, b, b]``: a 1/1, b 1/2, macro precision 0.75.
 * per-class precision, recall, F1 (``zero_division=0``: 0.0 where undefined) and support.
 
 Hierarchical metrics follow section 2.4 of the paper. The ancestor set ``A(node)`` of a node
@@ -65,7 +71,9 @@ __all__ = [
     "mistake_severity",
 ]
 
-FLAT_SCALAR_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+FLAT_SCALAR_METRICS: tuple[str, ...] = (
+    "accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "macro_precision",
+)
 HIERARCHICAL_SCALAR_METRICS: tuple[str, ...] = (
     "hierarchical_precision",
     "hierarchical_recall",
@@ -193,7 +201,8 @@ def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
 
 
 def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, weighted and macro F1, per-class scores and the confusion matrix.
+    """Accuracy, balanced accuracy (= macro recall), weighted and macro F1, macro precision,
+    per-class scores and the confusion matrix.
 
     ``labels`` is the class list of the whole dataset; every value of ``y_true`` and ``y_pred``
     must be in it (else :class:`MetricInputError`). ``confusion_matrix[i][j]`` counts samples
@@ -220,6 +229,7 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
     weighted_f1 = float(np.sum(f1 * support) / np.sum(support))
     present = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0
     macro_f1 = float(np.mean(f1[present]))
+    macro_precision = float(np.mean(np.asarray(precision, dtype=np.float64)[present]))
     per_class = {
         label: {
             "precision": float(precision[i]),
@@ -234,6 +244,7 @@ def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: 
         "balanced_accuracy": balanced,
         "weighted_f1": weighted_f1,
         "macro_f1": macro_f1,
+        "macro_precision": macro_precision,
         "per_class": per_class,
         "confusion_matrix": [[int(x) for x in row] for row in matrix],
         "labels": label_list,

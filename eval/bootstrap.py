@@ -141,6 +141,10 @@ class PairCountMetric:
             recall = np.where(present, hits / np.where(present, support, 1.0), 0.0)
             return recall.sum(axis=1) / present.sum(axis=1)
         denominator = support + predicted  # 2 TP + FP + FN
+        if self.name == "macro_precision":
+            precision = np.where(predicted > 0, hits / np.where(predicted > 0, predicted, 1.0), 0.0)
+            present = denominator > 0
+            return (precision * present).sum(axis=1) / present.sum(axis=1)
         f1 = np.where(denominator > 0, 2.0 * hits / np.where(denominator > 0, denominator, 1.0), 0.0)
         if self.name == "weighted_f1":
             return (f1 * support).sum(axis=1) / support.sum(axis=1)

@@ -142,6 +142,9 @@ def build_parser(prog: str, description: str, families: Sequence[str]) -> argpar
         _add_linear(parser)
     if "knn" in families:
         _add_knn(parser)
+    from .probes.options import add_extra_probe_args  # --extra-probes svm wknn (issue 22)
+
+    add_extra_probe_args(parser)
     parser.set_defaults(families=tuple(families))
     return parser
 

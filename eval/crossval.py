@@ -84,7 +84,7 @@ class ProbeResult:
     ``-1`` for the test rows of a fixed split. ``per_fold[name]`` holds one
     ``dinov2_hier.metrics.all_metrics`` dict per fold; ``fit_info[name]`` one dict per fold
     with ``n_train``, ``n_test``, ``fit_s``, ``predict_s`` and probe attributes such as
-    ``chosen_C``.
+    ``chosen_C`` (logistic regression, SVM) and ``chosen_k`` (weighted kNN).
     """
 
     predictions: dict[str, np.ndarray]
@@ -211,6 +211,8 @@ def run_probes(
                     "fit_s": t1 - t0, "predict_s": t2 - t1}
             if getattr(probe, "chosen_C_", None) is not None:
                 info["chosen_C"] = float(probe.chosen_C_)
+            if getattr(probe, "chosen_k_", None) is not None:  # distance-weighted kNN: k chosen by inner CV
+                info["chosen_k"] = int(probe.chosen_k_)
             for attribute, key in (("backend_", "backend"), ("converged_", "converged")):
                 if hasattr(probe, attribute):  # logistic regression: which solver, and did its final fit converge
                     value = getattr(probe, attribute)

@@ -171,6 +171,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvalUsageError(f"--k values must be >= 1, got {bad}")
         if len(set(args.k)) != len(args.k):
             raise EvalUsageError(f"--k values must be distinct, got {args.k}")
+    from .probes.options import check_extra_probe_args  # --extra-probes (issue 22)
+    check_extra_probe_args(args, EvalUsageError)
 
 
 def build_probes(args: argparse.Namespace, device: str) -> list[Any]:
@@ -184,6 +186,8 @@ def build_probes(args: argparse.Namespace, device: str) -> list[Any]:
     if "logreg" in families:
         probes.append(LogRegProbe(C=args.C, C_grid=args.C_grid, backend=args.backend, max_iter=args.max_iter,
                                   device=device, seed=args.seed))
+    from .probes.options import build_extra_probes  # --extra-probes svm wknn (issue 22); none by default
+    probes.extend(build_extra_probes(args))
     return probes
 
 
@@ -197,6 +201,8 @@ def _probe_settings(args: argparse.Namespace) -> dict[str, Any]:
     if "logreg" in families:
         out["logreg"] = {"C": args.C, "C_grid": None if args.C is not None else list(args.C_grid or DEFAULT_C_GRID),
                          "backend": args.backend, "max_iter": args.max_iter}
+    from .probes.options import extra_probe_settings
+    out.update(extra_probe_settings(args))
     return out
 
 

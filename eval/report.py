@@ -8,8 +8,8 @@ the ``write_*`` functions write the three output files of an evaluation director
 Conventions:
 
 * A *scalar metric* is a number in a fold's metric dict (``accuracy``,
-  ``balanced_accuracy``, ``weighted_f1``, ``macro_f1`` and, with a hierarchy, the
-  hierarchical ones). Nested entries (``per_class``, ``confusion_matrix``, ``labels``) are
+  ``balanced_accuracy`` (= macro recall), ``weighted_f1``, ``macro_f1``, ``macro_precision``
+  and, with a hierarchy, the hierarchical ones). Nested entries (``per_class``, ``confusion_matrix``, ``labels``) are
   summarised separately (:func:`summarize_per_class`, :func:`pooled_confusion`).
 * ``std`` is the population standard deviation over folds (numpy's default, ``ddof=0``;
   0 for a single split). A value that is undefined in a fold (``mistake_severity`` of a
@@ -75,7 +75,7 @@ PREDICTION_COLUMNS = ("sample", "path", "fold", "y_true")
 
 # Report order of the metrics this module knows; unknown scalar metrics follow in fold order.
 _KNOWN_ORDER = (
-    "accuracy", "balanced_accuracy", "weighted_f1", "macro_f1",
+    "accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "macro_precision",
     "hierarchical_precision", "hierarchical_recall", "hierarchical_f1",
     "lineage_accuracy", "mistake_severity",
 )

@@ -272,3 +272,18 @@ def test_speed_n2000_all_metrics(tree: Hierarchy) -> None:
     assert len(result) == 3 and all(len(v) == len(SCALAR_METRICS) for v in result.values())
     # 3 classifiers x 9 metrics x 1000 resamples of 2000 samples: well under a second here.
     assert elapsed < 5.0, elapsed
+
+
+def test_macro_precision_vectorised_matches_the_loop() -> None:
+    # issue 22: macro precision in the bootstrap; the count-table path equals the metric function.
+    y_true, pred_a, pred_b = random_predictions(120, seed=9)
+    labels = sorted(set(y_true) | set(pred_a) | set(pred_b))
+    metric = bootstrap_metric("macro_precision", labels)
+    fast = paired_bootstrap(y_true, pred_a, pred_b, metric, n_resamples=80, seed=3)
+    slow = paired_bootstrap(y_true, pred_a, pred_b, lambda t, p: metric(t, p), n_resamples=80, seed=3)
+    for key in ("observed", "ci_low", "ci_high", "a", "b"):
+        assert fast[key] == pytest.approx(slow[key], abs=1e-12), key
+    hand = bootstrap_metric("macro_precision", ["a", "b"])
+    assert hand(["a", "a", "b"], ["a", "b", "b"]) == pytest.approx(0.75)
+    counts = np.array([[1.0, 1.0, 1.0]])  # pairs (a, a), (a, b), (b, b) once each
+    assert hand.from_pair_counts(["a", "a", "b"], ["a", "b", "b"], counts)[0] == pytest.approx(0.75)

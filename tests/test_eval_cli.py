@@ -26,7 +26,7 @@ from eval.run import main as run_main
 from tests.conftest import TINY_OVERRIDES, real_data_dir
 
 SYNTHETIC = str(PROJECT_ROOT / "hierarchies" / "synthetic.json")
-FLAT = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1")
+FLAT = ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "macro_precision")
 HIER = ("hierarchical_precision", "hierarchical_recall", "hierarchical_f1", "lineage_accuracy", "mistake_severity")
 N_PER_CLASS = 4  # 11 synthetic classes -> 44 images
 
@@ -198,6 +198,36 @@ def test_colour_baseline_evaluates_like_a_checkpoint(setup, tmp_path, capsys):
     assert len(_rows(out)) == setup["n"]
     rc = run_main(["--ckpt", "baseline:texture", *_common(setup, tmp_path / "bad")])
     assert rc == 2 and "unknown baseline 'texture'" in _error(capsys)
+
+
+def test_extra_probes_svm_and_weighted_knn(setup, tmp_path, capsys):
+    """``--extra-probes svm wknn`` adds both probes on the same folds, with their settings and
+    the chosen C / k in fit_info; without the flag neither appears (issue 22)."""
+    out = tmp_path / "extra"
+    rc = run_main(["--ckpt", "baseline:colour", "--crop-size", "40", *_common(
+        setup, out, "--hierarchy", SYNTHETIC, "--folds", "2", "--k", "1", "--C", "1.0", "--no-report",
+        "--extra-probes", "svm", "wknn", "--svm-C-grid", "0.1", "1", "--wknn-k-grid", "1", "3")])
+    assert rc == 0, capsys.readouterr().err
+    m = _metrics(out)
+    assert list(m["probes"]) == ["knn_k1", "logreg", "svm", "wknn"]
+    _check_probe(m["probes"]["svm"], 2)
+    _check_probe(m["probes"]["wknn"], 2)
+    assert m["settings"]["svm"] == {"C_grid": [0.1, 1.0]}
+    assert m["settings"]["wknn"] == {"k_grid": [1, 3], "metric": "cosine", "weights": "distance"}
+    # 2 samples per class in a training fold: too few for the inner 3-fold CV -> the fallbacks
+    assert all(f["chosen_C"] == 1.0 for f in m["fit_info"]["svm"])
+    assert all(f["chosen_k"] == 1 for f in m["fit_info"]["wknn"])
+    rows = _rows(out)
+    assert {"svm", "wknn"} <= set(rows[0])
+    plain = tmp_path / "plain"
+    assert run_main(["--ckpt", "baseline:colour", "--crop-size", "40", *_common(
+        setup, plain, "--folds", "2", "--k", "1", "--C", "1.0", "--no-report")]) == 0
+    assert not {"svm", "wknn"} & set(_metrics(plain)["settings"]) and list(_metrics(plain)["probes"]) == [
+        "knn_k1", "logreg"]
+    capsys.readouterr()
+    rc = run_main(["--ckpt", "baseline:colour", *_common(setup, tmp_path / "bad", "--extra-probes", "svm",
+                                                          "--svm-C-grid", "0")])
+    assert rc == 2 and "--svm-C-grid" in _error(capsys)
 
 
 def test_compare_against_itself_and_another_model(setup, run_dir, tmp_path, capsys):

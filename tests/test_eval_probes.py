@@ -364,3 +364,103 @@ def test_auto_backend_keeps_sklearn_for_small_sets_on_any_device():
     probe = probes.LogRegProbe(backend="auto", device="cpu", C=1.0).fit(X, y)
     assert probe.backend_ == "torch" and probe.converged_
     assert balanced_accuracy(y, probe.predict(X)) == 1.0
+
+
+# -- issue 22: linear SVM and distance-weighted kNN ------------------------------------------
+def test_svm_separable_accuracy_one_and_deterministic_C():
+    from eval.probes import DEFAULT_SVM_C_GRID, LinearSVMProbe
+
+    X, y = _blobs(20, 3, spread=3.0, seed=1)  # well separated: every C separates
+    X_test, y_test = _blobs(10, 3, spread=3.0, seed=1)
+    a = LinearSVMProbe(seed=2).fit(X, y)
+    b = LinearSVMProbe(seed=2).fit(X, y)
+    assert np.mean(a.predict(X) == y) == 1.0
+    assert a.chosen_C_ in DEFAULT_SVM_C_GRID and a.chosen_C_ == b.chosen_C_ and a.cv_scores_ == b.cv_scores_
+    assert list(a.cv_scores_) == sorted(DEFAULT_SVM_C_GRID)
+    best = max(a.cv_scores_.values())
+    assert a.chosen_C_ == min(c for c, s in a.cv_scores_.items() if s == best)  # ties -> smaller C
+    assert a.converged_ and a.predict(X_test).dtype.kind == "U"
+    # A grid where only a large C can separate picks that C; a fixed C skips the search.
+    fixed = LinearSVMProbe(C=0.5).fit(X, y)
+    assert fixed.chosen_C_ == 0.5 and fixed.cv_scores_ == {}
+    assert np.mean(LinearSVMProbe(C=0.5).fit(X, y).predict(X) == y) == 1.0
+    with pytest.raises(ValueError):
+        LinearSVMProbe(C=0)
+    with pytest.raises(ValueError):
+        LinearSVMProbe(C_grid=[-1.0])
+
+
+def test_svm_C_search_equals_a_hand_written_inner_cv():
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from eval.probes import LinearSVMProbe
+    from eval.probes.base import inner_splits
+
+    X, y = _blobs(15, 3, spread=0.6, seed=7)  # overlapping: the scores differ between C
+    grid = [1e-4, 1e-2, 1.0]
+    probe = LinearSVMProbe(C_grid=grid, seed=4).fit(X, y)
+    Xs = StandardScaler().fit(X).transform(X)
+    expected = {}
+    for C in grid:
+        scores = [balanced_accuracy(y[va], LinearSVC(C=C, max_iter=5000, random_state=4).fit(Xs[tr], y[tr])
+                                    .predict(Xs[va])) for tr, va in inner_splits(y, 4, "t")]
+        expected[C] = float(np.mean(scores))
+    assert probe.cv_scores_ == pytest.approx(expected, abs=1e-12)
+    assert probe.chosen_C_ == grid[int(np.argmax([expected[C] for C in grid]))]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_weighted_knn_matches_sklearn_distance_weights(metric, k):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(k)
+    X = rng.normal(size=(80, 6))
+    y = rng.choice(["a", "b", "c", "d"], size=80)
+    Q = rng.normal(size=(50, 6))
+    ours = KNNProbe(k, metric=metric, weights="distance").fit(X, y).predict(Q)
+    ref = KNeighborsClassifier(n_neighbors=k, weights="distance", metric=metric, algorithm="brute").fit(X, y)
+    np.testing.assert_array_equal(ours, ref.predict(Q))
+    assert KNNProbe(k, weights="distance").name == f"wknn_k{k}"
+
+
+def test_weighted_knn_exact_match_votes_alone():
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [1.1, 0.0], [0.9, 0.0]])
+    y = np.array(["exact", "near", "near", "near"])
+    probe = KNNProbe(4, metric="euclidean", weights="distance").fit(X, y)
+    assert list(probe.predict(np.array([[0.0, 0.0], [0.8, 0.0]]))) == ["exact", "near"]
+
+
+def test_weighted_knn_probe_chooses_k_on_training_rows():
+    from eval.probes import DEFAULT_K_GRID, WeightedKNNProbe
+
+    X, y = _blobs(15, 3, spread=1.0, seed=5)
+    a = WeightedKNNProbe(seed=1, metric="euclidean").fit(X, y)
+    b = WeightedKNNProbe(seed=1, metric="euclidean").fit(X, y)
+    assert a.chosen_k_ == b.chosen_k_ and a.cv_scores_ == b.cv_scores_
+    assert list(a.cv_scores_) == list(DEFAULT_K_GRID) and a.chosen_k_ in DEFAULT_K_GRID
+    best = max(a.cv_scores_.values())
+    assert a.chosen_k_ == min(k for k, s in a.cv_scores_.items() if s == best)
+    # The inner-CV scores equal refitting KNNProbe(k, weights="distance") on each inner fold.
+    from eval.probes.base import inner_splits
+
+    for k in DEFAULT_K_GRID:
+        scores = [balanced_accuracy(y[va], KNNProbe(k, metric="euclidean", weights="distance")
+                                    .fit(X[tr], y[tr]).predict(X[va])) for tr, va in inner_splits(y, 1, "t")]
+        assert a.cv_scores_[k] == pytest.approx(np.mean(scores), abs=1e-12), k
+    np.testing.assert_array_equal(
+        a.predict(X), KNNProbe(a.chosen_k_, metric="euclidean", weights="distance").fit(X, y).predict(X))
+    with pytest.raises(ValueError):
+        WeightedKNNProbe(k_grid=[0, 3])
+
+
+def test_run_probes_records_chosen_C_and_k():
+    from eval.probes import LinearSVMProbe, WeightedKNNProbe
+
+    X, y = _blobs(12, 3, spread=2.0, seed=6)
+    classes = sorted(set(y))
+    result = run_probes(X, y, classes, [LinearSVMProbe(), WeightedKNNProbe()], stratified_folds(y, 2, seed=0))
+    assert set(result.predictions) == {"svm", "wknn"}
+    assert all("chosen_C" in info and "converged" in info for info in result.fit_info["svm"])
+    assert all("chosen_k" in info and "chosen_C" not in info for info in result.fit_info["wknn"])

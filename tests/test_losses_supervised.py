@@ -169,6 +169,60 @@ def test_flat_ce_drops_internal_labels(tree: Hierarchy) -> None:
     assert torch.allclose(FlatCELoss(tree)(z, targets), expected, atol=1e-6)
 
 
+def test_weighted_flat_ce_by_hand() -> None:
+    # issue 22: logits [2, 0] label 0 and [0, 0] label 1, class weights (0.5, 1.5):
+    # (0.5 * log(1 + e^-2) + 1.5 * log 2) / (0.5 + 1.5) = 0.551592
+    two = Hierarchy.from_dict({"name": "two", "root": {"id": "root", "children": [{"id": "x"}, {"id": "y"}]}})
+    z = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    targets = idx(two, "x", "y")
+    weights = torch.tensor([0.5, 1.5])
+    expected = (0.5 * math.log(1 + math.exp(-2)) + 1.5 * math.log(2)) / 2.0
+    assert expected == pytest.approx(0.551592, abs=1e-6)
+    for class_weights in ([0.5, 1.5], {"y": 1.5, "x": 0.5}):
+        loss = FlatCELoss(two, class_weights=class_weights)(z, targets)
+        assert float(loss) == pytest.approx(0.551592, abs=1e-6)
+        assert torch.allclose(loss, F.cross_entropy(z, targets, weight=weights), atol=1e-7)
+    # The registry term takes the same option and applies it to its head's logits.
+    terms, _ = build_supervised_terms([{"name": "ce", "head": "linear", "class_weights": [0.5, 1.5]}], two, 4)
+    assert torch.equal(terms["ce"].criterion.class_weights, weights)
+
+
+def test_weighted_flat_ce_matches_torch_and_drops_internal_labels(tree: Hierarchy) -> None:
+    torch.manual_seed(1)
+    z = torch.randn(7, 6)
+    targets = idx(tree, "a1", "a2", "c", None, "b2", "root", "a2x")
+    weights = torch.tensor([0.2, 1.0, 3.0, 0.7, 1.1, 2.5])
+    kept = torch.tensor([0, 2, 4, 6])
+    expected = F.cross_entropy(z[kept], targets[kept], weight=weights)
+    assert torch.allclose(FlatCELoss(tree, class_weights=weights.tolist())(z, targets), expected, atol=1e-6)
+    # All-ones weights are the unweighted loss.
+    assert torch.allclose(FlatCELoss(tree, class_weights=[1.0] * 6)(z, targets), FlatCELoss(tree)(z, targets))
+    # Nothing usable: an exact 0 that still has a graph.
+    z.requires_grad_(True)
+    empty = FlatCELoss(tree, class_weights=weights.tolist())(z, idx(tree, *[None] * 7))
+    empty.backward()
+    assert float(empty.detach()) == 0.0 and torch.all(z.grad == 0)
+
+
+def test_class_weight_errors_and_balanced_helper(tree: Hierarchy) -> None:
+    from dinov2_hier.losses.class_weights import balanced_class_weights
+    for bad, match in (([1.0] * 5, "6 leaves"), ({"a1": 1.0}, "no weight"), ({"zz": 1.0}, "not leaves"),
+                       ("balanced", "balanced_class_weights"), ([0.0] * 6, "all 0"), ([1.0] * 5 + [-1.0], ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            FlatCELoss(tree, class_weights=bad)
+    with pytest.raises(SupervisedConfigError, match="class_weights"):
+        build_supervised_terms([{"name": "ce", "class_weights": [1.0]}], tree, 4)
+    # sklearn's compute_class_weight("balanced"): n / (n_classes * count)
+    labels = ["a"] * 6 + ["b"] * 3 + ["c"]
+    assert balanced_class_weights(labels, ["a", "b", "c"]) == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    from sklearn.utils.class_weight import compute_class_weight
+    import numpy as np
+    expected = compute_class_weight("balanced", classes=np.array(["a", "b", "c"]), y=np.array(labels))
+    assert balanced_class_weights(labels, ["a", "b", "c"]) == pytest.approx(list(expected))
+    with pytest.raises(ValueError, match="do not occur"):
+        balanced_class_weights(labels, ["a", "b", "c", "d"])
+
+
 # --------------------------------------------------------------------------- SupCon
 
 

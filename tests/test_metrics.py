@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.metrics import (
@@ -171,6 +171,8 @@ def test_classification_report_by_hand() -> None:
     assert report["balanced_accuracy"] == pytest.approx(5 / 9)
     assert report["weighted_f1"] == pytest.approx(0.6)
     assert report["macro_f1"] == pytest.approx(22 / 45)
+    # macro precision over a, b, c: (2/3 + 2/3 + 0) / 3 = 4/9
+    assert report["macro_precision"] == pytest.approx(4 / 9)
     assert report["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     pc = report["per_class"]
     assert pc["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
@@ -183,7 +185,7 @@ def test_classification_report_by_hand() -> None:
 def test_absent_classes_change_nothing_and_never_shift_the_matrix() -> None:
     with_d = classification_report(FLAT_TRUE, FLAT_PRED, ["a", "b", "c", "d"])
     without_d = classification_report(FLAT_TRUE, FLAT_PRED, ["a", "b", "c"])
-    for key in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1"):
+    for key in ("accuracy", "balanced_accuracy", "weighted_f1", "macro_f1", "macro_precision"):
         assert with_d[key] == pytest.approx(without_d[key]), key
     assert without_d["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
     # The absent class first: every row and column keeps its label.
@@ -206,6 +208,13 @@ def test_flat_metrics_agree_with_sklearn_on_random_labels() -> None:
         f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
     )
     assert report["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert report["macro_precision"] == pytest.approx(
+        precision_score(y_true, y_pred, average="macro", zero_division=0)
+    )
+    # balanced accuracy is the macro recall (over the classes present in y_true)
+    assert report["balanced_accuracy"] == pytest.approx(
+        recall_score(y_true, y_pred, labels=labels[:5], average="macro", zero_division=0)
+    )
 
 
 def test_predicted_class_absent_from_truth_counts_as_a_miss_without_warning() -> None:
@@ -217,6 +226,14 @@ def test_predicted_class_absent_from_truth_counts_as_a_miss_without_warning() ->
     assert report["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     # macro F1 over a, b, c (c is predicted): a 2*1/(2+1) = 2/3, b 1, c 0 -> 5/9
     assert report["macro_f1"] == pytest.approx(5 / 9)
+
+
+def test_macro_precision_by_hand() -> None:
+    # issue 22: precision a 1/1, b 1/2 -> macro precision 0.75
+    report = classification_report(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
+    assert report["macro_precision"] == pytest.approx(0.75)
+    assert report["per_class"]["a"]["precision"] == 1.0 and report["per_class"]["b"]["precision"] == 0.5
+    assert all_metrics(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])["macro_precision"] == pytest.approx(0.75)
 
 
 def test_numpy_string_arrays_are_accepted() -> None:

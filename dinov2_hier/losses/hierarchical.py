@@ -2,7 +2,7 @@
 
 * :class:`HierCELoss` -- hierarchical cross-entropy (Bertinetto et al. 2020) with the
   multi-granular extension of Chossegros et al.: a label may be any non-root node.
-* :class:`FlatCELoss` -- plain cross-entropy over the leaves; coarse labels are dropped.
+* :class:`FlatCELoss` -- plain (or class-weighted) cross-entropy over the leaves; coarse labels dropped.
 * :class:`MultiLevelCELoss` -- one cross-entropy per depth of the tree, averaged.
 * :class:`DistanceLoss` -- expected tree distance ``sum_c p_c D[y, c]`` under the leaf softmax.
 
@@ -22,8 +22,7 @@ Conventions shared by every loss here and in :mod:`dinov2_hier.losses.contrastiv
 
 Tree size: the index tables, and the switch between dense tables (a tree of at most
 :data:`DENSE_MAX_NODES` nodes) and the level-by-level tree path linear in the number of
-nodes, are in :mod:`dinov2_hier.losses.tree_tables`; input checks are in
-:mod:`dinov2_hier.losses.inputs`.
+nodes, are in :mod:`dinov2_hier.losses.tree_tables`; input checks in :mod:`.inputs`.
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from torch import nn
 
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError
+from dinov2_hier.losses.class_weights import resolve_class_weights
 from dinov2_hier.losses.inputs import _check_hierarchy, check_2d, check_targets
 from dinov2_hier.losses.ssl import _autocast_disabled
 from dinov2_hier.losses.tree_tables import (
@@ -260,13 +260,16 @@ class FlatCELoss(nn.Module):
 
     Samples labelled at an internal node are dropped, as in Chossegros et al. 2.4.1
     ("coarsely labeled images are not used"); the mean is over the leaf-labelled samples.
+    ``class_weights`` (list in leaf order or ``{leaf: weight}``: :mod:`.class_weights`) gives
+    the weighted mean ``sum w[y] l / sum w[y]`` of ``F.cross_entropy(weight=...)``.
     """
 
-    def __init__(self, hierarchy: Hierarchy) -> None:
+    def __init__(self, hierarchy: Hierarchy, class_weights: object = None) -> None:
         super().__init__()
         hierarchy = _check_hierarchy(hierarchy)
         self.num_leaves = hierarchy.num_leaves
         self.num_nodes = hierarchy.num_nodes
+        self.register_buffer("class_weights", resolve_class_weights(hierarchy, class_weights), persistent=False)
 
     def forward(self, leaf_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``leaf_logits [B, num_leaves]``, ``targets long [B]`` -> float32 scalar."""
@@ -276,12 +279,15 @@ class FlatCELoss(nn.Module):
         keep = (targets >= 0) & (targets < self.num_leaves)
         with _autocast_disabled(leaf_logits.device):
             z = leaf_logits.float()
-            safe = torch.where(keep, targets, torch.zeros_like(targets)).unsqueeze(1)
-            losses = torch.logsumexp(z, dim=-1) - z.gather(1, safe).squeeze(1)
-            return masked_mean(losses, keep)
+            safe = torch.where(keep, targets, torch.zeros_like(targets))
+            losses = torch.logsumexp(z, dim=-1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
+            if self.class_weights is None:  # plain mean over the leaf-labelled rows
+                return masked_mean(losses, keep)
+            w = torch.where(keep, self.class_weights.to(z.device)[safe], 0.0)
+            return (w * torch.where(keep, losses, 0.0)).sum() / w.sum().clamp(min=1e-12)
 
     def extra_repr(self) -> str:
-        return f"num_leaves={self.num_leaves}"
+        return f"num_leaves={self.num_leaves}, weighted={self.class_weights is not None}"
 
 
 # --------------------------------------------------------------------------- multilevel CE

@@ -92,13 +92,26 @@ class HierCETerm(_LeafLogitTerm):
 
 
 class FlatCETerm(_LeafLogitTerm):
-    """Head to leaf logits + :class:`~dinov2_hier.losses.FlatCELoss` (coarse labels dropped)."""
+    """Head to leaf logits + :class:`~dinov2_hier.losses.FlatCELoss` (coarse labels dropped).
+
+    ``class_weights``: None (plain CE) or one weight per leaf, a list in leaf order
+    (``Hierarchy.leaves``) or a mapping ``{leaf id: weight}``, e.g. in a config
+    ``{"name": "ce", "class_weights": {"band": 2.0, ...}}``; "balanced" weights are computed
+    from the labels beforehand (:func:`dinov2_hier.losses.class_weights.balanced_class_weights`).
+    """
 
     name = "ce"
 
-    def __init__(self, hierarchy: Hierarchy, embed_dim: int, head: HeadKind = "mlp", hidden_dim: int = 2048) -> None:
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        embed_dim: int,
+        head: HeadKind = "mlp",
+        hidden_dim: int = 2048,
+        class_weights: Sequence[float] | Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__(hierarchy, embed_dim, head, hidden_dim)
-        self.criterion = FlatCELoss(hierarchy)
+        self.criterion = FlatCELoss(hierarchy, class_weights=class_weights)
 
 
 class DistanceTerm(_LeafLogitTerm):

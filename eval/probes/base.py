@@ -1,4 +1,4 @@
-"""What both probes check and score: feature and label arrays, balanced accuracy."""
+"""What the probes check and score: feature and label arrays, balanced accuracy, inner CV folds."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,3 +33,28 @@ def _as_labels(y: Any, n: int) -> np.ndarray:
     if n == 0:
         raise EvalDataError("cannot fit a probe on zero samples")
     return y
+
+
+#: Inner cross-validation folds of the probes that choose a hyperparameter on their
+#: training rows (the SVM's C, the weighted kNN's k), as :data:`eval.probes.logreg.INNER_FOLDS`.
+INNER_CV_FOLDS = 3
+
+
+def inner_splits(y: np.ndarray, seed: int, what: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Seeded stratified :data:`INNER_CV_FOLDS`-fold splits of the training labels ``y``
+    (as the logistic regression's C search), or None with a warning when no class has
+    that many samples (the caller then falls back to a fixed value)."""
+    import logging
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    _, counts = np.unique(y, return_counts=True)
+    if counts.max() < INNER_CV_FOLDS:
+        logging.getLogger("dinov2_hier.eval").warning(
+            "%s: too few samples per class for inner %d-fold CV; using the fallback value", what, INNER_CV_FOLDS)
+        return None
+    splitter = StratifiedKFold(n_splits=INNER_CV_FOLDS, shuffle=True, random_state=int(seed))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*least populated class.*")
+        return list(splitter.split(np.zeros(len(y)), y))
