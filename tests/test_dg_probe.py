@@ -1,10 +1,10 @@
-"""The domain-generalisation probe (eval.domain_methods.DGProbe, issue 21)."""
+"""The domain-generalisation probe (eval.probes.dg.DGProbe, issue 21)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from eval.domain_methods import DG_METHODS, DGProbe
+from eval.probes.dg import DG_METHODS, DGProbe
 from eval.probes.base import balanced_accuracy
 
 
@@ -74,3 +74,42 @@ def test_boda_plus_retrains_only_the_classifier():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method"):
         DGProbe("irm")
+
+
+def test_dg_probes_run_from_the_command_line_on_held_out_domains(tmp_path, capsys):
+    """--extra-probes dg_* with --split leave-one-group-out: every image tested once, each DG
+    probe in metrics.json and predictions.csv with its settings; with kfold: exit 2, one line."""
+    import csv
+    import json
+
+    from dinov2_hier.data import write_synthetic_dataset
+    from dinov2_hier.hierarchy import Hierarchy
+    from dinov2_hier.paths import PROJECT_ROOT
+    from eval.run import main
+
+    tree = Hierarchy.from_json(str(PROJECT_ROOT / "hierarchies" / "synthetic.json"))
+    rows = []
+    for group, seed in (("a", 1), ("b", 2)):
+        manifest = write_synthetic_dataset(tmp_path / group, 3 * tree.num_leaves, tree, image_size=32, seed=seed)
+        with open(manifest) as f:
+            for row in csv.DictReader(f):
+                rows.append({"path": str((manifest.parent / row["path"]).resolve()), "label": row["label"],
+                             "dataset": group})
+    pooled = tmp_path / "pooled.csv"
+    with open(pooled, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "label", "dataset"])
+        writer.writeheader()
+        writer.writerows(rows)
+    common = ["--ckpt", "baseline:colour", "--data", str(pooled), "--hierarchy",
+              str(PROJECT_ROOT / "hierarchies" / "synthetic.json"), "--num-workers", "0", "--no-progress",
+              "--no-cache", "--no-report", "--folds", "2", "--k", "1", "--extra-probes", "dg_erm", "dg_boda+"]
+    assert main(common + ["--split", "leave-one-group-out", "--output-dir", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"dg_erm", "dg_boda_plus"} <= set(metrics["probes"])
+    assert metrics["settings"]["dg_boda_plus"]["method"] == "boda+"
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and all(r["dg_erm"] and r["dg_boda_plus"] for r in table)
+    assert main(common + ["--output-dir", str(tmp_path / "kfold")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--extra-probes dg_erm trains on domains" in err[-1]

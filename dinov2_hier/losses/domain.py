@@ -110,7 +110,7 @@ def boda_loss(
     a class missing from some source domain does not lower the weight of the others (eq.
     3 divides by ``|D| - 1`` whether or not the positive exists). With the released form
     the unit of ``counts`` matters (it scales the logits); callers that hold data-set
-    counts may pass them divided by their mean (what :class:`eval.domain_methods.DGProbe`
+    counts may pass them divided by their mean (what :class:`eval.probes.dg.DGProbe`
     does), which keeps the logits at the scale of the distances.
 
     Samples whose own pair is absent, or with no present positive (the same class in

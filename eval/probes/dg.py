@@ -29,7 +29,7 @@ from torch import nn
 
 from dinov2_hier.losses.domain import DomainCentroids, boda_loss, grad_reverse, macro_alignment_loss
 
-from .probes.base import _as_features, _as_labels
+from .base import _as_features, _as_labels
 
 __all__ = ["DG_METHODS", "DGProbe"]
 
@@ -98,6 +98,13 @@ class DGProbe:
         self.temperature, self.form, self.nu, self.macro = float(temperature), form, float(nu), float(macro)
         self.momentum = float(momentum)
         self.rt_epochs = self.epochs if rt_epochs is None else int(rt_epochs)
+
+    def settings(self) -> dict[str, Any]:
+        """The hyper-parameters, as metrics.json records them."""
+        return {"method": self.method, "hidden": self.hidden, "lambd": self.lambd, "epochs": self.epochs,
+                "lr": self.lr, "batch_size": self.batch_size, "weight_decay": self.weight_decay,
+                "temperature": self.temperature, "form": self.form, "nu": self.nu, "macro": self.macro,
+                "momentum": self.momentum, "rt_epochs": self.rt_epochs, "seed": self.seed}
 
     @property
     def name(self) -> str:
