@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and data")
     add_backbone_args(g, directory="its newest checkpoint")
     g.add_argument("--data", required=True,
-                   help="manifest CSV (column path; label and dataset optional, unlabelled rows kept) or ImageFolder")
+                   help="manifest CSV (column path; label optional, unlabelled rows kept), ImageFolder (labels: the "
+                        "class folders) or a folder of images (unlabelled)")
     g.add_argument("--label-column", default="label", help="manifest column holding the labels (default: label)")
     g = parser.add_argument_group("feature extraction")
     add_extraction_args(g)
@@ -81,13 +82,24 @@ def _check(name: str, value: int | None, least: int) -> None:
 
 
 def _records(data: str, label_column: str) -> list[Any]:
-    from dinov2_hier.data import read_manifest, records_from_source
+    """A manifest's rows (labels optional), an ImageFolder's images (labels: the class
+    folders) or, for a folder of images without class folders, its images unlabelled."""
+    from dinov2_hier.data import IMAGE_EXTENSIONS, ImageFolderError, Record, read_manifest, records_from_source
 
     from .crossval import EvalDataError
 
     src = Path(data).expanduser()
-    records = read_manifest(src, label_column=label_column) if src.suffix.lower() == ".csv" else \
-        records_from_source(src)
+    if src.suffix.lower() == ".csv":
+        records = read_manifest(src, label_column=label_column)
+    else:
+        try:
+            records = records_from_source(src)
+        except ImageFolderError:
+            loose = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_EXTENSIONS) if src.is_dir() else []
+            if not loose:
+                raise
+            records = [Record(str(p.resolve())) for p in loose]
     if not records:
         raise EvalDataError(f"{src}: no images listed")
     return records
@@ -135,7 +147,7 @@ def extract_to_file(
     exception there stops the job as a kill would: the stored chunks stay for a rerun)."""
     import torch
 
-    from .extraction import _Progress, extraction_crop, iter_feature_blocks, precision_tag
+    from .extraction import Progress, extraction_crop, iter_feature_blocks, precision_tag
     from .features import load_eval_backbone, resolve_checkpoints
 
     output = Path(output).expanduser()
@@ -164,6 +176,8 @@ def extract_to_file(
     precision = precision_tag(dev)
     key = _job_key(backbone, paths, crop, resize_mode, precision, outputs, batch_size, chunk)
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*.tmp"):  # a final file killed while being written
+        stale.unlink()
     store = ChunkStore(Path(f"{output}.parts"), key, len(paths), chunk, outputs)
     done = store.open()
     first = store.rows(done)[0] if done < store.n_chunks else len(paths)
@@ -172,7 +186,7 @@ def extract_to_file(
                     store.n_chunks, first, len(paths), store.folder)
     start = time.perf_counter()
     if first < len(paths):
-        bar = _Progress(len(paths), progress, initial=first)
+        bar = Progress(len(paths), progress, initial=first)
         blocks = iter_feature_blocks(backbone, paths[first:], outputs=outputs, crop_size=crop,
                                      resize_mode=resize_mode, batch_size=batch_size, num_workers=num_workers,
                                      device=dev, progress=bar, threads=threads)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOST_COPY_EVERY",
     "OUTPUTS",
+    "Progress",
     "FeatureBlock",
     "FeatureSet",
     "eval_image_loader",
@@ -221,7 +222,7 @@ def _is_terminal(stream: Any) -> bool:
         return False
 
 
-class _Progress:
+class Progress:
     """A tqdm bar when stderr is a terminal and tqdm is installed (and progress is wanted),
     else an INFO line about every 10% with images/s: redrawn into a file or a pipe (a SLURM
     log, ``2> log``), a bar leaves one line per refresh. ``initial`` images count as done
@@ -288,7 +289,7 @@ def iter_feature_blocks(
     batch_size: int = 64,
     num_workers: int = 0,
     device: Any = None,
-    progress: bool | _Progress = True,
+    progress: bool | Progress = True,
     threads: int | None = None,
 ) -> Iterator[FeatureBlock]:
     """:class:`FeatureBlock` s covering ``paths`` in order (every row, unreadable ones with
@@ -303,7 +304,7 @@ def iter_feature_blocks(
     under ``torch.inference_mode``, with bf16 autocast on CUDA only. ``num_workers`` loader
     processes and the main process's torch threads (``threads``, default
     :func:`dinov2_hier.cpu.thread_plan`'s choice; restored afterwards) share the CPU.
-    ``progress``: a bar (True), none (False), or a ``_Progress`` to advance.
+    ``progress``: a bar (True), none (False), or a ``Progress`` to advance.
     """
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or not outputs:
@@ -322,7 +323,7 @@ def iter_feature_blocks(
                                pin_memory=dev.type == "cuda")
     on_device = transform.to(dev)
     logged: set[str] = set()
-    bar = progress if isinstance(progress, _Progress) else _Progress(len(paths), bool(progress))
+    bar = progress if isinstance(progress, Progress) else Progress(len(paths), bool(progress))
     pending: list[tuple[np.ndarray, dict[str, torch.Tensor]]] = []
     rows: list[np.ndarray] = []  # every row of the pending batches, readable or not
 

@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,10 @@ def _args(setup, output, *extra):
     return ["--ckpt", str(setup["teacher"]), "--data", str(setup["manifest"]), "--output", str(output),
             "--device", "cpu", "--num-workers", "0", "--no-progress", "--batch-size", "16", "--chunk-size", "48",
             *extra]
+
+
+class _Killed(Exception):
+    """Stands for a kill: raised after the k-th chunk is stored."""
 
 
 def _load(path):
@@ -137,10 +142,6 @@ def test_killed_run_resumes_to_the_same_file(setup, tmp_path, capsys):
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
     assert whole.read_bytes() == out.read_bytes()
     assert not parts.exists()
-
-
-class _Killed(Exception):
-    pass
 
 
 def test_chunks_of_another_job_are_discarded(setup, tmp_path, caplog):
@@ -236,3 +237,19 @@ def test_sigkilled_subprocess_resumes(setup, tmp_path):
     subprocess.run(command(out), cwd=PROJECT_ROOT, check=True, capture_output=True)
     subprocess.run(command(whole), cwd=PROJECT_ROOT, check=True, capture_output=True)
     assert out.read_bytes() == whole.read_bytes()
+
+
+def test_folder_of_images_without_classes(setup, tmp_path):
+    """A flat folder (no class sub-folders): every image, in name order, unlabelled."""
+    import shutil
+
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    for r in setup["records"][:5]:
+        shutil.copy(r.path, folder / f"x_{Path(r.path).name}")
+    out = tmp_path / "loose.npz"
+    extract_to_file(str(setup["teacher"]), str(folder), out, batch_size=4, num_workers=0, device="cpu",
+                    progress=False)
+    got = _load(out)
+    assert got["paths"].tolist() == sorted(str(p) for p in folder.iterdir())
+    assert got["labels"].tolist() == [""] * 5 and got["ok"].all() and got["cls"].shape == (5, 192)
