@@ -253,3 +253,20 @@ def test_folder_of_images_without_classes(setup, tmp_path):
     got = _load(out)
     assert got["paths"].tolist() == sorted(str(p) for p in folder.iterdir())
     assert got["labels"].tolist() == [""] * 5 and got["ok"].all() and got["cls"].shape == (5, 192)
+
+
+def test_chunks_cut_across_host_copies(setup, tmp_path, monkeypatch):
+    """Blocks of the loop (HOST_COPY_EVERY batches) that straddle chunk boundaries, or are
+    smaller or larger than a chunk, give the same file."""
+    import eval.extraction as extraction
+
+    manifest = setup["manifest"].parent / "sixty.csv"  # beside the images: the paths are relative
+    manifest.write_text("\n".join(setup["manifest"].read_text(encoding="utf-8").splitlines()[:61]) + "\n")
+    files = []
+    for every in (1, 2, 16):  # blocks of 8, 16 and all 60 rows; chunks of 24
+        monkeypatch.setattr(extraction, "HOST_COPY_EVERY", every)
+        files.append(tmp_path / f"every{every}.npz")
+        extract_to_file(str(setup["teacher"]), str(manifest), files[-1], batch_size=8, chunk_size=24,
+                        num_workers=0, device="cpu", progress=False)
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    assert _load(files[0])["cls"].shape == (60, 192) and not _load(files[0])["ok"][EMPTY_ROW]
