@@ -23,6 +23,7 @@ setup(
         "xformers": ["xformers"],
         "umap": ["umap-learn"],
         "timm": ["timm"],
+        "parquet": ["pyarrow"],  # python -m eval.extract --output FILE.parquet
         "test": ["pytest", "timm"],
     },
 )

@@ -36,6 +36,8 @@ from .values import format_mean_std
 __all__ = [
     "SUMMARY_FILE",
     "EvalUsageError",
+    "add_backbone_args",
+    "add_extraction_args",
     "build_parser",
     "build_probes",
     "default_cache_dir",
@@ -50,21 +52,47 @@ __all__ = [
 # --------------------------------------------------------------------------- arguments
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model and data")
+def add_backbone_args(g: Any, directory: str = "every checkpoint, in iteration order") -> None:
+    """``--ckpt``, ``--select``, ``--arch`` (shared with ``eval.extract``); ``directory`` says
+    what a training output directory stands for."""
     g.add_argument("--ckpt", required=True,
                    help="training checkpoint (checkpoints/ckpt_*.pt), teacher_backbone.pt, an export of "
                         "dinov2_hier.export (its folder, config.json or weights file), DINOv2/DinoBloom "
-                        "weights (with --arch), a training output directory (every checkpoint, in iteration "
-                        "order), 'none' (untrained --arch baseline) or 'baseline:colour' (colour histogram + "
+                        f"weights (with --arch), a training output directory ({directory}), "
+                        "'none' (untrained --arch baseline) or 'baseline:colour' (colour histogram + "
                         "16x16 grey pixels: the floor a pretrained model must clear)")
     g.add_argument("--select", choices=("val_loss",), default=None,
-                   help="with --ckpt <training output directory>: evaluate only the checkpoint with the lowest "
+                   help="with --ckpt <training output directory>: use only the checkpoint with the lowest "
                         "validation loss (val_total in its metrics.jsonl; training with data.val_fraction or "
                         "data.val and train.val_every)")
     g.add_argument("--arch", default=None,
                    help="backbone architecture (vit_tiny|vit_small|vit_base|vit_large|vit_giant2); required for "
                         "--ckpt none and foreign weights, checked against a dinov2_hier checkpoint otherwise")
+
+
+def add_extraction_args(g: Any) -> None:
+    """How images become features (shared with ``eval.extract``): ``--crop-size``,
+    ``--resize-mode``, ``--batch-size``, ``--num-workers``, ``--device``, ``--threads``,
+    ``--no-progress``."""
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="input size in px (default: the checkpoint's training crop size; 224 for --ckpt none)")
+    g.add_argument("--resize-mode", choices=("pad", "center_crop"), default="pad",
+                   help="keep the aspect ratio by padding to a square (default) or by centre-cropping")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    g.add_argument("--num-workers", type=int, default=4,
+                   help="image loading processes (default 4, at most the CPU cores less one; 0 = in-process)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = CUDA when available (bf16 features), else CPU (fp32)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (and of BLAS in the probes) in every phase; default: the idle "
+                        "cores when the phase starts less its loader workers and one spare core (1 on a busy or "
+                        "a 2-core machine), or what OMP_NUM_THREADS / MKL_NUM_THREADS set (docs/evaluation.md)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and data")
+    add_backbone_args(g)
     g.add_argument("--data", required=True, help="labelled manifest CSV (path,label[,dataset]) or ImageFolder")
     g.add_argument("--test-data", default=None,
                    help="fixed test set (manifest or ImageFolder): train on --data, test here, no cross-validation")
@@ -91,23 +119,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "groups share (each label -> its ancestor among the classes every group has; rows of "
                         "classes in fewer groups are dropped and counted)")
     g = parser.add_argument_group("feature extraction")
-    g.add_argument("--crop-size", type=int, default=None,
-                   help="input size in px (default: the checkpoint's training crop size; 224 for --ckpt none)")
-    g.add_argument("--resize-mode", choices=("pad", "center_crop"), default="pad",
-                   help="keep the aspect ratio by padding to a square (default) or by centre-cropping")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    g.add_argument("--num-workers", type=int, default=4,
-                   help="image loading processes (default 4, at most the CPU cores less one; 0 = in-process)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = CUDA when available (bf16 features), else CPU (fp32)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (and of BLAS in the probes) in every phase; default: the idle "
-                        "cores when the phase starts less its loader workers and one spare core (1 on a busy or "
-                        "a 2-core machine), or what OMP_NUM_THREADS / MKL_NUM_THREADS set (docs/evaluation.md)")
+    add_extraction_args(g)
     g.add_argument("--cache-dir", type=Path, default=None,
                    help=f"feature cache folder (default {default_cache_dir()}; $DINOV2_HIER_CACHE overrides)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write cached features")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = parser.add_argument_group("outputs")
     g.add_argument("--output-dir", type=Path, required=True,
                    help="writes metrics.json, predictions.csv, report.html and log.txt here")

@@ -1,4 +1,4 @@
-"""Frozen backbones and their CLS features for evaluation.
+"""Frozen backbones and labelled data for evaluation (the features: :mod:`eval.extraction`).
 
 * :func:`load_eval_backbone` rebuilds the teacher backbone from a ``teacher_backbone.pt``,
   a full training checkpoint (``checkpoints/ckpt_*.pt``), a foreign DINOv2 / DinoBloom
@@ -6,50 +6,27 @@
 * :func:`resolve_checkpoints` turns a ``--ckpt`` argument into the checkpoints to evaluate.
 * :func:`load_eval_data` reads a manifest CSV or ImageFolder and resolves every label to a
   hierarchy node id (or keeps the raw strings without a hierarchy) with one fixed class list.
-* :func:`extract_features` runs the backbone over images (batched, bf16 autocast on CUDA
-  only) and caches the ``[n, D]`` float32 CLS features as ``.npz`` keyed by checkpoint,
-  files and preprocessing, so a second probe run does not re-extract.
+* :func:`extract_features` (defined in :mod:`eval.extraction`, re-exported here with the
+  loader and the cache key) runs the backbone over images and caches the ``[n, D]`` float32
+  CLS features as ``.npz`` keyed by checkpoint, files and preprocessing; it shares its
+  batched loop, :func:`eval.extraction.iter_feature_blocks`, with ``python -m eval.extract``.
 
-Unreadable images are never fatal here: the row is marked ``ok=False`` with zero features,
-counted and logged once; the caller excludes such rows from the probes.
-
-Length (~730 lines): the three stages that share :class:`EvalBackbone` and the feature
-cache (backbones, labelled data, extraction); reading the backbone files themselves is
-:func:`dinov2_hier.models.read_artifact`'s.
+Reading the backbone files themselves is :func:`dinov2_hier.models.read_artifact`'s.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import os
-import sys
-import tempfile
-import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from dinov2_hier.cpu import loader_workers, thread_plan
-from dinov2_hier.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EvalTransform,
-    Record,
-    UnreadableImageError,
-    is_missing_image_message,
-    load_image,
-    read_manifest,
-    records_from_source,
-)
+from dinov2_hier.data import IMAGENET_MEAN, IMAGENET_STD, Record, read_manifest, records_from_source
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.io import file_sha256
 from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_label_maps
@@ -60,6 +37,8 @@ from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError, list_che
 
 from .baselines import BASELINES, PREFIX, baseline_name, is_baseline
 from .crossval import EvalDataError
+# re-exported: the names of this module before eval.extraction
+from .extraction import FeatureSet, eval_image_loader, extract_features, feature_cache_key
 
 __all__ = [
     "EvalBackbone",
@@ -75,11 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("dinov2_hier.eval")
-
-#: Batches of features kept on the device before one copy to the host (see extract_features).
-HOST_COPY_EVERY = 16
-#: Bumped when the cached array layout or the feature definition changes.
-_CACHE_FORMAT = "dinov2_hier.eval.features/1"
 
 
 # -- backbones ------------------------------------------------------------------------------
@@ -470,277 +444,3 @@ def load_eval_data(
     unique = set(labels)
     classes = sorted(unique, key=hierarchy.index) if hierarchy is not None else sorted(unique)
     return EvalData(paths=[r.path for r in records], labels=labels, classes=classes, records=records)
-
-
-# -- features -------------------------------------------------------------------------------
-@dataclass
-class FeatureSet:
-    """CLS features ``[n, D]`` float32 of ``paths`` in order; ``ok[i]`` False marks an
-    unreadable image (zero features, to be excluded); ``cache_path`` the ``.npz`` used."""
-
-    features: np.ndarray
-    ok: np.ndarray
-    n_unreadable: int
-    from_cache: bool
-    cache_path: Path | None = None
-
-
-class _EvalImages(Dataset):
-    """``(index, image uint8 [3,S,S], box [4], ok, error)`` (:meth:`EvalTransform.resize`);
-    an unreadable file gives zeros, an empty box and ok False."""
-
-    def __init__(self, paths: Sequence[str], transform: EvalTransform) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor, bool, str]:
-        try:
-            image = load_image(self.paths[index])
-        except UnreadableImageError as err:
-            s = self.transform.crop_size
-            return index, torch.zeros((3, s, s), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), False, str(err)
-        return index, *self.transform.resize(image), True, ""
-
-
-def eval_image_loader(paths: Sequence[str], transform: EvalTransform, *, batch_size: int = 64,
-                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """The images of ``paths`` in order, in batches of ``(index [B] int64, images [B, 3, S, S]
-    uint8, boxes [B, 4], ok [B] bool, errors: B strings)``, resized by ``transform`` in the
-    workers (``transform.normalize(images, boxes)`` gives the float input, on any device);
-    an unreadable file gives a zero image, ``ok`` False and its message (never an
-    exception). Used by :func:`extract_features` and, without a model, by ``bench.probe``
-    to time the loader. ``num_workers`` is capped at the CPU cores less one
-    (:func:`dinov2_hier.cpu.loader_workers`)."""
-    return DataLoader(
-        _EvalImages(paths, transform),
-        batch_size=max(1, int(batch_size)),
-        shuffle=False,
-        num_workers=loader_workers(num_workers, "feature extraction"),
-        pin_memory=pin_memory,
-    )
-
-
-def _precision_tag(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
-def feature_cache_key(fingerprint: str, paths: Sequence[str], crop_size: int, resize_mode: str,
-                      mean: Sequence[float], std: Sequence[float], precision: str = "fp32") -> str:
-    """16 hex digits: sha256 over the weights fingerprint, the sorted paths with their file
-    sizes and modification times (missing files count as size -1), crop size, resize mode,
-    normalisation and the compute precision (bf16 features differ from fp32 ones)."""
-    files = []
-    for p in sorted(paths):
-        try:
-            st = os.stat(p)
-            files.append([p, st.st_size, st.st_mtime_ns])
-        except OSError:
-            files.append([p, -1, -1])
-    payload = {
-        "format": _CACHE_FORMAT,
-        "feature": "x_norm_clstoken",
-        "fingerprint": fingerprint,
-        "files": files,
-        "crop_size": int(crop_size),
-        "resize_mode": resize_mode,
-        "mean": [float(x) for x in mean],
-        "std": [float(x) for x in std],
-        "precision": precision,
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _load_cache(path: Path, paths: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (features, ok) in the order of ``paths``, or None if absent or unusable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            feats, ok, cached_paths = data["features"], data["ok"], data["paths"]
-        row = {str(p): i for i, p in enumerate(cached_paths.tolist())}
-        index = np.array([row[p] for p in paths], dtype=np.int64)
-        if feats.ndim != 2 or feats.shape[1] != dim or feats.dtype != np.float32 or ok.shape != (feats.shape[0],):
-            raise ValueError(f"unexpected arrays {feats.shape} {feats.dtype} / {ok.shape}")
-    # Corrupt, foreign or truncated (a kill or a full disk while copying it in): a truncated
-    # .npz is a broken zip (BadZipFile) or ends inside an array (EOFError).
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        logger.warning("ignoring unusable feature cache %s (%s); extracting again", path, err)
-        return None
-    return np.ascontiguousarray(feats[index]), ok[index].astype(bool)
-
-
-def _save_cache(path: Path, features: np.ndarray, ok: np.ndarray, paths: Sequence[str], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=features, ok=ok, paths=np.array(list(paths), dtype=str),
-                     meta=np.array(json.dumps(meta, sort_keys=True)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
-        return False
-
-
-class _Progress:
-    """A tqdm bar when stderr is a terminal and tqdm is installed (and progress is wanted),
-    else an INFO line about every 10%: redrawn into a file or a pipe (a SLURM log, ``2>
-    log``), a bar leaves one line per refresh."""
-
-    def __init__(self, total: int, enabled: bool, stream: Any = None) -> None:
-        self.total, self.done, self.bar, self.enabled = total, 0, None, enabled
-        self.next_log, self.start = max(1, total // 10), time.perf_counter()
-        stream = sys.stderr if stream is None else stream
-        if enabled and _is_terminal(stream):
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True, file=stream)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (self.done >= self.next_log or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            logger.info("features: %d/%d images (%.1f img/s)", self.done, self.total, rate)
-            self.next_log = self.done + max(1, self.total // 10)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def extract_features(
-    backbone: EvalBackbone,
-    paths: Sequence[str],
-    *,
-    crop_size: int | None = None,
-    resize_mode: str = "pad",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
-    progress: bool = True,
-    threads: int | None = None,
-) -> FeatureSet:
-    """CLS features (``x_norm_clstoken``) of ``paths``, in order, as ``[n, D]`` float32.
-
-    Images are resized without distortion to ``crop_size`` (default: the checkpoint's
-    training crop size ``meta["img_size"]``) by padding (``"pad"``) or centre-cropping
-    (``"center_crop"``) in the DataLoader's workers (uint8), normalised with the
-    checkpoint's mean/std on ``device`` (:class:`EvalTransform`), and run in batches; the
-    model runs in eval mode under ``torch.inference_mode``, with bf16 autocast on CUDA
-    only. ``device`` (default: where the model is) moves the model.
-
-    With ``cache_dir`` the result is stored as ``<cache_dir>/<feature_cache_key>.npz`` and a
-    later call with the same weights, files (paths, sizes, mtimes), crop size, resize mode
-    and normalisation loads it (``from_cache=True``); None disables caching.
-
-    ``num_workers`` loader processes (capped at the cores less one) and the main process's
-    torch threads (``threads``, default chosen by :func:`dinov2_hier.cpu.thread_plan` from
-    the idle cores less the workers; restored afterwards) share the CPU.
-    """
-    if resize_mode not in ("pad", "center_crop"):
-        raise EvalDataError(f"resize_mode must be 'pad' or 'center_crop', got {resize_mode!r}")
-    meta = backbone.meta
-    crop = int(crop_size if crop_size is not None else meta["img_size"])
-    patch = int(meta["patch_size"])
-    if crop < patch or crop % patch:
-        raise EvalDataError(f"crop size {crop} px is not a positive multiple of the patch size {patch} px")
-    model = backbone.model
-    dev = torch.device(device) if device is not None else backbone.device
-    model.to(dev).eval()
-    mean, std = list(meta["mean"]), list(meta["std"])
-    paths = [str(p) for p in paths]
-    dim = backbone.embed_dim
-
-    cache_path = None
-    if cache_dir is not None:
-        key = feature_cache_key(backbone.fingerprint, paths, crop, resize_mode, mean, std, _precision_tag(dev))
-        cache_path = Path(cache_dir) / f"{key}.npz"
-        cached = _load_cache(cache_path, paths, dim)
-        if cached is not None:
-            feats, ok = cached
-            n_bad = int((~ok).sum())
-            logger.info("features of %d images loaded from %s%s", len(paths), cache_path,
-                        f" ({n_bad} missing or unreadable, skipped)" if n_bad else "")
-            return FeatureSet(feats, ok, n_bad, True, cache_path)
-
-    features = np.zeros((len(paths), dim), dtype=np.float32)
-    ok = np.zeros(len(paths), dtype=bool)
-    transform = EvalTransform(crop, resize_mode, mean, std)
-    workers = loader_workers(num_workers, "feature extraction")
-    plan = thread_plan(workers, threads=threads)
-    logger.info("feature extraction: %d loader worker(s), torch threads %s", workers, plan.why)
-    loader = eval_image_loader(paths, transform, batch_size=batch_size, num_workers=workers,
-                               pin_memory=dev.type == "cuda")
-    on_device = transform.to(dev)
-    logged: set[str] = set()
-    bar = _Progress(len(paths), progress)
-    start = time.perf_counter()
-    # Features wait on the device and reach the host HOST_COPY_EVERY batches at a time: a
-    # copy to the host waits for the GPU, and one per batch would leave it idle while the
-    # next batch is sent.
-    pending: list[tuple[np.ndarray, torch.Tensor]] = []
-
-    def to_host() -> None:
-        if pending:
-            rows = np.concatenate([r for r, _ in pending])
-            features[rows] = torch.cat([f for _, f in pending]).cpu().numpy()
-            pending.clear()
-
-    try:
-        with plan.applied(), torch.inference_mode():
-            for index, images, boxes, good, errors in loader:
-                index, good = index.numpy(), good.numpy().astype(bool)
-                for i, msg in zip(index[~good], (e for e, g in zip(errors, good) if not g)):
-                    if paths[i] not in logged:
-                        logged.add(paths[i])
-                        kind = "missing" if is_missing_image_message(msg) else "unreadable"
-                        logger.warning("skipping %s image: %s", kind, msg)
-                if good.any():
-                    if not good.all():
-                        keep = torch.from_numpy(good)
-                        images, boxes = images[keep], boxes[keep]
-                    batch = on_device.normalize(images.to(dev, non_blocking=True), boxes.to(dev, non_blocking=True))
-                    if dev.type == "cuda":
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            out = model(batch)["x_norm_clstoken"]
-                    else:
-                        out = model(batch)["x_norm_clstoken"]
-                    pending.append((index[good], out.float()))
-                    ok[index[good]] = True
-                    if len(pending) >= HOST_COPY_EVERY:
-                        to_host()
-                bar.update(len(index))
-            to_host()
-    finally:
-        bar.close()
-    n_bad = int((~ok).sum())
-    elapsed = time.perf_counter() - start
-    logger.info("extracted features of %d images in %.1f s (%.1f img/s, %s on %s)%s", len(paths), elapsed,
-                len(paths) / max(elapsed, 1e-9), _precision_tag(dev), dev,
-                f"; {n_bad} missing or unreadable, skipped" if n_bad else "")
-    if cache_path is not None:
-        _save_cache(cache_path, features, ok, paths, {
-            "fingerprint": backbone.fingerprint, "source": backbone.source, "crop_size": crop,
-            "resize_mode": resize_mode, "mean": mean, "std": std, "precision": _precision_tag(dev),
-        })
-    return FeatureSet(features, ok, n_bad, False, cache_path)

@@ -175,7 +175,7 @@ def test_extract_features_equal_the_model_on_transformed_images_across_host_copi
     """The features are the model's CLS output on EvalTransform's images, in path order,
     whether they reach the host once at the end or after every batch (the unreadable file,
     6th of 19, shares a batch of 2 with a readable one)."""
-    import eval.features as features_module
+    import eval.extraction as extraction_module
     from dinov2_hier.data import EvalTransform, load_image
 
     data = load_eval_data(cells, HIERARCHY)
@@ -189,7 +189,7 @@ def test_extract_features_equal_the_model_on_transformed_images_across_host_copi
     assert np.array_equal(whole.features, reference)  # one batch of the same images: the same bits
     paths = good[:5] + [p for p in data.paths if p.endswith("empty.png")] + good[5:]
     late = extract_features(backbone, paths, batch_size=2, cache_dir=None, progress=False)
-    monkeypatch.setattr(features_module, "HOST_COPY_EVERY", 1)
+    monkeypatch.setattr(extraction_module, "HOST_COPY_EVERY", 1)
     each = extract_features(backbone, paths, batch_size=2, cache_dir=None, progress=False)
     assert np.array_equal(each.features, late.features) and np.array_equal(each.ok, late.ok)
     assert late.ok.tolist() == [i != 5 for i in range(19)] and not late.features[5].any()

@@ -20,7 +20,8 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.paths import PROJECT_ROOT
 from dinov2_hier.train import loop
 from dinov2_hier.train.loop import Trainer
-from eval.features import _Progress, eval_image_loader, extract_features, load_eval_backbone
+from eval.extraction import Progress as _Progress
+from eval.features import eval_image_loader, extract_features, load_eval_backbone
 from eval.probes import LogRegProbe
 
 HIERARCHY = PROJECT_ROOT / "hierarchies" / "synthetic.json"
