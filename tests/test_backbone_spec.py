@@ -130,9 +130,12 @@ def test_teacher_payload_meta_is_what_adbee34_wrote():
 
 def test_export_config_is_what_adbee34_wrote(written, tmp_path):
     root, _ = written
-    export_backbone(root / "run" / "teacher_backbone.pt", tmp_path / "again")
+    # Our layout (--format ours; vit_tiny/8 has no timm family, so also the default for it)
+    # writes adbee34's document plus the tensor layout and the timm family (none) it names (issue 23).
+    export_backbone(root / "run" / "teacher_backbone.pt", tmp_path / "again", fmt="ours")
     text = (tmp_path / "again" / "config.json").read_text()
     ours, theirs = json.loads(text), json.loads(FIXTURE["export_config_json"])
+    assert ours.pop("tensor_layout") == "dinov2" and ours.pop("timm_family") is None
     assert list(ours) == list(theirs)
     assert {k: v for k, v in ours.items() if k not in VERSION_KEYS} == {
         k: v for k, v in theirs.items() if k not in VERSION_KEYS}
@@ -172,8 +175,10 @@ def test_adbee34_export_loads_everywhere(written, tmp_path):
     assert _same(load_backbone(alone).state_dict(), state)
     target = BackboneSpec.from_metadata(FIXTURE["teacher_meta"]).build()
     assert load_backbone_weights(target, alone).missing == [] and _same(target.state_dict(), state)
-    backbone = load_eval_backbone(alone, arch="vit_tiny")  # an export file is foreign weights to eval, as before
-    assert backbone.meta["img_size"] == 224 and backbone.meta["mean"] == [0.485, 0.456, 0.406]
+    backbone = load_eval_backbone(alone)  # eval reads an export's recorded architecture, size and normalisation
+    meta = FIXTURE["teacher_meta"]
+    assert (backbone.meta["arch"], backbone.meta["img_size"]) == (meta["arch"], meta["img_size"])
+    assert backbone.meta["mean"] == list(meta["mean"]) and _same(backbone.model.state_dict(), state)
 
 
 def test_adbee34_checkpoint_and_run_directory_load(written):
