@@ -29,20 +29,19 @@ Everything is computed in float32 with autocast off.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from dinov2_hier.errors import suggest
 from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.guide import growing_dims, guide_points
 from dinov2_hier.losses.inputs import check_targets
 from dinov2_hier.losses.ssl import _autocast_disabled
-from dinov2_hier.losses.term_base import _HEAD_KINDS, HeadKind, SupervisedTerm, build_head
+from dinov2_hier.losses.term_base import HeadKind, SupervisedTerm, build_projection
 from dinov2_hier.paths import resolve_resource
 
 logger = logging.getLogger(__name__)
@@ -163,10 +162,7 @@ class GuidedTerm(SupervisedTerm):
         norm_weight: float,
     ) -> None:
         super().__init__(hierarchy, embed_dim)
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 0:
-            raise LossInputError(f"projection_dim must be an int >= 0 (0 = no projection), got {projection_dim!r}")
-        if head not in _HEAD_KINDS:
-            raise LossInputError(f"head must be one of {_HEAD_KINDS}, got {head!r}{suggest(head, _HEAD_KINDS)}")
+        self.projection = build_projection(embed_dim, projection_dim, head, hidden_dim)
         self.n_max = projection_dim or embed_dim
         if self.n_max < 2:
             raise LossInputError(f"the embedding needs at least 2 dimensions, got {self.n_max} (projection_dim)")
@@ -174,7 +170,6 @@ class GuidedTerm(SupervisedTerm):
             raise LossInputError(f"growth must be an int >= 0 (0 = no growing embedding), got {growth!r}")
         self.growth = growth
         self.norm_weight = _check_number("norm_weight", norm_weight)
-        self.projection = build_head(embed_dim, projection_dim, head, hidden_dim) if projection_dim else nn.Identity()
         self.epoch = 0
         self._epoch_told = False  # Python flag: warn once if a growing term never hears the epoch
         # Non-persistent: set from the epoch by the trainer, so checkpoints keep their keys.
@@ -207,17 +202,19 @@ class _GuidePointTerm(GuidedTerm):
     """A guided term with a guide table ``[num_nodes, 2]`` indexed by the targets."""
 
     guide: torch.Tensor
+    #: ``f(embedding [n, n_max], points [n, 2], labelled [n], norm_weight) -> scalar``.
+    guide_loss: ClassVar[Callable[..., torch.Tensor]]
 
     def __init__(
         self,
         hierarchy: Hierarchy,
         embed_dim: int,
-        guide: str | Path | Mapping[str, Any] | None,
-        projection_dim: int,
-        head: HeadKind,
-        hidden_dim: int,
-        growth: int,
-        norm_weight: float,
+        guide: str | Path | Mapping[str, Any] | None = None,
+        projection_dim: int = 64,
+        head: HeadKind = "linear",
+        hidden_dim: int = 2048,
+        growth: int = 0,
+        norm_weight: float = 0.001,
     ) -> None:
         super().__init__(hierarchy, embed_dim, projection_dim, head, hidden_dim, growth, norm_weight)
         if isinstance(guide, (str, Path)):
@@ -231,29 +228,17 @@ class _GuidePointTerm(GuidedTerm):
         valid = targets >= 0
         return self.embed(tokens), self.guide[targets.clamp(min=0)], valid
 
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with _autocast_disabled(tokens.device):
+            embedding, points, valid = self.rows(tokens, targets)
+            return type(self).guide_loss(embedding, points, valid, self.norm_weight)
+
 
 class Guide2DTerm(_GuidePointTerm):
     """``guide2d``: L1 of the first two embedding dims to the label's guide point + norm."""
 
     name = "guide2d"
-
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        embed_dim: int,
-        guide: str | Mapping[str, Any] | None = None,
-        projection_dim: int = 64,
-        head: HeadKind = "linear",
-        hidden_dim: int = 2048,
-        growth: int = 0,
-        norm_weight: float = 0.001,
-    ) -> None:
-        super().__init__(hierarchy, embed_dim, guide, projection_dim, head, hidden_dim, growth, norm_weight)
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with _autocast_disabled(tokens.device):
-            embedding, points, valid = self.rows(tokens, targets)
-            return guide2d_loss(embedding, points, valid, self.norm_weight)
+    guide_loss = staticmethod(guide2d_loss)
 
 
 class GuideDistanceTerm(_GuidePointTerm):
@@ -261,24 +246,7 @@ class GuideDistanceTerm(_GuidePointTerm):
 
     name = "guide_distance"
     pairwise = True
-
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        embed_dim: int,
-        guide: str | Mapping[str, Any] | None = None,
-        projection_dim: int = 64,
-        head: HeadKind = "linear",
-        hidden_dim: int = 2048,
-        growth: int = 0,
-        norm_weight: float = 0.001,
-    ) -> None:
-        super().__init__(hierarchy, embed_dim, guide, projection_dim, head, hidden_dim, growth, norm_weight)
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with _autocast_disabled(tokens.device):
-            embedding, points, valid = self.rows(tokens, targets)
-            return guide_distance_loss(embedding, points, valid, self.norm_weight)
+    guide_loss = staticmethod(guide_distance_loss)
 
 
 class TripletTerm(GuidedTerm):

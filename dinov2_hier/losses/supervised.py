@@ -36,7 +36,14 @@ from dinov2_hier.losses.hierarchical import (
     MultiLevelCELoss,
 )
 from dinov2_hier.losses.guided import Guide2DTerm, GuideDistanceTerm, TripletTerm
-from dinov2_hier.losses.term_base import _HEAD_KINDS, HeadKind, SupervisedTerm, _check_dim, build_head
+from dinov2_hier.losses.term_base import (
+    _HEAD_KINDS,
+    HeadKind,
+    SupervisedTerm,
+    _check_dim,
+    build_head,
+    build_projection,
+)
 
 __all__ = [
     "SUPERVISED_TERMS",
@@ -166,12 +173,7 @@ class _ContrastiveTerm(SupervisedTerm):
         self, hierarchy: Hierarchy, embed_dim: int, projection_dim: int, head: HeadKind, hidden_dim: int
     ) -> None:
         super().__init__(hierarchy, embed_dim)
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 0:
-            raise LossInputError(f"projection_dim must be an int >= 0 (0 = no projection), got {projection_dim!r}")
-        if head not in _HEAD_KINDS:
-            raise LossInputError(f"head must be one of {_HEAD_KINDS}, got {head!r}{suggest(head, _HEAD_KINDS)}")
-        # projection_dim 0: contrast the CLS tokens themselves (Chossegros et al. Fig. 6).
-        self.projection = build_head(embed_dim, projection_dim, head, hidden_dim) if projection_dim else nn.Identity()
+        self.projection = build_projection(embed_dim, projection_dim, head, hidden_dim)
 
 
 class SupConTerm(_ContrastiveTerm):

@@ -15,7 +15,7 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.inputs import _check_hierarchy, check_2d
 
-__all__ = ["HeadKind", "SupervisedTerm", "build_head"]
+__all__ = ["HeadKind", "SupervisedTerm", "build_head", "build_projection"]
 
 HeadKind = Literal["linear", "mlp"]
 _HEAD_KINDS = ("linear", "mlp")
@@ -34,6 +34,17 @@ def build_head(in_dim: int, out_dim: int, head: HeadKind = "mlp", hidden_dim: in
         _check_dim("hidden_dim", hidden_dim)
         return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
     raise LossInputError(f"head must be one of {_HEAD_KINDS}, got {head!r}{suggest(head, _HEAD_KINDS)}")
+
+
+def build_projection(embed_dim: int, projection_dim: int, head: HeadKind, hidden_dim: int) -> nn.Module:
+    """The optional projection of contrastive and embedding terms: ``[n, embed_dim] ->
+    [n, projection_dim]`` (:func:`build_head`), or the CLS tokens themselves for
+    ``projection_dim`` 0 (Chossegros et al. Fig. 6)."""
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 0:
+        raise LossInputError(f"projection_dim must be an int >= 0 (0 = no projection), got {projection_dim!r}")
+    if head not in _HEAD_KINDS:
+        raise LossInputError(f"head must be one of {_HEAD_KINDS}, got {head!r}{suggest(head, _HEAD_KINDS)}")
+    return build_head(embed_dim, projection_dim, head, hidden_dim) if projection_dim else nn.Identity()
 
 
 def _check_dim(name: str, value: object) -> None:
