@@ -40,6 +40,20 @@ def _as_labels(y: Any, n: int) -> np.ndarray:
 INNER_CV_FOLDS = 3
 
 
+def check_C_search(C: float | None, C_grid: Sequence[float] | None, default_grid: Sequence[float],
+                   max_iter: int) -> tuple[float | None, list[float], int]:
+    """A fixed ``C`` or the sorted grid a C search tries, and the solver's iteration cap,
+    checked (``ValueError`` naming the bad value): ``(C or None, grid, max_iter)``."""
+    if C is not None and not C > 0:
+        raise ValueError(f"C must be > 0, got {C}")
+    grid = sorted(float(c) for c in (C_grid if C_grid is not None else default_grid))
+    if not grid or grid[0] <= 0:
+        raise ValueError(f"C_grid must hold positive values, got {C_grid}")
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    return (None if C is None else float(C)), grid, int(max_iter)
+
+
 def inner_splits(y: np.ndarray, seed: int, what: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Seeded stratified :data:`INNER_CV_FOLDS`-fold splits of the training labels ``y``
     (as the logistic regression's C search), or None with a warning when no class has

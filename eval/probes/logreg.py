@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import _as_features, _as_labels, balanced_accuracy
+from .base import _as_features, _as_labels, balanced_accuracy, check_C_search
 from .lbfgs import _CHECK_EVERY, _BatchedLBFGS, _LinearModel, _logits, _Problems
 
 logger = logging.getLogger("dinov2_hier.eval")
@@ -128,15 +128,7 @@ class LogRegProbe:
     ) -> None:
         if backend not in ("sklearn", "torch", "auto"):
             raise ValueError(f"backend must be 'sklearn', 'torch' or 'auto', got {backend!r}")
-        if C is not None and not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
-        grid = sorted(float(c) for c in (C_grid if C_grid is not None else DEFAULT_C_GRID))
-        if not grid or grid[0] <= 0:
-            raise ValueError(f"C_grid must hold positive values, got {C_grid}")
-        if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.C = None if C is None else float(C)
-        self.C_grid = grid
+        self.C, self.C_grid, max_iter = check_C_search(C, C_grid, DEFAULT_C_GRID, max_iter)
         self.backend = backend
         self.max_iter = int(max_iter)
         self.device = device

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import _as_features, _as_labels, balanced_accuracy, inner_splits
+from .base import _as_features, _as_labels, balanced_accuracy, check_C_search, inner_splits
 
 logger = logging.getLogger("dinov2_hier.eval")
 
@@ -60,15 +60,7 @@ class LinearSVMProbe:
 
     def __init__(self, C: float | None = None, C_grid: Sequence[float] | None = None, max_iter: int = 5000,
                  seed: int = 0, name: str | None = None) -> None:
-        if C is not None and not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
-        grid = sorted(float(c) for c in (C_grid if C_grid is not None else DEFAULT_SVM_C_GRID))
-        if not grid or grid[0] <= 0:
-            raise ValueError(f"C_grid must hold positive values, got {C_grid}")
-        if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-        self.C = None if C is None else float(C)
-        self.C_grid = grid
+        self.C, self.C_grid, max_iter = check_C_search(C, C_grid, DEFAULT_SVM_C_GRID, max_iter)
         self.max_iter = int(max_iter)
         self.seed = int(seed)
         self.name = name or "svm"
