@@ -8,7 +8,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -51,6 +51,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 class WriteFailedError(RunAborted, RuntimeError):
     """A file could not be written (full disk, quota, permissions); the earlier file under
     the same name, if any, is intact."""
+
+
+def atomic_savez(path: Path, **arrays: Any) -> None:
+    """``numpy.savez`` to ``path`` atomically (:func:`atomic_write_file`; written through a file
+    object, so numpy does not append ``.npz`` to the temporary name)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write_file(Path(path), write)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

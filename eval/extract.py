@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dinov2_hier.cli import run_cli, setup_logging
+from dinov2_hier.io import atomic_write_file
 
 from .cli_common import EvalUsageError, add_backbone_args, add_extraction_args, resolve_device
 from .extract_output import ChunkStore, output_format, require_pyarrow, write_npz, write_parquet
@@ -267,9 +267,8 @@ def _chunks_of(store: ChunkStore, name: str) -> Iterator[np.ndarray]:
 def _write_output(output: Path, fmt: str, meta: dict, paths: Sequence[str], labels: Sequence[str | None],
                   ok: np.ndarray, store: ChunkStore, outputs: Sequence[str], dim: int, n_patches: int) -> None:
     """The final file, written next to ``output`` and moved into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if fmt == "npz":
             shapes = {"cls": (len(paths), dim), "pooled": (len(paths), dim),
                       "patch_tokens": (len(paths), n_patches, dim)}
@@ -281,13 +280,8 @@ def _write_output(output: Path, fmt: str, meta: dict, paths: Sequence[str], labe
         else:
             dims = {"cls": dim, "pooled": dim, "patch_tokens": n_patches * dim}
             write_parquet(Path(tmp), meta, paths, labels, ok, store, {name: dims[name] for name in outputs})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_file(output, write)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dinov2_hier.errors import UserError
+from dinov2_hier.io import atomic_savez
 
 __all__ = ["FORMATS", "ChunkStore", "OutputFormatError", "output_format", "require_pyarrow", "write_npz",
            "write_parquet"]
@@ -56,20 +57,6 @@ def require_pyarrow() -> None:
     except ImportError:
         raise OutputFormatError("writing Parquet needs pyarrow, which is not installed: pip install pyarrow "
                                 "(or pip install 'dinov2_hier[parquet]'), or write a .npz file") from None
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ChunkStore:
@@ -132,7 +119,7 @@ class ChunkStore:
         return done
 
     def write(self, i: int, arrays: dict[str, np.ndarray]) -> None:
-        _atomic_savez(self.path(i), arrays)
+        atomic_savez(self.path(i), **arrays)
 
     def read(self, i: int, name: str) -> np.ndarray:
         with np.load(self.path(i), allow_pickle=False) as data:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2_hier.cpu import loader_workers, thread_plan
+from dinov2_hier.io import atomic_savez
 from dinov2_hier.data import EvalTransform, UnreadableImageError, is_missing_image_message, load_image
 
 from .crossval import EvalDataError
@@ -200,19 +200,8 @@ def _load_cache(path: Path, paths: Sequence[str], dim: int) -> tuple[np.ndarray,
 
 
 def _save_cache(path: Path, features: np.ndarray, ok: np.ndarray, paths: Sequence[str], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=features, ok=ok, paths=np.array(list(paths), dtype=str),
-                     meta=np.array(json.dumps(meta, sort_keys=True)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_savez(path, features=features, ok=ok, paths=np.array(list(paths), dtype=str),
+                 meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
 def _is_terminal(stream: Any) -> bool:
