@@ -23,6 +23,7 @@ setup(
         "xformers": ["xformers"],
         "umap": ["umap-learn"],
         "timm": ["timm"],
+        "tensorboard": ["tensorboard"],  # train.tensorboard=true
         "test": ["pytest", "timm"],
     },
 )
