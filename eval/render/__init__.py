@@ -1,6 +1,56 @@
 """The reports' HTML/SVG toolkit, re-exported: it lives in :mod:`dinov2_hier.render` (the
-lowest floor, docs/architecture.md) so that the library's training report draws with it too."""
+lowest floor, docs/architecture.md) so that the library's training report
+(:mod:`dinov2_hier.report`) draws with it too; eval's modules import it from here."""
 from __future__ import annotations
 
-from dinov2_hier.render import *  # noqa: F401,F403
-from dinov2_hier.render import __all__  # noqa: F401
+from dinov2_hier.render import (
+    REPORT_CSS,
+    TAB20,
+    LineScale,
+    LineSeries,
+    blues,
+    diverging,
+    escape_html,
+    html_page,
+    html_table,
+    line_scale,
+    nice_ticks,
+    palette,
+    svg_bar_groups,
+    svg_cell,
+    svg_column_label,
+    svg_dot_legend,
+    svg_legend_and_ticks,
+    svg_line_chart,
+    svg_open,
+    svg_points,
+    svg_text,
+    svg_title,
+    text_width,
+)
+
+__all__ = [
+    "REPORT_CSS",
+    "TAB20",
+    "LineScale",
+    "LineSeries",
+    "blues",
+    "diverging",
+    "escape_html",
+    "html_page",
+    "html_table",
+    "line_scale",
+    "nice_ticks",
+    "palette",
+    "svg_bar_groups",
+    "svg_cell",
+    "svg_column_label",
+    "svg_dot_legend",
+    "svg_legend_and_ticks",
+    "svg_line_chart",
+    "svg_open",
+    "svg_points",
+    "svg_text",
+    "svg_title",
+    "text_width",
+]
