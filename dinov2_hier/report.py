@@ -172,8 +172,8 @@ def _line_series(run: Run, panel: Panel) -> list[LineSeries]:
     colour_of: dict[str, str] = {}
     out = []
     for key, split in panel.series:
-        base = key[len(VAL_PREFIX):] if split == "val" and key.startswith(VAL_PREFIX) else key
-        base = "loss_" + base if split == "val" and key.startswith(VAL_PREFIX) else base
+        # A validation loss takes the colour of its training term (val_dino: loss_dino's).
+        base = "loss_" + key[len(VAL_PREFIX):] if split == "val" and key.startswith(VAL_PREFIX) else key
         colour = colour_of.setdefault(base, colours[len(colour_of) % len(colours)])
         records = _thin([r for r in (run.train if split == "train" else run.val) if key in r])
         name = key if split == "train" else (key if key.startswith(VAL_PREFIX) else f"{key} (validation)")
@@ -203,9 +203,8 @@ def build_panels(run: Run) -> list[tuple[str, list[Panel]]]:
     sections: list[tuple[str, list[Panel]]] = []
     # Losses: one panel per term, its validation loss dashed, ln K on DINO and iBOT.
     losses = []
-    for key in [k for k in train_keys if k.startswith("loss_")] + \
-            [VAL_PREFIX + k for k in ("total",) if "loss_total" not in train_keys]:
-        term = key[len("loss_"):] if key.startswith("loss_") else key[len(VAL_PREFIX):]
+    for key in [k for k in train_keys if k.startswith("loss_")]:
+        term = key[len("loss_"):]
         series = take([(key, "train"), (VAL_PREFIX + term, "val")])
         if not series:
             continue

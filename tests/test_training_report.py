@@ -317,3 +317,18 @@ def test_report_of_a_tiny_run(tiny_run):
     _check_self_contained(html)
     _check_series_plotted(html, "dino loss", "loss_dino", records)
     _check_series_plotted(html, "gradient norms", "grad_norm_backbone", records)  # a log axis
+
+
+def test_line_chart_breaks_at_missing_values_and_keeps_counts_above_zero():
+    from dinov2_hier.render import LineSeries, svg_line_chart
+
+    svg = svg_line_chart("c", [LineSeries("s", [1, 2, 3, 4, 5], [0.1, float("nan"), 2.0, None, 3.0], "#000")],
+                         log_y=False)
+    assert [p["data-y"] for p in _polylines(svg, "s")] == ["0.1", "2.0", "3.0"]  # three one-point pieces
+    ticks = [float(t) for t in re.findall(r'text-anchor="end">([^<]+)</text>', svg)]
+    assert min(ticks) == 0.0  # values >= 0, padded: the axis stops at 0, not below
+    auto = svg_line_chart("c", [LineSeries("s", [1, 2, 3], [1000.0, 10.0, 1.0], "#000")], log_y=None)
+    assert ">log scale<" in auto  # every value positive, the largest over 50 times the smallest
+    assert ">log scale<" not in svg_line_chart("c", [LineSeries("s", [1, 2], [100.0, 0.0], "#000")])
+    log = svg_line_chart("c", [LineSeries("s", [1, 2, 3], [1000.0, 0.0, 1.0], "#000")], log_y=True)
+    assert [p["data-y"] for p in _polylines(log, "s")] == ["1000.0", "1.0"]  # 0 has no place on a log axis
