@@ -307,9 +307,9 @@ def series_table(run: Run) -> str:
             values = [r[key] for r in records if key in r]
             numbers = [v for v in (_number(x) for x in values) if v is not None and math.isfinite(v)]
             present = [v for v in values if v is not None]
-            rows.append([key, "training" if split == "train" else "validation", f"{len(present)} / {len(records)}", _fmt(values[0]) if values else "",
-                         _fmt(values[-1]) if values else "", _fmt(min(numbers)) if numbers else "",
-                         _fmt(max(numbers)) if numbers else ""])
+            rows.append([key, "training" if split == "train" else "validation", f"{len(present)} / {len(records)}",
+                         _fmt(values[0]) if values else "", _fmt(values[-1]) if values else "",
+                         _fmt(min(numbers)) if numbers else "", _fmt(max(numbers)) if numbers else ""])
     return html_table(["key", "records", "with a value / records", "first", "last", "min", "max"], rows)
 
 
