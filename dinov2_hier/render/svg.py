@@ -375,7 +375,10 @@ def svg_line_chart(
                      f'stroke-dasharray="6 3" data-reference="{value!r}"><title>{escape_html(label)}</title></line>')
         parts.append(svg_text(left + plot_w - 4, y - 4, label, "10", anchor="end",
                               attrs='fill="#333" paint-order="stroke" stroke="#fff" stroke-width="3"'))
-    for s in series:
+    for i, s in enumerate(series):
+        # Earlier lines wider, so that a line another one covers (lr under last_layer_lr,
+        # grad_norm under grad_norm_backbone) still shows at its edges.
+        stroke = 1.6 if len(series) == 1 else max(1.2, 3.2 - 0.7 * i)
         segments: list[list[tuple[float, float]]] = [[]]
         for x, y in zip(s.xs, s.ys):
             if _plottable(y, log_y):
@@ -387,7 +390,7 @@ def svg_line_chart(
             pixels = " ".join(f"{scale.x(x):.2f},{scale.y(y):.2f}" for x, y in points)
             data_x = " ".join(repr(x) for x, _ in points)
             data_y = " ".join(repr(y) for _, y in points)
-            parts.append(f'<polyline fill="none" stroke="{s.colour}" stroke-width="1.6"{dash} '
+            parts.append(f'<polyline fill="none" stroke="{s.colour}" stroke-width="{stroke:.1f}"{dash} '
                          f'data-series="{escape_html(s.name)}" data-x="{data_x}" data-y="{data_y}" '
                          f'points="{pixels}"><title>{escape_html(s.name)}</title></polyline>')
             if s.markers or len(points) == 1:
