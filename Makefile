@@ -1,5 +1,6 @@
 # Set-up and the two main jobs. Everything installs into ./.venv.
-#   make demo   install, then run the CPU demo pretraining on synthetic cells
+#   make demo   install, then run the CPU demo pretraining on synthetic cells and draw
+#               its curves (DEMO_DIR/training.html)
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,6 +24,7 @@ $(VENV)/.installed: setup.py
 
 demo: install
 	$(VENV)/bin/python -m dinov2_hier.train --config configs/demo.yaml --output-dir $(DEMO_DIR)
+	$(VENV)/bin/python -m dinov2_hier.report $(DEMO_DIR)
 
 test: install
 	$(VENV)/bin/python -m pytest -q

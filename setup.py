@@ -24,6 +24,7 @@ setup(
         "umap": ["umap-learn"],
         "timm": ["timm"],
         "parquet": ["pyarrow"],  # python -m eval.extract --output FILE.parquet
+        "tensorboard": ["tensorboard"],  # train.tensorboard=true
         "test": ["pytest", "timm"],
     },
 )

@@ -90,6 +90,9 @@ TYPES: dict[str, tuple[str, ...]] = {
     "data.val": ("list[str]", "str", "null"),         # like data.train; null = no validation sources
     "optim.fused": ("bool", "str"),                   # true | false | auto
     "student.pretrained_heads": ("bool", "str"),      # true | false | auto
+    # Its default (false) gives the type too; listed for the optional extra it needs: true
+    # without the tensorboard package stops the run before training (train/tensorboard.py).
+    "train.tensorboard": ("bool",),
 }
 
 #: Ranges and allowed words. The enumerations repeat the names the building code accepts;

@@ -38,6 +38,7 @@ FLOORS: dict[str, int] = {
     "dinov2_hier.paths": 1,
     "dinov2_hier.cpu": 1,
     "dinov2_hier.cli": 1,
+    "dinov2_hier.render": 1,  # the HTML/SVG toolkit of the reports (eval.render re-exports it)
     # floor 2
     "dinov2_hier.losses": 2,
     "dinov2_hier.heads": 2,
@@ -51,6 +52,7 @@ FLOORS: dict[str, int] = {
     "dinov2_hier.run": 4,
     "dinov2_hier.export": 4,
     "dinov2_hier.model_card": 4,  # export's model card
+    "dinov2_hier.report": 4,  # training.html of a run directory
     "dinov2_hier.hub": 4,
     "bench": 4,
     # floor 5

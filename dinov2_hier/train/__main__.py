@@ -44,12 +44,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> None:
         from ..run.signals import stop_on_signals
-        from .loop import Trainer  # heavy imports after argument parsing
 
         info = init_distributed()
         try:
-            # A bad config or an unwritable directory stops here, before anything is created.
+            # A bad config, a missing optional package or an unwritable directory stops
+            # here, before anything is created.
             cfg = load_config(args.config, args.overrides)
+            if cfg.train.tensorboard:
+                from .tensorboard import require_summary_writer
+
+                require_summary_writer()
+            from .loop import Trainer  # heavy imports after the checks
+
             prepare_output_dir(args.output_dir)
             if info.is_main:
                 setup_logging(args.output_dir / "log.txt")

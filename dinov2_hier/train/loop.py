@@ -48,6 +48,7 @@ from .parallel import (
     load_optimizer_state_any,
 )
 from .supervision import build_supervision
+from .tensorboard import TENSORBOARD_DIR, MetricsBoard, require_summary_writer
 from .run_lock import RunLock
 from .parts import build_step_parts, resolve_step_compute
 from .step import PendingStep, StepOutput, train_step
@@ -172,8 +173,12 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path, resume: bool = True):
         self.cfg = cfg
+        if cfg.train.tensorboard:
+            require_summary_writer()  # a missing package stops the run before anything is built
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        #: train.tensorboard: the writer, on the main process while run() runs (tensorboard.py).
+        self._board: MetricsBoard | None = None
         self.rank = distributed.get_rank()
         # One run per directory: the main process holds OUTPUT_DIR/.lock until run() ends.
         self._lock = RunLock(self.output_dir) if distributed.is_main_process() else None
@@ -226,9 +231,9 @@ class Trainer:
     # -- set-up helpers -------------------------------------------------------------------
     def _set_aside_previous_run(self) -> None:
         """``--no-resume``: move the previous run's checkpoints, records, summary, teacher
-        file and config into ``OUTPUT_DIR/replaced_<time>/``, so that no later resume can
+        file, TensorBoard events and config into ``OUTPUT_DIR/replaced_<time>/``, so that no later resume can
         pick them and the new run's records do not mix with them. Rank 0 moves; all wait."""
-        names = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, TEACHER_FILE, RUN_CONFIG_FILE)
+        names = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, TEACHER_FILE, RUN_CONFIG_FILE, TENSORBOARD_DIR)
         present = [name for name in names if (self.output_dir / name).exists()]
         if present and distributed.is_main_process():
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -412,9 +417,13 @@ class Trainer:
                     values["val_images"], values["val_s"])
 
     def _append_metrics(self, record: dict) -> None:
+        """The one place every logged value passes: ``metrics.jsonl`` and, with
+        ``train.tensorboard``, TensorBoard (main process only)."""
         if distributed.is_main_process():
             with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._board is not None:
+                self._board.write(record, val=is_val_record(record))
 
     # -- the loop -------------------------------------------------------------------------
     def _frozen(self, it: int) -> list:
@@ -447,6 +456,9 @@ class Trainer:
         end = total if stop_at is None else min(stop_at, total)
         if distributed.is_main_process():
             save_config(cfg, self.output_dir / RUN_CONFIG_FILE)
+            if cfg.train.tensorboard and self._board is None:  # closed by release(), whatever ends the run
+                self._board = MetricsBoard(self.output_dir, resumed_at=self.state.iteration)
+                logger.info("TensorBoard: tensorboard --logdir %s", self._board.log_dir)
         logger.info("data: %s", self.data.description)
         logger.info(
             "model: %s, %.1fM student parameters; device %s, %s; batch %d x %d ranks (parallel: %s)",
@@ -485,7 +497,11 @@ class Trainer:
         return self.state
 
     def release(self) -> None:
-        """Give up the output directory's lock (run() does at its end; idempotent)."""
+        """Close the TensorBoard writer and give up the output directory's lock (run() does
+        at its end, also on an error or a stop signal; idempotent)."""
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         if self._lock is not None:
             self._lock.release()
 

@@ -1,27 +1,27 @@
-"""The HTML/SVG toolkit of the evaluation reports (``report.html`` of :mod:`eval.report_html`
-and of :mod:`eval.multilabel.report`): self-contained pages (inline CSS, no scripts, no
-external references, no plotting library), escaping, tables, colours and the SVG pieces and
-charts both reports draw with.
-
-* :mod:`eval.render.html`: :data:`REPORT_CSS`, :func:`escape_html`, :func:`html_table`,
-  :func:`html_page`;
-* :mod:`eval.render.svg`: colours (:func:`palette`, :func:`blues`, :func:`diverging`),
-  chart pieces (:func:`svg_open`, :func:`svg_title`, :func:`svg_text`, cells, point groups,
-  legends, :func:`svg_legend_and_ticks`) and :func:`svg_bar_groups`.
-"""
+"""The reports' HTML/SVG toolkit, re-exported: it lives in :mod:`dinov2_hier.render` (the
+lowest floor, docs/architecture.md) so that the library's training report
+(:mod:`dinov2_hier.report`) draws with it too; eval's modules import it from here."""
 from __future__ import annotations
 
-from .html import REPORT_CSS, escape_html, html_page, html_table
-from .svg import (
+from dinov2_hier.render import (
+    REPORT_CSS,
     TAB20,
+    LineScale,
+    LineSeries,
     blues,
     diverging,
+    escape_html,
+    html_page,
+    html_table,
+    line_scale,
+    nice_ticks,
     palette,
     svg_bar_groups,
     svg_cell,
     svg_column_label,
     svg_dot_legend,
     svg_legend_and_ticks,
+    svg_line_chart,
     svg_open,
     svg_points,
     svg_text,
@@ -32,17 +32,22 @@ from .svg import (
 __all__ = [
     "REPORT_CSS",
     "TAB20",
+    "LineScale",
+    "LineSeries",
     "blues",
     "diverging",
     "escape_html",
     "html_page",
     "html_table",
+    "line_scale",
+    "nice_ticks",
     "palette",
     "svg_bar_groups",
     "svg_cell",
     "svg_column_label",
     "svg_dot_legend",
     "svg_legend_and_ticks",
+    "svg_line_chart",
     "svg_open",
     "svg_points",
     "svg_text",
