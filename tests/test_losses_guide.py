@@ -385,3 +385,24 @@ def test_generated_wbc_guide_keeps_siblings_together(wbc: Hierarchy) -> None:
     assert mean_sibling == pytest.approx(24.0, abs=1e-6)
     assert mean_other == pytest.approx(102.583, abs=1e-3)
     assert mean_sibling < 0.5 * mean_other
+
+
+def test_the_trainer_tells_the_growing_terms_the_epoch(tmp_path) -> None:
+    """A tiny run with epochs of one iteration: after iterations 0..4 the growing term uses
+    growing_dims(4, 8, growth=1) = 4 dimensions (2 until the trainer tells it the epoch)."""
+    from dinov2_hier.config import load_config
+    from dinov2_hier.data import write_synthetic_dataset
+    from dinov2_hier.train.loop import Trainer
+    from tests.conftest import TINY_OVERRIDES
+
+    synthetic = str(PROJECT_ROOT / "hierarchies" / "synthetic.json")
+    tree = Hierarchy.from_json(synthetic)
+    manifest = write_synthetic_dataset(tmp_path / "cells", 16, tree, image_size=40, seed=3)
+    trainer = Trainer(load_config(None, TINY_OVERRIDES + [
+        "train.iterations=5", "train.epoch_length=1", "train.checkpoint_every=5", f"data.train=[{manifest}]",
+        f"supervision.hierarchy={synthetic}",
+        "supervision.losses=[{name: guide_distance, weight: 0.5, growth: 1, projection_dim: 8}]",
+    ]), tmp_path / "run")
+    trainer.run()
+    term = trainer.model.supervised["guide_distance"]
+    assert term.epoch == 4 and int(term.dims) == growing_dims(4, 8, growth=1) == 4

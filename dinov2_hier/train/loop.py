@@ -23,6 +23,7 @@ from ..config import save_config, to_yaml
 from ..data import SkipCounter
 from ..errors import RunAborted
 from ..io import atomic_torch_save, atomic_write_text, read_jsonl
+from ..losses.guided import set_supervised_epoch
 from ..models.artifacts import RUN_CONFIG_FILE, teacher_backbone_state
 from ..models.spec import BackboneSpec
 from .batch import batch_to_device
@@ -483,6 +484,7 @@ class Trainer:
         # Each step's report is read after the next step is queued (at most one stays
         # pending), so the GPU is never idle while the host reads, logs and loads data.
         self._pending = []
+        self._supervised_epoch: int | None = None  # the epoch the growing-embedding terms were told
 
         try:
             self._iterate(batches, end, should_stop)
@@ -521,6 +523,10 @@ class Trainer:
             self.skips.n_drawn += counts["drawn"] - batch["n_drawn"]
             self.skips.check(cfg.data.max_unreadable_fraction, cfg.data.min_draws_before_check)
             schedule = self.schedules.values(it)
+            epoch = it // cfg.train.epoch_length
+            if epoch != self._supervised_epoch:  # Gräbel et al.'s growing embedding (guide terms)
+                set_supervised_epoch(self.model.supervised, epoch)
+                self._supervised_epoch = epoch
             if counts["empty"] > 0:
                 logger.warning("iteration %d: every image of a rank's batch was unreadable; step skipped", it)
                 out = None
