@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 DEMO_DIR ?= runs/demo
+# pytest-xdist worker processes for make test (0 = one process, no xdist).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test
 install: $(VENV)/.installed
@@ -27,4 +29,4 @@ demo: install
 	$(VENV)/bin/python -m dinov2_hier.report $(DEMO_DIR)
 
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)

@@ -25,6 +25,6 @@ setup(
         "timm": ["timm"],
         "parquet": ["pyarrow"],  # python -m eval.extract --output FILE.parquet
         "tensorboard": ["tensorboard"],  # train.tensorboard=true
-        "test": ["pytest", "timm"],
+        "test": ["pytest", "pytest-xdist", "timm"],
     },
 )
