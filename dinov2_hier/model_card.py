@@ -338,6 +338,20 @@ def render_model_card(
     return "\n".join(lines) + "\n"
 
 
+def _held_out_note(cfg: DictConfig) -> list[str]:
+    """What of the sources above was not trained on: the ``data.val_fraction`` share held out
+    for validation, or the separate ``data.val`` sources."""
+    fraction = float(cfg.data.get("val_fraction", 0.0) or 0.0)
+    if fraction > 0:
+        return ["", f"A share of {fraction:g} of these images (stratified by label, chosen by a hash of the run's "
+                    f"seed and each path) was held out for validation (`data.val_fraction`) and not trained on."]
+    val = cfg.data.get("val")
+    if val:
+        names = ", ".join(f"`{display_path(str(v))}`" for v in (val if not isinstance(val, str) else [val]))
+        return ["", f"Validation images (`data.val`, not trained on): {names}."]
+    return []
+
+
 def _training_sections(config: Mapping[str, Any], cfg: DictConfig | None,
                        sources: Sequence[Mapping[str, Any]]) -> list[str]:
     if cfg is None:
@@ -349,6 +363,7 @@ def _training_sections(config: Mapping[str, Any], cfg: DictConfig | None,
         rows.append([f"`{s['source']}`", s["kind"], s["images"] if s["images"] is not None else "not readable at export",
                      s["labelled"], datasets])
     lines += _table(["source", "kind", "images", "labelled", "datasets"], rows)
+    lines += _held_out_note(cfg)
     lines += ["", "## Supervision", ""]
     lines += [
         f"- self-supervised: DINO (weight {cfg.dino.loss_weight}), iBOT (weight {cfg.ibot.loss_weight}), "

@@ -456,3 +456,14 @@ def test_eval_reads_an_export_like_the_teacher_file(run):
         assert backbone.source == str(weights) and backbone.fingerprint == weights_fingerprint
         with torch.no_grad():
             assert torch.equal(backbone.model(x)["x_norm_clstoken"], expected)
+
+
+def test_card_says_which_images_were_held_out_for_validation():
+    """data.val_fraction / data.val: the card's training data says what was not trained on."""
+    from dinov2_hier.model_card import _held_out_note
+
+    assert _held_out_note(load_config(None, ["data.train=[synthetic]"])) == []
+    note = _held_out_note(load_config(None, ["data.train=[synthetic]", "data.val_fraction=0.2"]))
+    assert "A share of 0.2 of these images" in note[1] and "not trained on" in note[1]
+    note = _held_out_note(load_config(None, ["data.train=[a.csv]", "data.val=[held/val.csv]"]))
+    assert note[1] == "Validation images (`data.val`, not trained on): `held/val.csv`."
