@@ -85,7 +85,10 @@ from dinov2_hier.models.artifacts import (
     SAFETENSORS_CONFIG_KEY,
     SAFETENSORS_FILE,
     TEACHER,
+    TEACHER_FILE,
     TIMM_LAYOUT,
+    BackboneArtifact,
+    list_checkpoints,
     parse_run_config,
     spec_of_config,
 )
@@ -156,8 +159,35 @@ def load_trained_teacher(ckpt: str | Path, select: str | None = None) -> Trained
     return teacher
 
 
-def _read_teacher(path: Path) -> TrainedTeacher:
+def _good_artifact(path: Path) -> BackboneArtifact:
+    """The artifact ``path`` names, never a checkpoint that is not good (written during a
+    non-finite streak or with non-finite weights): a run directory falls back to its newest
+    good checkpoint, else its ``teacher_backbone.pt`` (written at good checkpoints only), with
+    a warning; a named checkpoint file that is not good raises :class:`ExportError`."""
+    from dinov2_hier.train.checkpoint import why_not_good
+
     artifact = read_artifact(path, accept=(CHECKPOINT, TEACHER))
+    flaw = why_not_good(artifact.raw) if artifact.kind == CHECKPOINT else None
+    if flaw is None:
+        return artifact
+    if not path.is_dir():
+        raise ExportError(f"{artifact.path}: not a good checkpoint ({flaw}); export an earlier checkpoint or the "
+                          "run directory (its newest good one)")
+    for _, candidate in reversed(list_checkpoints(path)):
+        other = read_artifact(candidate, accept=(CHECKPOINT,))
+        if why_not_good(other.raw) is None:
+            logger.warning("%s is not a good checkpoint (%s): exporting %s, the newest good one", artifact.path,
+                           flaw, candidate.name)
+            return other
+    teacher = path / TEACHER_FILE
+    if not teacher.is_file():
+        raise ExportError(f"{path}: no good checkpoint and no {TEACHER_FILE} (the newest, {artifact.path.name}: {flaw})")
+    logger.warning("%s is not a good checkpoint (%s) and no other is: exporting %s", artifact.path, flaw, TEACHER_FILE)
+    return read_artifact(teacher, accept=(TEACHER,))
+
+
+def _read_teacher(path: Path) -> TrainedTeacher:
+    artifact = _good_artifact(path)
     run_cfg = _read_run_config(artifact.run_dir / RUN_CONFIG_FILE) if artifact.run_dir is not None else None
     spec = artifact.spec
     if artifact.kind == CHECKPOINT:

@@ -31,9 +31,15 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.io import file_sha256
 from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_label_maps
 from dinov2_hier.models import BackboneArtifact, WeightsError, build_backbone, load_backbone_weights, read_artifact
-from dinov2_hier.models.artifacts import CONFIG_FILE, EXPORT, TEACHER, locate_export
+from dinov2_hier.models.artifacts import CHECKPOINT, CONFIG_FILE, EXPORT, TEACHER, locate_export
 from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
-from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_model_state
+from dinov2_hier.train.checkpoint import (
+    TEACHER_FILE,
+    CheckpointError,
+    list_checkpoints,
+    load_model_state,
+    weights_finite,
+)
 
 from .baselines import BASELINES, PREFIX, baseline_name, is_baseline
 from .crossval import EvalDataError
@@ -264,6 +270,9 @@ def load_eval_backbone(ckpt: str | os.PathLike, arch: str | None = None, device:
         artifact = read_artifact(path)
     except WeightsError as err:  # as always: a torch file is a checkpoint, a safetensors file weights
         raise (WeightsError if path.suffix == ".safetensors" else CheckpointError)(str(err)) from None
+    if artifact.kind == CHECKPOINT and not weights_finite(artifact.raw.get("model", {})):
+        raise CheckpointError(f"{path}: its weights are not finite (saved after non-finite training steps); "
+                              "evaluate an earlier checkpoint")
     if artifact.kind in (TEACHER, EXPORT) or artifact.stores_config:
         model, meta = _from_recorded(artifact, arch)
     else:  # foreign weights, a checkpoint that records no configuration

@@ -467,3 +467,29 @@ def test_card_says_which_images_were_held_out_for_validation():
     assert "A share of 0.2 of these images" in note[1] and "not trained on" in note[1]
     note = _held_out_note(load_config(None, ["data.train=[a.csv]", "data.val=[held/val.csv]"]))
     assert note[1] == "Validation images (`data.val`, not trained on): `held/val.csv`."
+
+
+def test_a_checkpoint_that_is_not_good_is_never_exported_or_evaluated(run, tmp_path):
+    """The newest checkpoint poisoned (non-finite streak, NaN teacher weight): export of the run
+    directory takes the newest good one with a warning, the file itself exits 2 naming why,
+    and eval refuses it naming the file."""
+    from eval.features import load_eval_backbone
+    from dinov2_hier.train.checkpoint import CheckpointError
+
+    run_dir = tmp_path / "train"
+    shutil.copytree(run["root"] / "train", run_dir)
+    (newest_it, newest), (previous_it, _) = list_checkpoints(run_dir)[-1], list_checkpoints(run_dir)[-2]
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    state["nonfinite_streak"] = 2
+    name = next(k for k in state["model"] if k.startswith("teacher.backbone.") and k.endswith("norm.weight"))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, newest)
+    code, _, err = _run_cli(export_main, ["--ckpt", str(run_dir), "--output-dir", str(tmp_path / "out")])
+    assert code == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dinov2_hier", config)["iteration"] == previous_it < newest_it
+    code, _, err = _run_cli(export_main, ["--ckpt", str(newest), "--output-dir", str(tmp_path / "bad")])
+    assert code == 2 and "not a good checkpoint (written after 2 non-finite step(s) in a row)" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match=r"ckpt_00000004.pt: its weights are not finite"):
+        load_eval_backbone(newest)
