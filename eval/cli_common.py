@@ -110,10 +110,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--group-column", default="dataset",
                    help="manifest column naming each row's group (domain) for --split and --classes shared "
                         "(default: dataset)")
-    g.add_argument("--split", default="kfold", metavar="{kfold,leave-one-group-out,holdout=GROUP}",
-                   help="kfold (default): stratified --folds CV over all rows; leave-one-group-out: each group "
-                        "held out in turn, probes trained on the other groups; holdout=GROUP: trained on the "
-                        "other groups, tested on GROUP only (docs/domain-generalisation.md)")
+    g.add_argument("--split", default="kfold", metavar="{kfold,group-kfold,leave-one-group-out,holdout=GROUP}",
+                   help="kfold (default): stratified --folds CV over all rows; group-kfold: stratified --folds "
+                        "CV in which no group is on both sides of a fold (e.g. patients, slides, regions); "
+                        "leave-one-group-out: each group held out in turn, probes trained on the other groups; "
+                        "holdout=GROUP: trained on the other groups, tested on GROUP only "
+                        "(docs/domain-generalisation.md)")
     g.add_argument("--classes", choices=("all", "shared"), default="all",
                    help="all (default): every label as resolved; shared: compare at the label precision all "
                         "groups share (each label -> its ancestor among the classes every group has; rows of "

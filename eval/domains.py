@@ -4,6 +4,10 @@ A *group* (domain) is the value of one manifest column per image (``--group-colu
 default ``dataset``: the source dataset, hospital or scanner). ``--split`` picks the protocol:
 
 * ``kfold`` (default): stratified k-fold over all rows, as without this module.
+* ``group-kfold``: stratified k-fold (``--folds``) in which every group's rows are on one side
+  of each fold (scikit-learn's ``StratifiedGroupKFold``): patients, slides or regions never in
+  both training and test (Gräbel et al.'s region-grouped protocol). The usual metrics, no
+  per-group report.
 * ``leave-one-group-out``: each group is held out in turn (one "fold" per group, in sorted
   group order); the probes are trained on every other group's rows and tested on the held-out
   group's rows, so every row is tested exactly once and predictions.csv keeps one row per image.
@@ -54,7 +58,7 @@ log = logging.getLogger("dinov2_hier.eval.domains")
 
 #: The metrics of the in- vs out-of-domain gap (``micro_f1`` = accuracy for single-label data).
 HEADLINE_METRICS = ("balanced_accuracy", "macro_f1", "micro_f1")
-SPLITS = ("kfold", "leave-one-group-out", "holdout=GROUP")
+SPLITS = ("kfold", "group-kfold", "leave-one-group-out", "holdout=GROUP")
 
 
 class DomainUsageError(UserError, ValueError):
@@ -64,7 +68,7 @@ class DomainUsageError(UserError, ValueError):
 def parse_split(value: str) -> tuple[str, str | None]:
     """``"kfold"`` / ``"leave-one-group-out"`` / ``"holdout=GROUP"`` -> ``(kind, group)``."""
     text = str(value).strip()
-    if text in ("kfold", "leave-one-group-out"):
+    if text in ("kfold", "group-kfold", "leave-one-group-out"):
         return text, None
     if text.startswith("holdout="):
         group = text[len("holdout="):].strip()
@@ -126,6 +130,23 @@ def shared_class_map(labels: Sequence[str], groups: Sequence[str], hierarchy: An
     return out
 
 
+def group_kfold(labels: Sequence[str], groups: Sequence[str], n_folds: int, seed: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified ``n_folds``-fold CV with every group on one side of each fold
+    (``StratifiedGroupKFold(shuffle=True, random_state=seed)``); sorted int64 indices."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray([str(v) for v in labels])
+    g = np.asarray(groups, dtype=object).astype(str)
+    n_groups = len(set(g.tolist()))
+    if n_groups < n_folds:
+        raise DomainUsageError(f"--split group-kfold: {n_groups} groups cannot fill {n_folds} folds (--folds)")
+    with warnings.catch_warnings():  # a class in fewer groups than folds: some folds lack it (reported by metrics)
+        warnings.simplefilter("ignore")
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return [(np.sort(tr).astype(np.int64), np.sort(te).astype(np.int64)) for tr, te in splitter.split(y, y, g)]
+
+
 def group_splits(groups: Sequence[str], kind: str, holdout: str | None = None
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
     """``([(train_idx, test_idx)], [held-out group of each fold])`` of a domain protocol."""
@@ -167,7 +188,7 @@ class DomainPlan:
     """The domain protocol of one evaluation: ``groups[i]`` is the group of data row ``i``."""
 
     column: str
-    kind: str  # kfold | leave-one-group-out | holdout
+    kind: str  # kfold | group-kfold | leave-one-group-out | holdout
     holdout: str | None
     groups: np.ndarray
     class_filter: dict[str, Any] | None = None
@@ -179,9 +200,15 @@ class DomainPlan:
     def kfold(self) -> bool:
         return self.kind == "kfold"
 
-    def split(self, keep: np.ndarray) -> tuple[list, np.ndarray, np.ndarray, dict[str, Any]]:
-        """For the readable rows ``keep``: ``(folds, test_rows, fold_of_test_rows, split_info)``."""
-        folds, self.names = group_splits(self.groups[keep], self.kind, self.holdout)
+    def split(self, keep: np.ndarray, labels: Sequence[str] | None = None
+              ) -> tuple[list, np.ndarray, np.ndarray, dict[str, Any]]:
+        """For the readable rows ``keep`` (``labels``: theirs, for ``group-kfold``):
+        ``(folds, test_rows, fold_of_test_rows, split_info)``."""
+        if self.kind == "group-kfold":
+            folds = group_kfold(labels, self.groups[keep], self.folds, self.seed)
+            self.names = [f"fold {i}" for i in range(len(folds))]
+        else:
+            folds, self.names = group_splits(self.groups[keep], self.kind, self.holdout)
         empty = [n for n, (tr, te) in zip(self.names, folds) if tr.size == 0 or te.size == 0]
         if empty:
             raise DomainUsageError(f"--split {self.kind}: group {empty[0]!r} has no readable test or training rows")
@@ -189,16 +216,23 @@ class DomainPlan:
         fold_of = np.empty(len(keep), dtype=np.int64)
         for i, (_, te) in enumerate(folds):
             fold_of[te] = i
-        info = {"kind": self.kind.replace("-", "_"), "group_column": self.column, "groups": list(self.names),
+        named = sorted(set(self.groups[keep].tolist())) if self.kind == "group-kfold" else list(self.names)
+        info = {"kind": self.kind.replace("-", "_"), "group_column": self.column, "groups": named,
                 "in_domain_folds": self.folds, "seed": self.seed}
         return folds, test_rows, fold_of[test_rows], info
 
     def report(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: list, classes: Sequence[str],
                probes: Sequence[Any], per_fold: dict[str, list[dict]], hierarchy: Any = None) -> dict[str, Any]:
-        """metrics.json's ``domains``: per held-out group its metrics, missing classes and gaps."""
+        """metrics.json's ``domains``: per held-out group its metrics, missing classes and gaps
+        (``group-kfold``: the groups each fold tests)."""
         from .crossval import run_probes
         from .report import summarize
 
+        sizes = {g: int(n) for g, n in sorted(Counter(groups.tolist()).items())}
+        if self.kind == "group-kfold":
+            return {"group_column": self.column, "split": self.kind, "group_sizes": sizes,
+                    "class_filter": self.class_filter,
+                    "test_groups": [sorted(set(groups[test].tolist())) for _, test in folds]}
         t0 = time.perf_counter()
         held: dict[str, Any] = {}
         for i, (name, (train, test)) in enumerate(zip(self.names, folds)):
@@ -225,8 +259,7 @@ class DomainPlan:
                 entry["probes"][probe.name] = {"out_of_domain": out, "in_domain": ind, "gap": gap}
             held[name] = entry
         return {"group_column": self.column, "split": self.kind, "headline_metrics": list(HEADLINE_METRICS),
-                "group_sizes": {g: int(n) for g, n in sorted(Counter(groups.tolist()).items())},
-                "class_filter": self.class_filter, "held_out": held, "in_domain_s": time.perf_counter() - t0}
+                "group_sizes": sizes, "class_filter": self.class_filter, "held_out": held, "in_domain_s": time.perf_counter() - t0}
 
 
 def prepare_domains(args: argparse.Namespace, data: Any, source: str | Path, hierarchy: Any = None,

@@ -310,7 +310,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, name: str, ckpt: str, target:
     groups = domain.groups[keep] if domain is not None and keep is not None else None
     if test is None and domain is not None and not domain.kfold:  # eval/domains.py: groups held out
         X, y = fs.features[keep], labels[keep].astype(str)
-        split, test_rows, fold_of, split_info = domain.split(keep)
+        split, test_rows, fold_of, split_info = domain.split(keep, y)
         sample, paths = keep[test_rows], [data.paths[i] for i in keep[test_rows]]
     elif test is None:
         keep = readable_rows(fs, data, data_path)

@@ -20,7 +20,7 @@ from dinov2_hier.hierarchy import Hierarchy
 from dinov2_hier.paths import PROJECT_ROOT
 from eval.compare import main as compare_main
 from eval.crossval import run_probes
-from eval.domains import DomainPlan, group_splits, parse_split, shared_class_map
+from eval.domains import DomainPlan, group_kfold, group_splits, parse_split, shared_class_map
 from eval.probes import KNNProbe
 from eval.run import main as run_main
 from tests.conftest import real_data_dir
@@ -227,6 +227,35 @@ def test_cli_leave_one_group_out_and_compare(manifest, tmp_path):
     assert "knn_k1" in out.getvalue()
     with open(tmp_path / "cmp" / "comparison.csv", newline="") as f:
         assert {r["classifier"] for r in csv.DictReader(f)} == {"knn_k1", "logreg"}
+
+
+def test_group_kfold_keeps_every_group_on_one_side_of_each_fold():
+    """12 groups of 5 rows, two classes, 3 folds: each row tested once, each group's rows in one
+    test fold and in the training rows of the other two folds only."""
+    groups = np.repeat([f"p{i}" for i in range(12)], 5)
+    labels = np.array(["x", "y", "x", "y", "x"] * 12)
+    folds = group_kfold(labels, groups, 3, seed=0)
+    tested = np.concatenate([te for _, te in folds])
+    assert sorted(tested.tolist()) == list(range(60))
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        assert set(labels[test]) == {"x", "y"}
+    assert group_kfold(labels, groups, 3, seed=0)[0][1].tolist() == folds[0][1].tolist()  # seeded
+
+
+def test_cli_group_kfold(manifest, tmp_path):
+    rc, _ = _run(manifest, tmp_path / "gk", "--split", "group-kfold")
+    assert rc == 0
+    rows = _rows(tmp_path / "gk")
+    assert sorted(int(r["sample"]) for r in rows) == list(range(66))
+    fold_of_group = {}
+    for r in rows:  # row i is in group g(i % 3): a group's rows share their test fold
+        assert fold_of_group.setdefault(int(r["sample"]) % 3, r["fold"]) == r["fold"]
+    m = json.loads((tmp_path / "gk" / "metrics.json").read_text())
+    assert m["split"]["kind"] == "group_kfold" and m["split"]["groups"] == ["g0", "g1", "g2"]
+    assert sorted(g for fold in m["domains"]["test_groups"] for g in fold) == ["g0", "g1", "g2"]
+    rc, err = _run(manifest, tmp_path / "gk5", "--split", "group-kfold", "--folds", "5")
+    assert rc == 2 and "3 groups cannot fill 5 folds" in err
 
 
 def test_cli_kfold_flags_change_nothing(manifest, tmp_path):
