@@ -17,7 +17,7 @@ Conventions:
   ``null`` in ``folds``; ``n`` counts the folds that entered the mean.
 * JSON never holds NaN or infinity (not valid JSON): they are written as ``null``.
 
-``report.html`` is rendered by :mod:`eval.report_html` (through the :mod:`eval.render`
+``report.html`` is rendered by :mod:`eval.report_html` (through the :mod:`dinov2_hier.render`
 toolkit); :func:`write_report_html` writes it. The rendering names this module always had
 (:func:`render_report_html`, ``UMAP_MISSING_NOTE``, the ``svg_*`` charts) are re-exported.
 """
@@ -36,7 +36,7 @@ from dinov2_hier.errors import UserError
 from dinov2_hier.eval_results import METRICS_FILE, write_results_json
 from dinov2_hier.io import atomic_write_text
 
-from .render import REPORT_CSS, escape_html, svg_legend_and_ticks  # noqa: F401  (re-exported)
+from dinov2_hier.render import REPORT_CSS, escape_html, svg_legend_and_ticks  # noqa: F401  (re-exported)
 from .report_html import (  # noqa: F401  (re-exported)
     MAX_EMBEDDING_POINTS,
     UMAP_MISSING_NOTE,

@@ -1,4 +1,4 @@
-"""``report.html`` of an evaluation directory, drawn with the :mod:`eval.render` toolkit.
+"""``report.html`` of an evaluation directory, drawn with the :mod:`dinov2_hier.render` toolkit.
 
 One self-contained file: inline CSS and inline SVG only, no scripts, no external references
 and no plotting library. It holds the metric table (mean ± std), the per-fold values, one
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .render import (blues, escape_html, html_page, html_table, palette, svg_bar_groups, svg_cell, svg_column_label,
+from dinov2_hier.render import (blues, escape_html, html_page, html_table, palette, svg_bar_groups, svg_cell, svg_column_label,
                      svg_dot_legend, svg_open, svg_points, svg_text, svg_title, text_width)
 from .values import PER_CLASS_FIELDS, format_mean_std, format_number, json_safe
 

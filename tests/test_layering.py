@@ -38,7 +38,7 @@ FLOORS: dict[str, int] = {
     "dinov2_hier.paths": 1,
     "dinov2_hier.cpu": 1,
     "dinov2_hier.cli": 1,
-    "dinov2_hier.render": 1,  # the HTML/SVG toolkit of the reports (eval.render re-exports it)
+    "dinov2_hier.render": 1,  # the HTML/SVG toolkit of the reports
     # floor 2
     "dinov2_hier.losses": 2,
     "dinov2_hier.heads": 2,

@@ -9,8 +9,7 @@ escaping, tables, colours and the SVG pieces and charts they draw with.
   chart pieces (:func:`svg_open`, :func:`svg_title`, :func:`svg_text`, cells, point groups,
   legends, :func:`svg_legend_and_ticks`), :func:`svg_bar_groups` and :func:`svg_line_chart`.
 
-On the lowest floor (docs/architecture.md) so that the library's reports use it too;
-``eval.render`` re-exports it.
+On the lowest floor (docs/architecture.md) so that the library's reports and eval's use it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``report.html`` of ``eval.multilabel``, drawn with the :mod:`eval.render` toolkit: setup,
+"""``report.html`` of ``eval.multilabel``, drawn with the :mod:`dinov2_hier.render` toolkit: setup,
 metric table per variant, per-class tables, impossible combinations, heatmaps of the prior
 ``C`` and of the learned ``R`` and ``R R^T``, threshold bars, and the
 uncertainty-vs-confidence scatter of one variant."""
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..render import (TAB20, diverging, escape_html, html_page, html_table, svg_bar_groups, svg_cell,
+from dinov2_hier.render import (TAB20, diverging, escape_html, html_page, html_table, svg_bar_groups, svg_cell,
                       svg_column_label, svg_dot_legend, svg_open, svg_points, svg_text, svg_title)
 from ..values import format_mean_std
 
