@@ -125,9 +125,12 @@ def test_resume_reproduces_the_uninterrupted_run(cells, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="not yet true: measured pooled accuracy full vs linear on 220 cells, 2 folds, 10 epochs "
+                         "(full lr 1e-3, linear lr 1e-2): seed 0 0.441 vs 0.368, seed 1 0.350 vs 0.355, "
+                         "seed 2 0.400 vs 0.409; a recipe that wins on every seed is still to be found")
 def test_full_finetuning_beats_the_frozen_linear_head(cells, tmp_path):
-    """Measured on 220 cells, 2 folds, 10 epochs (linear: lr 1e-2, full: lr 1e-3), seeds 0, 1, 2:
-    see the margin below."""
+    """Full fine-tuning vs the frozen linear head of the same random tiny backbone (seed 0).
+    MARGIN is a placeholder until a recipe wins on several seeds (see the skip reason)."""
     from eval.finetune import main
 
     manifest, ckpt = cells(220)
