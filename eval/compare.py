@@ -84,9 +84,25 @@ def _hierarchy_for(spec: str | None, docs: Sequence[dict[str, Any]]) -> Any:
     return Hierarchy.from_json(resolve_resource(spec, "hierarchy"))
 
 
+def _paired_columns(a: dict[str, Any], b: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
+    """Columns ``model=reference`` of ``pairs`` under one name ``"model vs reference"`` in both
+    tables (e.g. a fine-tuned ``finetune`` column against a frozen probe's ``logreg``)."""
+    a, b = dict(a), dict(b)
+    for model, reference in pairs:
+        for table, column, side in ((a, model, "model"), (b, reference, "reference")):
+            if column not in table:
+                raise EvalUsageError(f"--pair {model}={reference}: the {side} has no column {column!r}")
+        label = f"{model} vs {reference}"
+        a[label], b[label] = a[model], b[reference]
+    return a, b
+
+
 def compare_dirs(dirs: Sequence[str | Path], n_resamples: int = 1000, seed: int = 0,
-                 hierarchy: str | None = None) -> list[dict[str, Any]]:
-    """Rows of :data:`COMPARISON_COLUMNS`: every directory after the first against the first."""
+                 hierarchy: str | None = None, pairs: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """Rows of :data:`COMPARISON_COLUMNS`: every directory after the first against the first.
+
+    ``pairs``: ``(model column, reference column)`` compared under the classifier name
+    ``"model vs reference"``, besides the columns both tables share."""
     from .bootstrap import compare_prediction_tables
 
     if len(dirs) < 2:
@@ -109,7 +125,8 @@ def compare_dirs(dirs: Sequence[str | Path], n_resamples: int = 1000, seed: int 
                         "comparison is still paired by sample, but use the same --folds/--seed or --test-data "
                         "for a like-for-like test", other, reference)
         # A - B with A = the other model and B = the reference: difference = model - reference.
-        result = compare_prediction_tables(table.columns(), ref_table.columns(), hierarchy=tree,
+        columns_a, columns_b = _paired_columns(table.columns(), ref_table.columns(), pairs)
+        result = compare_prediction_tables(columns_a, columns_b, hierarchy=tree,
                                            n_resamples=n_resamples, seed=seed)
         for classifier, metrics in result.items():
             for metric, r in metrics.items():
@@ -182,6 +199,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "reference's metrics.json)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="also write comparison.json and comparison.csv here")
+    parser.add_argument("--pair", action="append", default=[], metavar="MODEL_COLUMN=REFERENCE_COLUMN",
+                        help="also compare two differently named classifier columns, e.g. finetune=logreg "
+                             "(a fine-tuned model against a frozen probe); repeatable")
     return parser.parse_args(argv)
 
 
@@ -192,7 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output_dir is not None:
             prepare_output_dir(args.output_dir)
         setup_logging(args.output_dir / "log.txt" if args.output_dir else None)
-        rows = compare_dirs(args.dirs, n_resamples=args.n_resamples, seed=args.seed, hierarchy=args.hierarchy)
+        pairs = []
+        for spec in args.pair:
+            model, sep, reference = spec.partition("=")
+            if not sep or not model or not reference:
+                raise EvalUsageError(f"--pair takes MODEL_COLUMN=REFERENCE_COLUMN, got {spec!r}")
+            pairs.append((model, reference))
+        rows = compare_dirs(args.dirs, n_resamples=args.n_resamples, seed=args.seed, hierarchy=args.hierarchy,
+                            pairs=pairs)
         if args.output_dir is not None:
             _write_outputs(args.output_dir, rows, args)
         print(format_comparison(rows, args.n_resamples, args.seed), end="")

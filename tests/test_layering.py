@@ -46,6 +46,7 @@ FLOORS: dict[str, int] = {
     "dinov2_hier.data": 2,
     # floor 3
     "dinov2_hier.train": 3,
+    "dinov2_hier.finetune": 3,  # fine-tuning's model, loss, mixup and loop (its face: eval.finetune)
     # floor 4: the faces; the package's own __init__ is one too (FLOORS_EXACT: its lazy
     # ``dinov2_hier.load_backbone`` is hub's).
     "dinov2_hier.train.__main__": 4,

@@ -1,0 +1,177 @@
+"""The fine-tuning pipeline behind ``python -m eval.finetune``: data and folds as
+``eval/`` makes them, a fresh copy of the backbone trained per fold
+(:mod:`dinov2_hier.finetune`), the fold's test rows predicted, then ``metrics.json`` and
+``predictions.csv`` in :mod:`eval.pipeline`'s formats, so that ``python -m eval.compare``
+pairs a fine-tuned model with a frozen probe evaluated on the same manifest.
+
+Output layout of ``--output-dir DIR``::
+
+    DIR/metrics.json, DIR/predictions.csv, DIR/log.txt
+    DIR/folds/fold_F/epoch_EEEE.pt   # the fold's last epoch checkpoint (model + optimizer)
+    DIR/folds/fold_F/done.json       # the fold's test predictions: the fold is finished
+
+Rerunning the same command resumes: finished folds are read back, an unfinished one goes
+on from its last epoch checkpoint (see :mod:`dinov2_hier.finetune.loop`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinov2_hier.data import EvalTransform
+from dinov2_hier.finetune import (
+    FinetuneConfig,
+    FinetuneError,
+    FinetuneLoss,
+    FinetuneModel,
+    flat_hierarchy,
+    leaf_class_weights,
+    predict,
+    train_fold,
+)
+from dinov2_hier.io import atomic_write_text
+from dinov2_hier.metrics import all_metrics
+
+from .crossval import stratified_folds
+from .features import load_eval_backbone, load_eval_data
+from .pipeline import _class_list, _data_path, _load_hierarchy, checkpoint_record, resolve_device
+from .report import summarize, summarize_per_class, pooled_confusion, write_metrics_json, write_predictions_csv
+
+__all__ = ["config_of", "finetune"]
+
+log = logging.getLogger("dinov2_hier.eval.finetune")
+DONE_FILE = "done.json"
+
+
+def config_of(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of the command line, checked."""
+    if args.mode == "partial" and args.blocks < 1:
+        raise FinetuneError("--mode partial needs --blocks N >= 1 (the last N blocks train)")
+    if args.mode != "partial" and args.blocks:
+        raise FinetuneError("--blocks applies to --mode partial only")
+    config = FinetuneConfig(mode=args.mode, blocks=args.blocks, epochs=args.epochs, batch_size=args.batch_size,
+                            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                            layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, sampling=args.sampling,
+                            mixup=args.mixup, flips=not args.no_flips, seed=args.seed)
+    config.check()
+    if args.mixup > 0 and args.loss != "ce":
+        raise FinetuneError("--mixup needs --loss ce (soft targets)")
+    if args.loss == "hierce" and not args.hierarchy:
+        raise FinetuneError("--loss hierce needs --hierarchy")
+    return config
+
+
+def _load_images(paths: list[str], transform: EvalTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[N, 3, S, S]`` and boxes ``[N, 4]`` of every image (one error for a bad one)."""
+    images, boxes = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                u8, box = transform.resize(image)
+        except OSError as exc:
+            raise FinetuneError(f"cannot read image {path}: {exc}") from None
+        images.append(u8)
+        boxes.append(box)
+    return torch.stack(images), torch.stack(boxes)
+
+
+def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, Any]:
+    """Run the command ``args`` describes; return the metrics.json content.
+
+    ``on_epoch_end(fold, epoch)``: called after each epoch checkpoint (tests stop a run there).
+    """
+    config = config_of(args)
+    device = resolve_device(args.device)
+    hierarchy, hierarchy_info = _load_hierarchy(args.hierarchy)
+    data_path = _data_path(args.data, "--data")
+    test_path = _data_path(args.test_data, "--test-data") if args.test_data else None
+    data = load_eval_data(str(data_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
+    test = (load_eval_data(str(test_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
+            if test_path is not None else None)
+    classes = _class_list(list(data.labels) + (list(test.labels) if test else []), hierarchy)
+    labels = np.asarray(list(data.labels) + (list(test.labels) if test else []), dtype=object).astype(str)
+    paths = list(data.paths) + (list(test.paths) if test else [])
+    if test is None:
+        splits = [(i, tr, te) for i, (tr, te) in enumerate(stratified_folds(list(data.labels), args.folds, args.seed))]
+        split_info = {"kind": "cross_validation", "folds": args.folds, "seed": args.seed}
+    else:
+        n_tr = len(data.paths)
+        splits = [(-1, np.arange(n_tr), np.arange(n_tr, len(paths)))]
+        split_info = {"kind": "fixed", "n_train": n_tr, "n_test": len(test.paths)}
+    tree = hierarchy if hierarchy is not None else flat_hierarchy(classes)
+    targets = torch.tensor([tree.index(label) for label in labels], dtype=torch.long)
+    allowed = torch.tensor([leaf in set(classes) for leaf in tree.leaves])
+
+    t0 = time.perf_counter()
+    backbone = load_eval_backbone(args.ckpt, arch=args.arch, device="cpu", seed=args.seed)
+    meta = backbone.meta
+    crop = int(args.crop_size if args.crop_size is not None else meta["img_size"])
+    transform = EvalTransform(crop, args.resize_mode, meta["mean"], meta["std"])
+    normalize = transform.to(device).normalize
+    images, boxes = _load_images(paths, transform)
+    out_dir = Path(args.output_dir)
+    predicted = np.full(len(paths), "", dtype=object)
+    fold_of = np.full(len(paths), -2, dtype=np.int64)
+    per_fold, fit_info = [], []
+    for fold, train, test_rows in splits:
+        fold_dir = out_dir / "folds" / f"fold_{max(fold, 0)}"
+        done = fold_dir / DONE_FILE
+        if done.is_file():
+            record = json.loads(done.read_text(encoding="utf-8"))
+            pred = np.asarray(record["predictions"], dtype=object)
+            info = record["info"]
+            log.info("fold %d: finished before, read back", fold)
+        else:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            weights = leaf_class_weights(tree, labels[train].tolist()) if args.class_weights == "balanced" else None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed * 1000 + fold + 1)  # the head's initialisation
+                loss = FinetuneLoss(args.loss, tree, backbone.embed_dim, class_weights=weights)
+            model = FinetuneModel(copy.deepcopy(backbone.model), loss.head, config.mode, config.blocks)
+            t_fold = time.perf_counter()
+            info = train_fold(model, loss, images[train], boxes[train], targets[train], normalize, config,
+                              fold=fold, ckpt_dir=fold_dir, on_epoch_end=on_epoch_end, device=device)
+            leaf = predict(model, images[test_rows], boxes[test_rows], normalize, allowed, args.batch_size, device)
+            pred = np.asarray([tree.leaves[i] for i in leaf.tolist()], dtype=object)
+            info.update({"fold": int(fold), "n_train": int(len(train)), "n_test": int(len(test_rows)),
+                         "fit_s": time.perf_counter() - t_fold})
+            atomic_write_text(done, json.dumps({"predictions": pred.tolist(), "info": info}))
+        predicted[test_rows] = pred
+        fold_of[test_rows] = fold
+        fit_info.append(info)
+        per_fold.append(all_metrics(labels[test_rows].tolist(), pred.tolist(), classes, hierarchy=hierarchy))
+        log.info("fold %d: accuracy %.4f", fold, per_fold[-1]["accuracy"])
+
+    tested = np.flatnonzero(fold_of != -2)
+    name = args.name
+    by_name = {name: per_fold}
+    n_data = len(data.paths)
+    sample = tested if test is None else tested - n_data
+    extra = {
+        "checkpoint": checkpoint_record(str(args.ckpt), backbone),
+        "data": {"path": str(data_path), "test_path": str(test_path) if test_path else None,
+                 "label_column": args.label_column, "label_map": args.label_map},
+        "n_samples": int(len(tested)), "n_images": len(paths), "n_unreadable": 0, "unreadable": [],
+        "classes": classes, "hierarchy": hierarchy_info, "split": split_info,
+        "per_class": summarize_per_class(by_name), "confusion_matrix": pooled_confusion(by_name),
+        "fit_info": {name: fit_info},
+        "settings": {"probes": [name], "finetune": {**config.__dict__, "loss": args.loss,
+                                                   "class_weights": args.class_weights},
+                     "folds": args.folds if test is None else None, "seed": args.seed, "crop_size": crop,
+                     "resize_mode": args.resize_mode, "mean": meta.get("mean"), "std": meta.get("std"),
+                     "device": device},
+        "timings": {"total_s": time.perf_counter() - t0},
+    }
+    write_metrics_json(out_dir, summarize(by_name), extra)
+    write_predictions_csv(out_dir, sample, [paths[i] for i in tested], fold_of[tested],
+                          labels[tested].tolist(), {name: predicted[tested].astype(str)})
+    return json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
