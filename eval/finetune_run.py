@@ -42,8 +42,8 @@ from dinov2_hier.io import atomic_write_text
 from dinov2_hier.metrics import all_metrics
 
 from .crossval import stratified_folds
-from .features import load_eval_backbone, load_eval_data
-from .pipeline import _class_list, _data_path, _load_hierarchy, checkpoint_record, resolve_device
+from .features import load_eval_backbone
+from .pipeline import _class_list, checkpoint_record, load_inputs, resolve_device
 from .report import summarize, summarize_per_class, pooled_confusion, write_metrics_json, write_predictions_csv
 
 __all__ = ["config_of", "finetune"]
@@ -91,12 +91,7 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     """
     config = config_of(args)
     device = resolve_device(args.device)
-    hierarchy, hierarchy_info = _load_hierarchy(args.hierarchy)
-    data_path = _data_path(args.data, "--data")
-    test_path = _data_path(args.test_data, "--test-data") if args.test_data else None
-    data = load_eval_data(str(data_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
-    test = (load_eval_data(str(test_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
-            if test_path is not None else None)
+    hierarchy, hierarchy_info, data_path, test_path, data, test = load_inputs(args)
     classes = _class_list(list(data.labels) + (list(test.labels) if test else []), hierarchy)
     labels = np.asarray(list(data.labels) + (list(test.labels) if test else []), dtype=object).astype(str)
     paths = list(data.paths) + (list(test.paths) if test else [])

@@ -217,6 +217,21 @@ def _load_hierarchy(spec: str | None) -> tuple[Any, dict[str, Any] | None]:
     return hierarchy, {"name": hierarchy.name, "path": str(path), "fingerprint": hierarchy.fingerprint()}
 
 
+def load_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None, Path, Path | None, Any, Any]:
+    """``(hierarchy, hierarchy_info, data_path, test_path, data, test)`` of ``--hierarchy``,
+    ``--data`` and ``--test-data`` (None without it), labels resolved as ``--label-map`` /
+    ``--label-column`` say."""
+    from .features import load_eval_data
+
+    hierarchy, hierarchy_info = _load_hierarchy(args.hierarchy)
+    data_path = _data_path(args.data, "--data")
+    test_path = _data_path(args.test_data, "--test-data") if args.test_data else None
+    data = load_eval_data(str(data_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
+    test = (load_eval_data(str(test_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
+            if test_path is not None else None)
+    return hierarchy, hierarchy_info, data_path, test_path, data, test
+
+
 def _data_path(spec: str, flag: str) -> Path:
     from dinov2_hier.paths import resolve_resource
 
@@ -245,13 +260,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     select = getattr(args, "select", None)
     checkpoints = resolve_checkpoints(args.ckpt, select)  # cheap checks of every input before any heavy work
-    hierarchy, hierarchy_info = _load_hierarchy(args.hierarchy)
-    data_path = _data_path(args.data, "--data")
-    test_path = _data_path(args.test_data, "--test-data") if args.test_data else None
-
-    data = load_eval_data(str(data_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
-    test = (load_eval_data(str(test_path), hierarchy, label_map=args.label_map, label_column=args.label_column)
-            if test_path is not None else None)
+    hierarchy, hierarchy_info, data_path, test_path, data, test = load_inputs(args)
     data, domain = prepare_domains(args, data, data_path, hierarchy, has_test=test is not None)  # --split, --classes
     # The class list is fixed once for everything evaluated, so no fold or split shifts it.
     classes = _class_list(list(data.labels) + (list(test.labels) if test else []), hierarchy)
