@@ -98,7 +98,7 @@ def test_timm_loads_the_export_without_dinov2_hier(run):
     code = textwrap.dedent(f"""
         import sys, torch, timm
         model = timm.create_model("local-dir:{run['export']}", pretrained=True).eval()
-        x = torch.load("{run['root'] / 'x.pt'}")
+        x = torch.load("{run['root'] / 'x.pt'}", weights_only=True)
         with torch.no_grad():
             torch.save({{"head": model(x), "features": model.forward_features(x)[:, 0]}}, "{run['root'] / 'y.pt'}")
         cfg = timm.data.resolve_data_config({{}}, model=model)
@@ -110,7 +110,7 @@ def test_timm_loads_the_export_without_dinov2_hier(run):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=run["root"],
                             env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
     assert result.returncode == 0 and result.stdout.strip() == "ok VisionTransformer", result.stderr[-3000:]
-    got = torch.load(run["root"] / "y.pt")
+    got = torch.load(run["root"] / "y.pt", weights_only=True)
     with torch.no_grad():
         expected = dinov2_hier.load_backbone(run["export"])(x)["x_norm_clstoken"]
         teacher = run["model"](x)["x_norm_clstoken"]

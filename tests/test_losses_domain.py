@@ -191,7 +191,7 @@ def test_centroid_update_sums_over_ranks(tmp_path):
     from tests.test_distributed import _spawn  # 2 spawned ranks, ended after a timeout
 
     _spawn(_two_rank_update_worker, (free_ports(1)[0], str(tmp_path)))
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for s in states:  # class 0: (2 + 4 + 9) / 3 = 5 from 3 samples; class 1: 1 from 1
         assert s["centroids"].flatten().tolist() == [5.0, 1.0]
         assert s["counts"].flatten().tolist() == [3.0, 1.0]
