@@ -38,7 +38,7 @@ from dinov2_hier.finetune import (
     predict,
     train_fold,
 )
-from dinov2_hier.io import atomic_write_text
+from dinov2_hier.io import atomic_write_text, file_sha256
 from dinov2_hier.metrics import all_metrics
 
 from .crossval import stratified_folds
@@ -50,6 +50,26 @@ __all__ = ["config_of", "finetune"]
 
 log = logging.getLogger("dinov2_hier.eval.finetune")
 DONE_FILE = "done.json"
+RUN_FILE = "finetune_run.json"
+#: Flags that do not change a fine-tuning run's result (where it runs, how it is named).
+_VOLATILE = ("output_dir", "device", "name")
+
+
+def _claim_output_dir(out_dir: Path, args: argparse.Namespace, inputs: dict[str, Any]) -> None:
+    """Record what this run is in ``out_dir/finetune_run.json``; refuse (:class:`FinetuneError`)
+    a directory that holds another run's folds, so a rerun resumes only the same run."""
+    key = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in _VOLATILE}
+    key.update(inputs)  # what the flags name: the backbone's and the manifests' contents
+    path = out_dir / RUN_FILE
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(key) if before.get(k) != key.get(k))
+        if changed:
+            raise FinetuneError(f"{out_dir} holds another fine-tuning run (differs in {', '.join(changed)}); "
+                                "rerun its command to resume it, or choose another --output-dir")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(key, indent=1, sort_keys=True))
 
 
 def config_of(args: argparse.Namespace) -> FinetuneConfig:
@@ -114,6 +134,9 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     normalize = transform.to(device).normalize
     images, boxes = _load_images(paths, transform)
     out_dir = Path(args.output_dir)
+    manifests = {f"{name}_sha256": file_sha256(p) for name, p in (("data", data_path), ("test_data", test_path))
+                 if p is not None and Path(p).is_file()}
+    _claim_output_dir(out_dir, args, {"backbone_sha256": backbone.fingerprint, **manifests})
     predicted = np.full(len(paths), "", dtype=object)
     fold_of = np.full(len(paths), -2, dtype=np.int64)
     per_fold, fit_info = [], []

@@ -141,3 +141,15 @@ def test_eval_compare_pairs_finetuned_with_a_frozen_probe(cells, tmp_path):
     assert compare_main([str(tmp_path / "probe"), str(tmp_path / "ft"), "--n-resamples", "20",
                          "--pair", "finetune=logreg"]) == 0
     assert compare_main([str(tmp_path / "probe"), str(tmp_path / "ft"), "--pair", "finetune"]) == 2
+
+
+def test_another_run_in_the_same_output_dir_is_refused(cells, tmp_path, capsys):
+    """A rerun resumes only the same run: other flags in a used --output-dir exit 2 naming them."""
+    from eval.finetune import main
+
+    manifest, ckpt = cells(44)
+    assert main(_args(manifest, ckpt, tmp_path / "out", "--epochs", "1")) == 0
+    assert main(_args(manifest, ckpt, tmp_path / "out", "--epochs", "1")) == 0  # the same: folds read back
+    assert main(_args(manifest, ckpt, tmp_path / "out", "--epochs", "2", "--lr", "1e-2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "holds another fine-tuning run (differs in epochs, lr)" in err[-1]
