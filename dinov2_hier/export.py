@@ -28,9 +28,9 @@ card (:mod:`dinov2_hier.model_card`) carries the Hub's YAML front matter. Every 
 written atomically; the export is loaded back and compared with the teacher before the
 command reports success. See docs/export.md.
 
-Length (~510 lines): the one path from a trained teacher to a verified folder, whose steps
+Length (~550 lines): the one path from a trained teacher to a verified folder, whose steps
 share :class:`TrainedTeacher` and the chosen layout: reading the teacher (run directory,
-checkpoint, teacher file, ``--select``), the config document, the evaluations it cites
+checkpoint, teacher file, ``--select``, never a checkpoint that is not good), the config document, the evaluations it cites
 (checked against the weights), writing either layout and reading it back, and the command
 line. The model card's text is :mod:`dinov2_hier.model_card`'s.
 """

@@ -28,6 +28,9 @@ to read it):
 Drawn with :mod:`dinov2_hier.render`, the toolkit of the evaluation reports. A series longer
 than :data:`MAX_POINTS` records is drawn from every n-th record (and the last). A missing
 run directory, one without ``metrics.jsonl`` or with a torn last line is one line, exit 2.
+
+Length (~470 lines): one page whose sections share the records read once and the panel
+layout; the drawing primitives are :mod:`dinov2_hier.render`'s.
 """
 from __future__ import annotations
 

@@ -33,13 +33,7 @@ from dinov2_hier.labels import LabelMap, LabelMapError, LabelResolver, split_lab
 from dinov2_hier.models import BackboneArtifact, WeightsError, build_backbone, load_backbone_weights, read_artifact
 from dinov2_hier.models.artifacts import CHECKPOINT, CONFIG_FILE, EXPORT, TEACHER, locate_export
 from dinov2_hier.paths import ResourceNotFoundError, resolve_resource
-from dinov2_hier.train.checkpoint import (
-    TEACHER_FILE,
-    CheckpointError,
-    list_checkpoints,
-    load_model_state,
-    weights_finite,
-)
+from dinov2_hier.train.checkpoint import TEACHER_FILE, CheckpointError, list_checkpoints, load_model_state, weights_finite
 
 from .baselines import BASELINES, PREFIX, baseline_name, is_baseline
 from .crossval import EvalDataError
