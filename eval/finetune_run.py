@@ -41,9 +41,9 @@ from dinov2_hier.finetune import (
 from dinov2_hier.io import atomic_write_text, file_sha256
 from dinov2_hier.metrics import all_metrics
 
-from .crossval import stratified_folds
+from .crossval import EvalDataError, stratified_folds
 from .features import load_eval_backbone
-from .pipeline import _class_list, checkpoint_record, load_inputs, resolve_device
+from .pipeline import MAX_LISTED_UNREADABLE, _class_list, checkpoint_record, load_inputs, resolve_device
 from .report import summarize, summarize_per_class, pooled_confusion, write_metrics_json, write_predictions_csv
 
 __all__ = ["config_of", "finetune"]
@@ -52,7 +52,7 @@ log = logging.getLogger("dinov2_hier.eval.finetune")
 DONE_FILE = "done.json"
 RUN_FILE = "finetune_run.json"
 #: Flags that do not change a fine-tuning run's result (where it runs, how it is named).
-_VOLATILE = ("output_dir", "device", "name")
+_VOLATILE = ("output_dir", "device", "name", "config")  # config: its values are the other keys
 
 
 def _claim_output_dir(out_dir: Path, args: argparse.Namespace, inputs: dict[str, Any]) -> None:
@@ -81,7 +81,9 @@ def config_of(args: argparse.Namespace) -> FinetuneConfig:
     config = FinetuneConfig(mode=args.mode, blocks=args.blocks, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
                             layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, sampling=args.sampling,
-                            mixup=args.mixup, flips=not args.no_flips, seed=args.seed)
+                            mixup=args.mixup, flips=not args.no_flips, seed=args.seed,
+                            samples_per_class=args.samples_per_class, head_epochs=args.head_epochs,
+                            head_lr=args.head_lr)
     config.check()
     if args.mixup > 0 and args.loss != "ce":
         raise FinetuneError("--mixup needs --loss ce (soft targets)")
@@ -90,18 +92,28 @@ def config_of(args: argparse.Namespace) -> FinetuneConfig:
     return config
 
 
-def _load_images(paths: list[str], transform: EvalTransform) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[N, 3, S, S]`` and boxes ``[N, 4]`` of every image (one error for a bad one)."""
-    images, boxes = [], []
-    for path in paths:
+def _load_images(paths: list[str], transform: EvalTransform) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """uint8 ``[N, 3, S, S]``, boxes ``[N, 4]`` and ``ok`` bool ``[N]`` of every image; an
+    image that cannot be read is zeros with ``ok`` false (skipped and counted by the caller)."""
+    images, boxes, ok = [], [], np.ones(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 u8, box = transform.resize(image)
         except OSError as exc:
-            raise FinetuneError(f"cannot read image {path}: {exc}") from None
+            log.debug("cannot read image %s: %s", path, exc)
+            ok[i] = False
+            u8, box = torch.zeros(3, transform.crop_size, transform.crop_size, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
         images.append(u8)
         boxes.append(box)
-    return torch.stack(images), torch.stack(boxes)
+    return torch.stack(images), torch.stack(boxes), ok
+
+
+def _readable(ok: np.ndarray, source: Any) -> np.ndarray:
+    keep = np.flatnonzero(ok)
+    if keep.size == 0:
+        raise FinetuneError(f"{source}: none of the {len(ok)} images could be read")
+    return keep
 
 
 def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, Any]:
@@ -112,19 +124,9 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     config = config_of(args)
     device = resolve_device(args.device)
     hierarchy, hierarchy_info, data_path, test_path, data, test = load_inputs(args)
-    classes = _class_list(list(data.labels) + (list(test.labels) if test else []), hierarchy)
-    labels = np.asarray(list(data.labels) + (list(test.labels) if test else []), dtype=object).astype(str)
+    all_labels = np.asarray(list(data.labels) + (list(test.labels) if test else []), dtype=object).astype(str)
     paths = list(data.paths) + (list(test.paths) if test else [])
-    if test is None:
-        splits = [(i, tr, te) for i, (tr, te) in enumerate(stratified_folds(list(data.labels), args.folds, args.seed))]
-        split_info = {"kind": "cross_validation", "folds": args.folds, "seed": args.seed}
-    else:
-        n_tr = len(data.paths)
-        splits = [(-1, np.arange(n_tr), np.arange(n_tr, len(paths)))]
-        split_info = {"kind": "fixed", "n_train": n_tr, "n_test": len(test.paths)}
-    tree = hierarchy if hierarchy is not None else flat_hierarchy(classes)
-    targets = torch.tensor([tree.index(label) for label in labels], dtype=torch.long)
-    allowed = torch.tensor([leaf in set(classes) for leaf in tree.leaves])
+    n_data = len(data.paths)
 
     t0 = time.perf_counter()
     backbone = load_eval_backbone(args.ckpt, arch=args.arch, device="cpu", seed=args.seed)
@@ -132,7 +134,29 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     crop = int(args.crop_size if args.crop_size is not None else meta["img_size"])
     transform = EvalTransform(crop, args.resize_mode, meta["mean"], meta["std"])
     normalize = transform.to(device).normalize
-    images, boxes = _load_images(paths, transform)
+    images, boxes, ok = _load_images(paths, transform)
+    unreadable = [p for p, good in zip(paths, ok) if not good]
+    if unreadable:
+        log.warning("%d missing or unreadable image(s) skipped and counted in metrics.json (n_unreadable)",
+                    len(unreadable))
+    keep = _readable(ok[:n_data], data_path)  # manifest rows of the readable images
+    keep_test = n_data + _readable(ok[n_data:], test_path) if test else None
+    labels = all_labels  # indexed by manifest row (data rows, then test rows)
+    used = keep if keep_test is None else np.concatenate([keep, keep_test])
+    classes = _class_list(labels[used].tolist(), hierarchy)
+    if test is None:
+        try:
+            folds = stratified_folds(labels[keep].tolist(), args.folds, args.seed)
+        except EvalDataError as exc:  # only possible when unreadable images thinned a class
+            raise FinetuneError(f"after skipping {len(unreadable)} unreadable image(s): {exc}") from None
+        splits = [(i, keep[tr], keep[te]) for i, (tr, te) in enumerate(folds)]
+        split_info = {"kind": "cross_validation", "folds": args.folds, "seed": args.seed}
+    else:
+        splits = [(-1, keep, keep_test)]
+        split_info = {"kind": "fixed", "n_train": int(len(keep)), "n_test": int(len(keep_test))}
+    tree = hierarchy if hierarchy is not None else flat_hierarchy(classes)
+    targets = torch.tensor([tree.index(label) if label in tree else -1 for label in labels], dtype=torch.long)
+    allowed = torch.tensor([leaf in set(classes) for leaf in tree.leaves])
     out_dir = Path(args.output_dir)
     manifests = {f"{name}_sha256": file_sha256(p) for name, p in (("data", data_path), ("test_data", test_path))
                  if p is not None and Path(p).is_file()}
@@ -172,13 +196,13 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     tested = np.flatnonzero(fold_of != -2)
     name = args.name
     by_name = {name: per_fold}
-    n_data = len(data.paths)
     sample = tested if test is None else tested - n_data
     extra = {
         "checkpoint": checkpoint_record(str(args.ckpt), backbone),
         "data": {"path": str(data_path), "test_path": str(test_path) if test_path else None,
                  "label_column": args.label_column, "label_map": args.label_map},
-        "n_samples": int(len(tested)), "n_images": len(paths), "n_unreadable": 0, "unreadable": [],
+        "n_samples": int(len(tested)), "n_images": len(paths), "n_unreadable": len(unreadable),
+        "unreadable": unreadable[:MAX_LISTED_UNREADABLE],
         "classes": classes, "hierarchy": hierarchy_info, "split": split_info,
         "per_class": summarize_per_class(by_name), "confusion_matrix": pooled_confusion(by_name),
         "fit_info": {name: fit_info},

@@ -95,8 +95,10 @@ def test_resume_reproduces_the_uninterrupted_run(cells, tmp_path):
 
     manifest, ckpt = cells(44)
     # partial fine-tuning with balanced CE, class sampling, mixup and flips: every random draw
-    extra = ("--mode", "partial", "--blocks", "1", "--epochs", "3", "--lr", "3e-3", "--layer-decay", "0.7",
-             "--class-weights", "balanced", "--sampling", "class", "--mixup", "0.4", "--batch-size", "16")
+    # and LP-FT: 2 head-only epochs (their own optimizer), then 2 of partial fine-tuning
+    extra = ("--mode", "partial", "--blocks", "1", "--head-epochs", "2", "--epochs", "2", "--lr", "3e-3",
+             "--layer-decay", "0.7", "--class-weights", "balanced", "--sampling", "class", "--mixup", "0.4",
+             "--batch-size", "16")
     whole = tmp_path / "whole"
     finetune(build_parser().parse_args(_args(manifest, ckpt, whole, *extra)))
 
@@ -113,14 +115,14 @@ def test_resume_reproduces_the_uninterrupted_run(cells, tmp_path):
     cut = tmp_path / "cut"
     args = build_parser().parse_args(_args(manifest, ckpt, cut, *extra))
     with pytest.raises(Killed):
-        finetune(args, on_epoch_end=kill_at(0, 0))  # fold 0 stops after its first epoch
+        finetune(args, on_epoch_end=kill_at(0, 1))  # fold 0 stops after its last head-only epoch
     with pytest.raises(Killed):
-        finetune(args, on_epoch_end=kill_at(1, 1))  # fold 0 resumes and ends; fold 1 stops after epoch 1
+        finetune(args, on_epoch_end=kill_at(1, 2))  # fold 0 resumes and ends; fold 1 stops inside fine-tuning
     metrics = finetune(args)
     assert _rows(cut / "predictions.csv") == _rows(whole / "predictions.csv")
     info = metrics["fit_info"]["finetune"]
     assert [i["epochs_run"] for i in info] == [2, 1]  # what the last two runs had left
-    assert info[1]["resumed_from"].endswith("epoch_0001.pt")
+    assert info[1]["resumed_from"].endswith("epoch_0002.pt")
 
 
 @pytest.mark.slow
@@ -153,3 +155,89 @@ def test_another_run_in_the_same_output_dir_is_refused(cells, tmp_path, capsys):
     assert main(_args(manifest, ckpt, tmp_path / "out", "--epochs", "2", "--lr", "1e-2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "holds another fine-tuning run (differs in epochs, lr)" in err[-1]
+
+
+def test_class_sampling_shows_every_class_exactly_n_c_times():
+    """Fazeli et al.: an epoch of C * N_c rows, each class N_c times; a class's rows as evenly as possible."""
+    from dinov2_hier.finetune.loop import epoch_length, epoch_order
+
+    targets = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    order = epoch_order(targets, "class", g)  # N_c = ceil(8 / 3) = 3
+    assert epoch_length(targets, "class") == len(order) == 9
+    assert torch.bincount(targets[order]).tolist() == [3, 3, 3]
+    assert torch.bincount(order, minlength=8)[:6].max() == 1  # 3 of class 0's 6 rows, none twice
+    assert torch.bincount(order, minlength=8)[6:].tolist() == [3, 3]  # a one-row class: its row 3 times
+    order = epoch_order(targets, "class", g, samples_per_class=8)
+    assert torch.bincount(targets[order]).tolist() == [8, 8, 8]
+    assert sorted(torch.bincount(order, minlength=8)[:6].tolist()) == [1, 1, 1, 1, 2, 2]
+    assert sorted(epoch_order(targets, "none", g).tolist()) == list(range(8))
+
+
+def test_head_epochs_leave_the_backbone_untouched_then_fine_tune_it():
+    """LP-FT: during the head-only epochs only the head changes; afterwards the backbone trains."""
+    from dinov2_hier.finetune import FinetuneConfig
+    from dinov2_hier.finetune.loop import train_fold
+
+    torch.manual_seed(0)
+    hierarchy = Hierarchy.from_json(HIERARCHY)
+    loss = FinetuneLoss("ce", hierarchy, 192)
+    model = FinetuneModel(_tiny_backbone(), loss.head, "full")
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 32, 32]] * 24)
+    targets = torch.tensor([hierarchy.index(leaf) for leaf in hierarchy.leaves[:3]] * 8)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def snapshot(fold, epoch):
+        seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    config = FinetuneConfig(mode="full", epochs=1, head_epochs=2, head_lr=1e-2, lr=1e-3, batch_size=8)
+    train_fold(model, loss, images, boxes, targets, lambda x, b: x.float() / 255, config, on_epoch_end=snapshot)
+    for epoch in (0, 1):
+        assert all(torch.equal(seen[epoch][k], v) for k, v in start.items() if k.startswith("backbone."))
+        assert not torch.equal(seen[epoch]["head.weight"], start["head.weight"])
+    assert not torch.equal(seen[2]["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
+    assert all(p.requires_grad for p in model.backbone.parameters())  # the mode's parts train again
+
+
+def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, capsys):
+    from eval.finetune import main, parse_args
+
+    base = ["--ckpt", "x.pt", "--data", "d.csv", "--output-dir", str(tmp_path / "o")]
+    args = parse_args(["--config", "configs/finetune/fazeli.yaml", *base, "--epochs", "3"])
+    assert (args.mode, args.class_weights, args.sampling, args.mixup, args.folds) == ("full", "balanced", "class", 0.2, 5)
+    assert (args.epochs, args.head_epochs, args.lr) == (3, 10, 1e-4)  # --epochs from the command line
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("mode: full\nepoch: 3\n", "unknown key 'epoch'"),
+        ("sampling: balanced\n", "sampling must be one of none, class, got 'balanced'"),
+        ("lr: fast\n", "lr must be float, got 'fast'"),
+        ("data: cells.csv\n", "'data' is an input, not a recipe option"),
+    ]:
+        bad.write_text(text)
+        assert main(["--config", str(bad), *base]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --config {bad}: ") and message in err[0], err
+
+
+def test_unreadable_images_are_skipped_and_counted(cells, tmp_path):
+    """As eval.run: a broken image is left out of folds and predictions and counted in metrics.json."""
+    import json
+    import shutil
+
+    from eval.finetune import main
+
+    manifest, ckpt = cells(44)
+    data = tmp_path / "data"
+    shutil.copytree(manifest.parent, data)
+    rows = _rows(data / manifest.name)
+    broken = data / rows[5][0]
+    broken.write_bytes(b"not an image")
+    assert main(_args(data / manifest.name, ckpt, tmp_path / "out", "--epochs", "1")) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_unreadable"] == 1 and metrics["unreadable"][0].endswith(rows[5][0])
+    assert metrics["n_samples"] == 43
+    predicted = _rows(tmp_path / "out" / "predictions.csv")
+    names = [r[1].replace("\\", "/").split("/")[-1] for r in predicted[1:]]
+    assert len(names) == 43 and broken.name not in names and rows[6][0].split("/")[-1] in names

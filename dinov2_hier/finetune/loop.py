@@ -1,6 +1,12 @@
 """One fold of fine-tuning: AdamW with a warmup + cosine schedule, optional class-balanced
 sampling, flips and mixup, an atomic checkpoint after every epoch and resume from the last.
 
+With ``head_epochs`` (LP-FT, Kumar et al. 2022) a partial or full fine-tuning first trains
+the head alone on the frozen backbone for ``head_epochs`` epochs (its own AdamW at
+``head_lr``, cosine to ``min_lr``), then everything the mode trains for ``epochs`` epochs.
+Without it the randomly initialised head's first gradients reach the pretrained blocks
+and can undo what pretraining learned (docs/finetune.md has the measurement).
+
 Every random draw of epoch ``e`` of fold ``f`` comes from a generator seeded with
 ``(seed, f, e)`` (order, flips, mixup, dropout of each step), and each checkpoint holds the
 model, the optimizer state and the epoch; so a run killed after any epoch and restarted
@@ -8,6 +14,7 @@ finishes with the same weights, to the bit on the same machine, as one never sto
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +29,7 @@ from .loss import FinetuneError, FinetuneLoss
 from .mixup import mixup_batch
 from .model import FinetuneModel, param_groups
 
-__all__ = ["FinetuneConfig", "FinetuneError", "epoch_order", "lr_at", "predict", "train_fold"]
+__all__ = ["FinetuneConfig", "FinetuneError", "epoch_length", "epoch_order", "lr_at", "predict", "train_fold"]
 
 SAMPLINGS = ("none", "class")
 #: ``on_epoch_end(fold, epoch)``: called after the epoch's checkpoint is on disk (tests
@@ -48,6 +55,14 @@ class FinetuneConfig:
     mixup: float = 0.0
     flips: bool = True
     seed: int = 0
+    samples_per_class: int = 0
+    head_epochs: int = 0
+    head_lr: float | None = None
+
+    @property
+    def head_phase_epochs(self) -> int:
+        """Epochs of head-only training before the backbone trains (0 for ``linear``)."""
+        return 0 if self.mode == "linear" else self.head_epochs
 
     def check(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -63,6 +78,16 @@ class FinetuneConfig:
             raise FinetuneError(f"--mixup must be >= 0 (0 = off), got {self.mixup}")
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise FinetuneError("--warmup-epochs and --weight-decay must be >= 0")
+        if self.samples_per_class < 0:
+            raise FinetuneError(f"--samples-per-class must be >= 0 (0 = rows / classes), got {self.samples_per_class}")
+        if self.samples_per_class and self.sampling != "class":
+            raise FinetuneError("--samples-per-class applies to --sampling class only")
+        if self.head_epochs < 0:
+            raise FinetuneError(f"--head-epochs must be >= 0, got {self.head_epochs}")
+        if self.head_epochs and self.mode == "linear":
+            raise FinetuneError("--head-epochs applies to --mode partial or full (linear trains the head only anyway)")
+        if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            raise FinetuneError(f"--head-lr must be a finite number > 0, got {self.head_lr}")
 
 
 def _seed(*parts: int) -> int:
@@ -81,15 +106,41 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_order(targets: torch.Tensor, sampling: str, generator: torch.Generator) -> torch.Tensor:
-    """``[N]`` indices of one epoch: a permutation (``none``) or ``N`` draws with replacement,
-    every class equally likely and uniform within a class (``class``)."""
+def epoch_length(targets: torch.Tensor, sampling: str, samples_per_class: int = 0) -> int:
+    """Rows per epoch of :func:`epoch_order`: ``N``, or ``C * N_c`` for ``class``."""
+    n = targets.shape[0]
+    if sampling == "none":
+        return n
+    n_classes = len(torch.unique(targets))
+    return n_classes * (samples_per_class or math.ceil(n / n_classes))
+
+
+def epoch_order(targets: torch.Tensor, sampling: str, generator: torch.Generator,
+                samples_per_class: int = 0) -> torch.Tensor:
+    """Indices of one epoch: a permutation of the ``N`` rows (``none``), or for ``class``
+    every class exactly ``N_c`` times (Fazeli et al.'s balanced sampling: an epoch of
+    ``C * N_c`` rows), shuffled. ``N_c`` is ``samples_per_class``, or ``ceil(N / C)`` when 0.
+    A class's rows are taken in fresh permutations, so each row of a class with ``n`` rows
+    appears ``floor(N_c / n)`` or ``ceil(N_c / n)`` times."""
     n = targets.shape[0]
     if sampling == "none":
         return torch.randperm(n, generator=generator)
-    _, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
-    weights = 1.0 / counts.to(torch.float64)[inverse]
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
+    classes = torch.unique(targets)
+    per_class = epoch_length(targets, sampling, samples_per_class) // len(classes)
+    parts = []
+    for c in classes.tolist():
+        rows = torch.nonzero(targets == c).flatten()
+        cycles = [rows[torch.randperm(len(rows), generator=generator)] for _ in range(math.ceil(per_class / len(rows)))]
+        parts.append(torch.cat(cycles)[:per_class])
+    order = torch.cat(parts)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def _autocast(device: Any) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (as training and feature extraction), nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -123,26 +174,55 @@ def train_fold(model: FinetuneModel, loss: FinetuneLoss, images: torch.Tensor, b
         raise FinetuneError("--mixup needs leaf labels only; this training data has coarse (internal-node) labels")
     model.to(device)
     loss.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay))
+    head_epochs = config.head_phase_epochs
+    n_epochs = head_epochs + config.epochs
+    n = epoch_length(targets, config.sampling, config.samples_per_class)
+    steps = math.ceil(n / config.batch_size)  # per epoch
+
+    def phase_of(epoch: int) -> str:
+        return "head" if epoch < head_epochs else "all"
+
+    def optimizer_for(phase: str) -> torch.optim.Optimizer:
+        model.head_only(phase == "head")
+        if phase == "head":
+            head_lr = config.lr if config.head_lr is None else config.head_lr
+            return torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": head_lr, "lr_scale": 1.0,
+                                       "weight_decay": config.weight_decay}])
+        return torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay))
+
+    def lr_of(epoch: int, step: int) -> float:
+        if phase_of(epoch) == "head":
+            head_lr = config.lr if config.head_lr is None else config.head_lr
+            return lr_at(epoch * steps + step, head_epochs * steps, 0, head_lr, config.min_lr)
+        return lr_at((epoch - head_epochs) * steps + step, config.epochs * steps,
+                     round(config.warmup_epochs * steps), config.lr, config.min_lr)
+
     start, resumed = 0, None
     found = _checkpoints(ckpt_dir) if ckpt_dir is not None else []
+    phase = phase_of(0)
     if found:
         epoch, path = found[-1]
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start, resumed = epoch + 1, str(path)
-    n = targets.shape[0]
-    steps = math.ceil(n / config.batch_size)
-    total, warmup = steps * config.epochs, round(config.warmup_epochs * steps)
+        phase = phase_of(min(start, n_epochs - 1))
+        optimizer = optimizer_for(phase)
+        # The optimizer state belongs to the saved epoch's phase; a new phase starts afresh.
+        if state.get("phase", "all") == phase:
+            optimizer.load_state_dict(state["optimizer"])
+    else:
+        optimizer = optimizer_for(phase)
     last = float("nan")
-    for epoch in range(start, config.epochs):
+    for epoch in range(start, n_epochs):
+        if phase_of(epoch) != phase:
+            phase = phase_of(epoch)
+            optimizer = optimizer_for(phase)
         model.train()
         g = torch.Generator().manual_seed(_seed(config.seed, fold, epoch))
-        order = epoch_order(targets, config.sampling, g)
+        order = epoch_order(targets, config.sampling, g, config.samples_per_class)
         for step in range(steps):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            lr = lr_at(epoch * steps + step, total, warmup, config.lr, config.min_lr)
+            lr = lr_of(epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             x = normalize(images[idx].to(device), boxes[idx].to(device))
@@ -156,21 +236,24 @@ def train_fold(model: FinetuneModel, loss: FinetuneLoss, images: torch.Tensor, b
                 x, y = mixup_batch(x, y, num_leaves, config.mixup, step_seed)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(step_seed)  # dropout / drop path of this step
-                value = loss(model(x), y)
+                with _autocast(device):
+                    logits = model(x)
+                value = loss(logits, y)  # in float32 (FinetuneLoss casts)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
             last = float(value.detach())
         if ckpt_dir is not None:
             path = ckpt_dir / f"epoch_{epoch:04d}.pt"
-            atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "config": asdict(config), "fold": fold}, path)
+            atomic_torch_save({"epoch": epoch, "phase": phase, "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(), "config": asdict(config), "fold": fold}, path)
             for _, old in _checkpoints(ckpt_dir):
                 if old != path:
                     old.unlink(missing_ok=True)
         if on_epoch_end is not None:
             on_epoch_end(fold, epoch)
-    return {"epochs_run": config.epochs - start, "resumed_from": resumed, "last_loss": last}
+    model.head_only(False)
+    return {"epochs_run": n_epochs - start, "resumed_from": resumed, "last_loss": last}
 
 
 @torch.no_grad()
@@ -182,7 +265,8 @@ def predict(model: FinetuneModel, images: torch.Tensor, boxes: torch.Tensor, nor
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start:start + batch_size].to(device), boxes[start:start + batch_size].to(device))
-        logits = model(x).float()
+        with _autocast(device):
+            logits = model(x).float()
         if allowed is not None:
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         out.append(logits.argmax(1).cpu())

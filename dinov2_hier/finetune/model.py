@@ -33,23 +33,33 @@ class FinetuneModel(nn.Module):
             raise ValueError(f"--blocks must be in 1..{depth} (the backbone's depth) for mode partial, got {blocks}")
         self.backbone, self.head, self.mode = backbone, head, mode
         self.first_trainable = {"linear": depth + 1, "partial": depth - blocks, "full": -1}[mode]
-        for name, p in backbone.named_parameters():
-            p.requires_grad_(mode == "full" or (mode == "partial" and self._trains(name)))
+        self.head_only(False)
         for p in head.parameters():
             p.requires_grad_(True)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the backbone runs frozen now: mode ``linear``, or the head-only phase."""
+        return self.mode == "linear" or self._head_only
+
+    def head_only(self, flag: bool = True) -> None:
+        """Freeze the whole backbone (eval mode, no gradients) for a head-only phase, or undo it."""
+        self._head_only = bool(flag)
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(not self._head_only and (self.mode == "full" or (self.mode == "partial" and self._trains(name))))
 
     def _trains(self, name: str) -> bool:
         return layer_id(name, len(self.backbone.blocks)) > self.first_trainable
 
     def train(self, mode: bool = True) -> FinetuneModel:
         super().train(mode)
-        if self.mode == "linear":
+        if self.backbone_frozen:
             self.backbone.eval()
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S] -> [B, D]`` CLS features."""
-        if self.mode == "linear":
+        if self.backbone_frozen:
             with torch.no_grad():
                 return self.backbone(images)["x_norm_clstoken"]
         return self.backbone(images)["x_norm_clstoken"]
