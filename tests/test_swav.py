@@ -179,14 +179,14 @@ def test_prototypes_frozen_during_freeze_last_layer_epochs(tmp_path):
 def test_tiny_swav_run_goes_below_ln_k(tmp_path):
     """10 iterations of the tiny model in SwAV mode on synthetic cells, K = 16.
 
-    Measured (2-core CPU, one thread): the codes are uniform (entropy ln K) until the queue
-    enters the normalisation at iteration 5 (queue filled at iterations 2-4); then they
-    sharpen (0.52 nats below ln K) and the DINO loss falls to 0.27 nats below ln K = 2.773
-    at iteration 6. A loss below ln K needs targets the student predicts better than the
-    uniform guess (CE(o, p) >= H(o), and uniform codes give exactly ln K at best), so
-    0.1 nats below, under half the measured drop, says the run learns the codes; every
-    loss must be finite. (In this tiny setting the codes drift back towards uniform over
-    30 iterations: docs/swav.md.)
+    Measured (2-core CPU, one thread, deterministic): the codes are uniform (entropy ln K)
+    until the queue, filled at iterations 2-3, enters the normalisation at iteration 4
+    (record 5); then they sharpen (0.39 nats below ln K = 2.773) and the DINO loss falls
+    to 0.155 nats below ln K (record 6). Uniform codes give a loss of ln K at best
+    (CE(o, p) >= H(o) = ln K), so a loss below ln K means the student predicts non-uniform
+    codes better than the uniform guess; 0.05 nats is a third of the measured drop, the
+    entropy bound 0.2 about half of its measured 0.39; every loss must be finite. (Over 30
+    iterations the codes drift back to uniform in this tiny setting: docs/swav.md.)
     """
     trainer = Trainer(load_config(None, SWAV + ["train.iterations=10", "train.checkpoint_every=100"]),
                       tmp_path / "run")
@@ -195,8 +195,8 @@ def test_tiny_swav_run_goes_below_ln_k(tmp_path):
     losses = [r["loss_dino"] for r in records]
     ln_k = math.log(16)
     assert all(math.isfinite(x) for x in losses)
-    assert min(losses[4:]) < ln_k - 0.1, [round(x - ln_k, 3) for x in losses]
-    assert min(r["dino_teacher_entropy"] for r in records[4:]) < ln_k - 0.3
+    assert min(losses[4:]) < ln_k - 0.05, [round(x - ln_k, 3) for x in losses]
+    assert min(r["dino_teacher_entropy"] for r in records[4:]) < ln_k - 0.2
 
 
 def test_swav_config_loads_and_builds():
