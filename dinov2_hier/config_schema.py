@@ -132,6 +132,9 @@ RULES: dict[str, Rule] = {
         "center_momentum": PROBABILITY,
     }.items()},
     "dino.koleo_loss_weight": NON_NEGATIVE,
+    "dino.targets": _choices("teacher", "swav"),
+    "dino.swav_queue_length": NON_NEGATIVE,            # 0 = no queue
+    "dino.swav_queue_start_epochs": NON_NEGATIVE,
     "ibot.mask_sample_probability": PROBABILITY,
     "ibot.mask_ratio_min_max": Rule(low=0, high=1, ordered=True),
     "supervision.unmapped": _choices("error", "unlabelled"),

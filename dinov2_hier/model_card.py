@@ -367,7 +367,9 @@ def _training_sections(config: Mapping[str, Any], cfg: DictConfig | None,
     lines += ["", "## Supervision", ""]
     lines += [
         f"- self-supervised: DINO (weight {cfg.dino.loss_weight}), iBOT (weight {cfg.ibot.loss_weight}), "
-        f"KoLeo (weight {cfg.dino.koleo_loss_weight}); centering {cfg.dino.centering}",
+        f"KoLeo (weight {cfg.dino.koleo_loss_weight}); centering {cfg.dino.centering}"
+        + ("; DINO targets: SwAV (the student's own Sinkhorn-Knopp codes, docs/swav.md)"
+           if OmegaConf.select(cfg, "dino.targets", default="teacher") == "swav" else ""),
     ]
     terms = OmegaConf.to_container(cfg.supervision.losses, resolve=True) or []
     if terms:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..losses import DINOLoss, iBOTPatchLoss, KoLeoLoss, LossInputError
 from ..losses import diagnostics
+from ..losses.swav import TARGETS, SwAVTargets
 from ..hierarchy import Hierarchy
 from ..config import ConfigError
 from ..models import BackboneSpec, DINOHead
@@ -136,6 +137,17 @@ class SSLMetaArch(nn.Module):
                 center_momentum=cfg.dino.center_momentum,
                 sk_iterations=cfg.dino.sk_iterations,
             )
+        # dino.targets=swav: the DINO targets are the student's own Sinkhorn-Knopp codes
+        # (losses/swav.py, docs/swav.md); the EMA teacher stays (iBOT, evaluation, export).
+        self.swav: SwAVTargets | None = None
+        if _choice(cfg, "dino.targets", TARGETS, if_absent="teacher") == "swav":
+            with _config_section("dino"):
+                self.swav = SwAVTargets(
+                    int(cfg.dino.swav_queue_length),
+                    cfg.dino.head_bottleneck_dim,
+                    round(cfg.dino.swav_queue_start_epochs * cfg.train.epoch_length),
+                    sk_iterations=cfg.dino.sk_iterations,
+                )
         ibot_cfg = cfg.ibot if self.separate_ibot_head else cfg.dino
         with _config_section("ibot"):
             self.ibot_loss = iBOTPatchLoss(
@@ -251,6 +263,9 @@ class SSLMetaArch(nn.Module):
         dino_head = self.student["dino_head"]
         cls_bottleneck = dino_head.bottleneck(cls_tokens)
         cls_logits = dino_head.prototype_logits(cls_bottleneck)
+        if self.swav is not None:  # SwAV: the student's own codes (teacher_temp = epsilon) replace the teacher's
+            codes = self.swav.codes(cls_bottleneck, cls_logits, dino_head.prototype_logits, teacher_temp)
+            targets = replace(targets, cls_probs=codes)
 
         losses: dict[str, Tensor] = {}
         losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs, self._student_local_logits(batch))
