@@ -182,6 +182,9 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
             t_fold = time.perf_counter()
             info = train_fold(model, loss, images[train], boxes[train], targets[train], normalize, config,
                               fold=fold, ckpt_dir=fold_dir, on_epoch_end=on_epoch_end, device=device)
+            if info["n_coarse_left_out"]:
+                log.info("fold %d: %d training image(s) with coarse labels left out (--loss ce gives them no gradient)",
+                         fold, info["n_coarse_left_out"])
             leaf = predict(model, images[test_rows], boxes[test_rows], normalize, allowed, args.batch_size, device)
             pred = np.asarray([tree.leaves[i] for i in leaf.tolist()], dtype=object)
             info.update({"fold": int(fold), "n_train": int(len(train)), "n_test": int(len(test_rows)),

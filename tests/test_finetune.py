@@ -241,3 +241,48 @@ def test_unreadable_images_are_skipped_and_counted(cells, tmp_path):
     predicted = _rows(tmp_path / "out" / "predictions.csv")
     names = [r[1].replace("\\", "/").split("/")[-1] for r in predicted[1:]]
     assert len(names) == 43 and broken.name not in names and rows[6][0].split("/")[-1] in names
+
+
+@pytest.mark.slow
+def test_fine_tuning_with_a_head_warm_up_beats_the_frozen_linear_head(cells, tmp_path):
+    """Issue 22: fine-tuning must beat the frozen linear head of the same backbone.
+
+    220 synthetic cells (11 classes), 2 folds, seed 0, the fixture's random tiny ViT. Linear
+    head 10 epochs at lr 1e-2: pooled accuracy 0.368; LP-FT (the same 10 head-only epochs, then
+    10 epochs of full fine-tuning at lr 1e-3): 0.459 (measured on this machine's CPU). The
+    margin asserted, 0.04 (9 of the 220 test images), is under half of that gap, so that
+    another torch build's rounding cannot flip it, and above the 0.005 by which the two
+    arms differed on the three seeds measured without the head warm-up (docs/finetune.md)."""
+    import json
+
+    from eval.finetune import main
+
+    manifest, ckpt = cells(220)
+    assert main(_args(manifest, ckpt, tmp_path / "lin", "--mode", "linear", "--epochs", "10", "--lr", "1e-2")) == 0
+    assert main(_args(manifest, ckpt, tmp_path / "lpft", "--mode", "full", "--head-epochs", "10", "--head-lr", "1e-2",
+                      "--epochs", "10", "--lr", "1e-3", "--warmup-epochs", "1")) == 0
+
+    def accuracy(name):
+        return json.loads((tmp_path / name / "metrics.json").read_text())["probes"]["finetune"]["accuracy"]["mean"]
+
+    assert accuracy("lpft") - accuracy("lin") >= 0.04, (accuracy("lin"), accuracy("lpft"))
+
+
+def test_ce_leaves_coarse_labels_out_of_training_and_counts_them():
+    """CE gives an internal-node label no gradient: such rows leave the fold (mixup needs leaves)."""
+    from dinov2_hier.finetune import FinetuneConfig
+    from dinov2_hier.finetune.loop import train_fold
+
+    torch.manual_seed(0)
+    hierarchy = Hierarchy.from_json(HIERARCHY)
+    coarse = next(n for n in hierarchy.nodes if not hierarchy.is_leaf(n) and n != hierarchy.root)
+    targets = torch.tensor([hierarchy.index(leaf) for leaf in hierarchy.leaves[:2]] * 4 + [hierarchy.index(coarse)] * 3)
+    images = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 32, 32]] * 11)
+    config = FinetuneConfig(mode="linear", epochs=1, batch_size=4, mixup=0.4, sampling="class")
+    for name, left_out in (("ce", 3), ("hierce", 0)):
+        loss = FinetuneLoss(name, hierarchy, 192)
+        model = FinetuneModel(_tiny_backbone(), loss.head, "linear")
+        run = config if name == "ce" else FinetuneConfig(mode="linear", epochs=1, batch_size=4)
+        info = train_fold(model, loss, images, boxes, targets, lambda x, b: x.float() / 255, run)
+        assert info["n_coarse_left_out"] == left_out and torch.isfinite(torch.tensor(info["last_loss"]))

@@ -165,13 +165,22 @@ def train_fold(model: FinetuneModel, loss: FinetuneLoss, images: torch.Tensor, b
         normalize: ``(uint8 [B, 3, S, S], boxes [B, 4]) -> float [B, 3, S, S]`` on ``device``.
         ckpt_dir: where ``epoch_EEEE.pt`` go (the last one kept); an existing one resumes.
 
+    Coarse (internal-node) labels train only with ``hierce``; with ``ce``, which gives them
+    no gradient, their rows are left out of the fold's training (counted in the result).
+
     Returns:
-        ``{"epochs_run", "resumed_from", "last_loss"}``.
+        ``{"epochs_run", "resumed_from", "last_loss", "n_coarse_left_out"}``.
     """
     config.check()
     num_leaves = loss.hierarchy.num_leaves
-    if config.mixup > 0 and bool((targets >= num_leaves).any()):
-        raise FinetuneError("--mixup needs leaf labels only; this training data has coarse (internal-node) labels")
+    coarse = targets >= num_leaves  # internal-node labels (leaves are the first node indices)
+    n_coarse = int(coarse.sum())
+    if n_coarse and loss.name == "ce":
+        # CE gives coarse labels no gradient: leave them out, so that class sampling, class
+        # weights and mixup's soft targets see the leaf classes only.
+        images, boxes, targets = images[~coarse], boxes[~coarse], targets[~coarse]
+        if targets.numel() == 0:
+            raise FinetuneError("--loss ce: no training image of this fold has a leaf label")
     model.to(device)
     loss.to(device)
     head_epochs = config.head_phase_epochs
@@ -253,7 +262,8 @@ def train_fold(model: FinetuneModel, loss: FinetuneLoss, images: torch.Tensor, b
         if on_epoch_end is not None:
             on_epoch_end(fold, epoch)
     model.head_only(False)
-    return {"epochs_run": n_epochs - start, "resumed_from": resumed, "last_loss": last}
+    return {"epochs_run": n_epochs - start, "resumed_from": resumed, "last_loss": last,
+            "n_coarse_left_out": n_coarse if loss.name == "ce" else 0}
 
 
 @torch.no_grad()
