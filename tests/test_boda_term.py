@@ -71,6 +71,21 @@ def test_coarse_and_unlabelled_rows_are_left_out_and_training_updates_after_the_
     assert term.centroids.counts.sum().item() == 17.0 and int(term.centroids.step) == 1
 
 
+def test_level_makes_the_tree_cut_at_that_depth_the_classes():
+    terms, _ = build_supervised_terms([{"name": "boda", "level": 2}], _hierarchy(), 3, domains=["a", "b"])
+    term = terms["boda"]
+    # synthetic.json at depth 2: immature_granulocyte (0), mature_granulocyte (1), immature_lymphoid (2),
+    # mature_lymphoid (3), and the depth-2 leaves monocyte (4), erythroblast (5); depth-1 nodes: none
+    assert term.num_classes == 6 and tuple(term.centroids.counts.shape) == (2, 6)
+    assert term.class_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 3, 4, 5, -1, 0, 1, -1, 2, 3, -1, -1, -1]
+    # band_neutrophil (leaf) in a, mature_granulocyte (its depth-2 parent) in b, myeloid (depth 1:
+    # left out), unlabelled, monocyte in b
+    targets, domains = torch.tensor([3, 13, 11, -1, 9]), torch.tensor([0, 1, 0, 1, 1])
+    term(torch.randn(10, 3), targets, domains=domains)
+    counts = term.centroids.counts
+    assert counts[0, 1] == 2 and counts[1, 1] == 2 and counts[1, 4] == 2 and counts.sum() == 6
+
+
 def test_a_single_domain_gives_exactly_zero_with_the_graph_connected():
     terms, _ = build_supervised_terms([{"name": "boda", "projection_dim": 4, "head": "linear"}], _hierarchy(), 6,
                                       domains=["a", "b"])
@@ -108,6 +123,7 @@ def test_domain_vocabulary_sorted_explicit_and_unknown_names():
     ("{name: boda, every: 0}", "every"),
     ("{name: boda, temperature: 0}", "temperature"),
     ("{name: boda, domains: [a]}", "'domains'"),
+    ("{name: boda, level: 0}", "level"),
 ])
 def test_bad_boda_values_exit_2_naming_the_key(tmp_path, capsys, tiny_overrides, entry, needle):
     args = ["--output-dir", str(tmp_path / "run"), *tiny_overrides,

@@ -9,10 +9,16 @@ vocabulary fixed at start-up, see :mod:`dinov2_hier.train.supervision`). It decl
 
 Per step, with ``z`` the (optionally projected) CLS tokens in float32:
 
-* **class of a row**: the leaf index of its target (leaves come first in the node order, so
-  a leaf's node index *is* its leaf index). Rows labelled at a coarse (internal) node and
-  unlabelled rows take no part in BoDA nor in the centroids; BoDA needs a class that is the
-  same in every domain, and a coarse label says less than that.
+* **class of a row**: by default (``level: null``) the leaf index of its target (leaves come
+  first in the node order, so a leaf's node index *is* its leaf index). Rows labelled at a
+  coarse (internal) node and unlabelled rows take no part in BoDA nor in the centroids: BoDA
+  needs a class that is the same in every domain, and a coarse label says less than that.
+  With ``level: L`` the classes are the tree cut at depth ``L``: a row's class is its label's
+  ancestor-or-self at depth ``L``, or the label itself when it is a leaf shallower than ``L``;
+  labels at an internal node shallower than ``L`` are left out. Use it when a source labels
+  coarser than the others (bccd's ``neutrophil``, ``eosinophil``, ``lymphocyte`` are depth-3
+  internal nodes of ``hierarchies/wbc.json``: with the default only its monocytes and
+  basophils take part; with ``level: 3`` all five classes do).
 * ``loss = boda_loss(z_leaf, leaf, domain, centroids, counts / mean(present counts),
   form, temperature, nu) + macro * macro_alignment_loss(z_all, domain)``. The counts are
   divided by the mean of the present pairs' counts: :class:`DomainCentroids` sums counts over
@@ -69,6 +75,23 @@ def _count(name: str, value: object, low: int) -> int:
     return value
 
 
+def _class_table(hierarchy: Hierarchy, level: int | None) -> torch.Tensor:
+    """``long [num_nodes]``: the BoDA class of each node index, ``-1`` for none (see the module doc)."""
+    nodes = hierarchy.nodes
+    if level is None:
+        return torch.tensor([i if i < hierarchy.num_leaves else -1 for i in range(len(nodes))], dtype=torch.long)
+    cut: dict[str, int] = {}
+    table = []
+    for node in nodes:
+        depth = hierarchy.depth(node)
+        if depth >= level:
+            top = hierarchy.ancestor_at_depth(node, level)
+        else:
+            top = node if hierarchy.is_leaf(node) else None
+        table.append(-1 if top is None else cut.setdefault(top, len(cut)))
+    return torch.tensor(table, dtype=torch.long)
+
+
 class BodaTerm(SupervisedTerm):
     """``boda``: BoDA (balanced domain-class alignment) + ``macro`` x the CORAL-like term.
 
@@ -76,6 +99,7 @@ class BodaTerm(SupervisedTerm):
     default 0.5), ``form`` (``released``, the default, or ``paper``), ``macro`` (weight of
     :func:`~dinov2_hier.losses.domain.macro_alignment_loss`, >= 0, default 1.0),
     ``momentum``/``every``/``warmup`` (of :class:`DomainCentroids`; defaults 0.9, 1, 0),
+    ``level`` (null = leaf classes, the default; an int >= 1 = the tree cut at that depth),
     ``projection_dim`` (0 = BoDA on the CLS tokens themselves, the default), ``head`` and
     ``hidden_dim`` (of that projection). ``domains`` is not a config key of the entry: it is
     ``supervision.domains``, passed by :func:`~dinov2_hier.losses.supervised.build_supervised_terms`.
@@ -96,11 +120,19 @@ class BodaTerm(SupervisedTerm):
         momentum: float = 0.9,
         every: int = 1,
         warmup: int = 0,
+        level: int | None = None,
         projection_dim: int = 0,
         head: HeadKind = "linear",
         hidden_dim: int = 2048,
     ) -> None:
         super().__init__(hierarchy, embed_dim)
+        self.level = None if level is None else _count("level", level, 1)
+        class_of = _class_table(hierarchy, self.level)
+        self.num_classes = int(class_of.max()) + 1
+        if self.num_classes < 1:
+            raise LossInputError(f"level {level!r}: no node of the hierarchy is a class at that depth")
+        # Non-persistent: a function of the hierarchy and level (in the saved config).
+        self.register_buffer("class_of", class_of, persistent=False)
         if isinstance(domains, str) or not all(isinstance(d, str) for d in domains) or len(domains) < 1:
             raise LossInputError(f"domains must be a non-empty list of dataset names, got {domains!r}")
         if len(set(domains)) != len(domains):
@@ -117,7 +149,7 @@ class BodaTerm(SupervisedTerm):
         self.projection = build_projection(embed_dim, projection_dim, head, hidden_dim)
         dim = projection_dim or embed_dim
         self.centroids = DomainCentroids(
-            len(self.domains), hierarchy.num_leaves, dim, momentum=float(momentum),
+            len(self.domains), self.num_classes, dim, momentum=float(momentum),
             every=_count("every", every, 1), warmup=_count("warmup", warmup, 0),
         )
 
@@ -149,8 +181,9 @@ class BodaTerm(SupervisedTerm):
         targets = check_targets("targets", targets, tokens.shape[0], self.hierarchy.num_nodes)
         with _autocast_disabled(tokens.device):
             z = self.projection(tokens).float()
-            leaf = (targets >= 0) & (targets < self.hierarchy.num_leaves)  # leaves come first
-            z_leaf, labels, doms = z[leaf], targets[leaf], domains[leaf]
+            classes = torch.where(targets >= 0, self.class_of[targets.clamp(min=0)], -1)
+            leaf = classes >= 0  # rows with a class (leaves by default)
+            z_leaf, labels, doms = z[leaf], classes[leaf], domains[leaf]
             counts = self.centroids.counts
             present = counts > 0
             scale = counts.sum() / present.sum().clamp(min=1)  # mean of the present pairs' counts
@@ -170,5 +203,5 @@ class BodaTerm(SupervisedTerm):
         raise LossInputError("the boda term needs the batch's domains: call term(cls_tokens, targets, domains=...)")
 
     def extra_repr(self) -> str:
-        return (f"domains={self.domains}, form={self.form}, temperature={self.temperature}, nu={self.nu}, "
-                f"macro={self.macro}")
+        return (f"domains={self.domains}, classes={self.num_classes} (level={self.level}), form={self.form}, "
+                f"temperature={self.temperature}, nu={self.nu}, macro={self.macro}")

@@ -126,12 +126,12 @@ def resolve_domains(cfg: DictConfig, pairs: list[tuple[str | None, str | None]])
     image has keeps an empty slot (its centroids stay absent)."""
     if not uses_domains(cfg):
         return None
-    names = sorted({str(d) if d is not None else "None" for _, d in pairs})
     if any(d is None for _, d in pairs):
         raise ConfigError(
             "supervision.losses has a term that needs domains (boda) but some training images have no dataset "
-            "name: give each source a dataset column"
+            "name: give each manifest a dataset column (python -m eval.combine_manifests --input NAME=CSV writes one)"
         )
+    names = sorted({str(d) for _, d in pairs})
     given = cfg.supervision.get("domains")
     if given is None:
         domains = names
