@@ -7,6 +7,8 @@ image (``-1`` = unlabelled); the targets apply to both crops (or ``targets [2B]`
 per crop row, when some crops are left out). Classification terms
 therefore average over ``2B`` rows; contrastive terms treat the ``2B`` crops as ``2B``
 samples, so the two views of a labelled image are positives of each other (as in SupCon).
+Terms that declare ``uses_domains`` (``boda``, :mod:`dinov2_hier.losses.boda_term`) are
+called as ``term(cls_tokens, targets, domains=long [B])``.
 
 :func:`build_supervised_terms` turns config entries such as
 ``{"name": "hierce", "weight": 1.0, "alpha": 0.5, "head": "linear"}`` into an

@@ -104,7 +104,8 @@ def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | Non
     targets = [index_of[p] for p in pairs]
     _log_label_summary(hierarchy, targets)
     _check_labelled_share(cfg, targets)
-    domains = resolve_domains(cfg, pairs)
+    # The held-out images' names too: their validation batches carry domains as well.
+    domains = resolve_domains(cfg, pairs + sorted(extra, key=str))
     return Supervision(hierarchy=hierarchy, targets=targets, index_of=index_of, domains=domains)
 
 
@@ -120,7 +121,8 @@ def uses_domains(cfg: DictConfig) -> bool:
 def resolve_domains(cfg: DictConfig, pairs: list[tuple[str | None, str | None]]) -> list[str] | None:
     """The domain vocabulary, decided once at start-up and written into ``cfg``
     (``supervision.domains``, so the saved config.yaml records it): the explicit list when
-    given, else the sorted distinct dataset names of the training images. None when no term
+    given, else the sorted distinct dataset names of the training (and held-out validation)
+    images. None when no term
     uses domains (the config is left as it is). An explicit list must hold every training
     dataset name (exit 2 naming the first missing one); a name it lists that no training
     image has keeps an empty slot (its centroids stay absent)."""
