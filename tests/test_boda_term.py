@@ -153,14 +153,16 @@ def test_two_source_run_feeds_domains_to_the_term_and_resumes_its_centroids(tmp_
         f"data.train=[{a},{b}]", "supervision.hierarchy=hierarchies/synthetic.json",
         "supervision.losses=[{name: hierce, head: linear}, {name: boda, weight: 0.1}]",
         "train.iterations=4", "train.checkpoint_every=2",
+        "data.val_fraction=0.25", "train.val_every=2",  # 11 of the 32 held out (per label), validated at 2 and 4
     ]
     from dinov2_hier.losses.boda_term import BodaTerm
 
-    seen: list[list[int]] = []
+    seen: list[list[int]] = []  # the training steps' domains
+    validated: list[list[int]] = []  # the validation passes' (under no_grad)
     forward = BodaTerm.forward
 
     def recording(self, cls_tokens, targets, domains=None):
-        seen.append(domains.tolist())
+        (seen if torch.is_grad_enabled() else validated).append(domains.tolist())
         return forward(self, cls_tokens, targets, domains=domains)
 
     monkeypatch.setattr(BodaTerm, "forward", recording)
@@ -185,4 +187,6 @@ def test_two_source_run_feeds_domains_to_the_term_and_resumes_its_centroids(tmp_
     second.run()
     end = load_checkpoint(list_checkpoints(run)[-1][1])["model"]
     assert int(end[KEYS[2]]) == 4 and len(seen) == 4
+    # the validation passes saw domains too, and left no trace in the centroids (restored buffers)
+    assert sum(len(d) for d in validated) == 2 * 11 and set(sum(validated, [])) <= {0, 1}
     assert end[KEYS[1]].sum().item() == 4 * 8 * 2

@@ -114,8 +114,8 @@ def uses_domains(cfg: DictConfig) -> bool:
     from ..losses.supervised import SUPERVISED_TERMS
 
     entries = OmegaConf.to_container(cfg.supervision.losses, resolve=True) or []
-    return any(isinstance(e, dict) and getattr(SUPERVISED_TERMS.get(e.get("name")), "uses_domains", False)
-               for e in entries)
+    names = [e.get("name") for e in entries if isinstance(e, dict)]
+    return any(isinstance(n, str) and getattr(SUPERVISED_TERMS.get(n), "uses_domains", False) for n in names)
 
 
 def resolve_domains(cfg: DictConfig, pairs: list[tuple[str | None, str | None]]) -> list[str] | None:
