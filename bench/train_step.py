@@ -100,6 +100,10 @@ def synthetic_batch(cfg, device: torch.device, n_leaves: int = 0, rank: int = 0)
     batch["targets"] = torch.randint(0, n_leaves, (b,), generator=gen).to(device) if n_leaves else torch.full(
         (b,), -1, dtype=torch.long, device=device
     )
+    # Terms that use domains (boda) see a random domain of supervision.domains per image.
+    domains = cfg.supervision.get("domains")
+    if domains:
+        batch["domains"] = torch.randint(0, len(domains), (b,), generator=gen).to(device)
     return batch
 
 

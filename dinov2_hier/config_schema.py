@@ -86,6 +86,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "supervision.labelled_fraction": ("number", "null"),
     # Entries are mappings checked by dinov2_hier.losses.supervised (names and keys per loss).
     "supervision.losses": ("list",),
+    "supervision.domains": ("list[str]", "null"),     # set at start-up when a term uses domains (boda)
     "data.train": ("list[str]", "str"),               # one source may be given without brackets
     "data.val": ("list[str]", "str", "null"),         # like data.train; null = no validation sources
     "optim.fused": ("bool", "str"),                   # true | false | auto

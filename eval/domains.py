@@ -23,7 +23,8 @@ Per held-out group, :meth:`DomainPlan.report` gives metrics.json's ``domains`` e
 out-of-domain metrics of each probe, the classes absent from the training groups (name and
 count; they stay in the metrics as errors the probe could not avoid), the in-domain score
 (stratified k-fold over the training groups' rows only) and the gap in - out for the headline
-metrics (balanced accuracy, macro F1, micro F1 = accuracy). See docs/domain-generalisation.md.
+metrics (balanced accuracy, macro F1, micro F1 = accuracy), and each probe's ``per_class`` precision,
+recall, F1 and support on the held-out rows. See docs/domain-generalisation.md.
 """
 from __future__ import annotations
 
@@ -183,6 +184,18 @@ def _scalars(fold_metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _held_out_per_class(fold_metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and support per class on the held-out group's rows (the fold's
+    own ``per_class``), for the classes that group holds (support > 0) or that the probe
+    predicted there (support 0, precision 0: a class absent from the group but predicted)."""
+    per_class = fold_metrics.get("per_class") or {}
+    labels = fold_metrics.get("labels") or list(per_class)
+    matrix = fold_metrics.get("confusion_matrix")
+    predicted = np.asarray(matrix).sum(axis=0).tolist() if matrix else [0] * len(labels)
+    return {c: dict(per_class[c]) for c, n_pred in zip(labels, predicted)
+            if c in per_class and (per_class[c].get("support", 0) > 0 or n_pred > 0)}
+
+
 @dataclass
 class DomainPlan:
     """The domain protocol of one evaluation: ``groups[i]`` is the group of data row ``i``."""
@@ -256,7 +269,8 @@ class DomainPlan:
                 ind = {m: v["mean"] for m, v in inside[probe.name].items()}
                 gap = {m: (ind[m] - out[m] if ind.get(m) is not None and out.get(m) is not None else None)
                        for m in HEADLINE_METRICS}
-                entry["probes"][probe.name] = {"out_of_domain": out, "in_domain": ind, "gap": gap}
+                entry["probes"][probe.name] = {"out_of_domain": out, "in_domain": ind, "gap": gap,
+                                               "per_class": _held_out_per_class(per_fold[probe.name][i])}
             held[name] = entry
         return {"group_column": self.column, "split": self.kind, "headline_metrics": list(HEADLINE_METRICS),
                 "group_sizes": sizes, "class_filter": self.class_filter, "held_out": held, "in_domain_s": time.perf_counter() - t0}

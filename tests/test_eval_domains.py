@@ -61,6 +61,18 @@ class ConstantProbe:
         return np.full(len(X), self.label)
 
 
+class ThresholdProbe:
+    """Predicts "a" for x < 5, "b" for x < 15, else "c" (no fitting)."""
+
+    name = "threshold"
+
+    def fit(self, X, y):
+        pass
+
+    def predict(self, X):
+        return np.array(["a" if x < 5 else "b" if x < 15 else "c" for x in X[:, 0]])
+
+
 def _three_groups():
     groups = np.array(["a", "b", "c"] * 6)
     labels = np.array(["x", "y"] * 9)
@@ -127,6 +139,31 @@ def test_gap_is_in_domain_minus_out_of_domain_by_hand():
     assert r["in_domain"]["micro_f1"] == pytest.approx(0.5)
     assert r["in_domain"]["macro_f1"] == pytest.approx(1 / 3)
     assert r["gap"] == pytest.approx({"balanced_accuracy": 0.0, "macro_f1": 1 / 3 - 3 / 7, "micro_f1": -0.25})
+    # per class on the held-out rows: a: 3 right of 4 predicted, all 3 found -> P 3/4, R 1, F1 6/7;
+    # b: never predicted -> P 0 (zero_division), R 0, F1 0, support 1
+    assert r["per_class"] == {
+        "a": {"precision": pytest.approx(0.75), "recall": 1.0, "f1": pytest.approx(6 / 7), "support": 3},
+        "b": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+    }
+
+
+def test_held_out_per_class_lists_the_groups_classes_and_those_predicted_there():
+    # held-out h holds only "a" (2 rows); the probe predicts "c" for one of them (x = 19)
+    y = np.array(["a", "b", "c", "a", "b", "c", "a", "a"])
+    groups = np.array(["t"] * 6 + ["h"] * 2)
+    X = np.array([0.0, 10.0, 20.0, 0.0, 10.0, 20.0, 1.0, 19.0])[:, None]
+    plan = _plan(groups, "holdout", "h")
+    folds, *_ = plan.split(np.arange(8))
+    probe = ThresholdProbe()
+    result = run_probes(X, y, ["a", "b", "c"], [probe], folds)
+    doc = plan.report(X, y, groups, folds, ["a", "b", "c"], [probe], result.per_fold)
+    pc = doc["held_out"]["h"]["probes"]["threshold"]["per_class"]
+    # a: 1 predicted, right; 2 true -> P 1, R 1/2, F1 2/3. c: predicted once, absent -> P 0, support 0.
+    # b: neither in h nor predicted there -> not listed.
+    assert pc == {
+        "a": {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2},
+        "c": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0},
+    }
 
 
 def test_class_absent_from_training_is_reported_and_counted_as_errors():

@@ -519,6 +519,7 @@ def test_registry_builds_all_six(tree: Hierarchy) -> None:
     assert set(SUPERVISED_TERMS) == {
         "hierce", "ce", "supcon", "hiersupcon", "multilevel_ce", "distance",
         "guide2d", "guide_distance", "triplet",  # issue 22: tests/test_losses_guide.py
+        "boda",  # issue 21: tests/test_boda_term.py
     }  # fmt: skip
     assert list(terms) == ["hierce", "ce", "supcon", "hiersupcon", "multilevel_ce", "distance", "hierce_alpha0"]
     assert weights == {

@@ -7,6 +7,8 @@ image (``-1`` = unlabelled); the targets apply to both crops (or ``targets [2B]`
 per crop row, when some crops are left out). Classification terms
 therefore average over ``2B`` rows; contrastive terms treat the ``2B`` crops as ``2B``
 samples, so the two views of a labelled image are positives of each other (as in SupCon).
+Terms that declare ``uses_domains`` (``boda``, :mod:`dinov2_hier.losses.boda_term`) are
+called as ``term(cls_tokens, targets, domains=long [B])``.
 
 :func:`build_supervised_terms` turns config entries such as
 ``{"name": "hierce", "weight": 1.0, "alpha": 0.5, "head": "linear"}`` into an
@@ -27,6 +29,7 @@ from torch import nn
 
 from dinov2_hier.errors import UserError, suggest
 from dinov2_hier.hierarchy import Hierarchy
+from dinov2_hier.losses.boda_term import BodaTerm
 from dinov2_hier.losses.centering import LossInputError
 from dinov2_hier.losses.contrastive import HierSupConLoss, SupConLoss
 from dinov2_hier.losses.hierarchical import (
@@ -53,6 +56,7 @@ __all__ = [
     "HierSupConTerm",
     "MultiLevelCETerm",
     "SupConTerm",
+    "BodaTerm",
     "SupervisedConfigError",
     "SupervisedTerm",
     "build_head",
@@ -228,7 +232,7 @@ SUPERVISED_TERMS: Mapping[str, type[SupervisedTerm]] = MappingProxyType(
         cls.name: cls
         for cls in (
             HierCETerm, FlatCETerm, SupConTerm, HierSupConTerm, MultiLevelCETerm, DistanceTerm,
-            Guide2DTerm, GuideDistanceTerm, TripletTerm,
+            Guide2DTerm, GuideDistanceTerm, TripletTerm, BodaTerm,
         )
     }
 )
@@ -240,11 +244,13 @@ SUPERVISED_TERMS: Mapping[str, type[SupervisedTerm]] = MappingProxyType(
 def term_options(cls: type[SupervisedTerm]) -> tuple[str, ...]:
     """The constructor arguments an entry may set for ``cls`` (after ``hierarchy, embed_dim``)."""
     params = list(inspect.signature(cls.__init__).parameters)
-    return tuple(p for p in params if p not in ("self", "hierarchy", "embed_dim"))
+    given = ("self", "hierarchy", "embed_dim") + (("domains",) if cls.uses_domains else ())
+    return tuple(p for p in params if p not in given)
 
 
 def build_supervised_terms(
-    entries: Sequence[Mapping[str, Any]] | None, hierarchy: Hierarchy, embed_dim: int
+    entries: Sequence[Mapping[str, Any]] | None, hierarchy: Hierarchy, embed_dim: int,
+    domains: Sequence[str] | None = None,
 ) -> tuple[nn.ModuleDict, dict[str, float]]:
     """Build the supervised terms of a run.
 
@@ -256,6 +262,9 @@ def build_supervised_terms(
             ``[]``: no supervision.
         hierarchy: the class tree the targets index into.
         embed_dim: width ``D`` of the CLS tokens.
+        domains: the domain vocabulary (``supervision.domains``: dataset names, index =
+            domain id) given to the terms that declare ``uses_domains`` (``boda``); such a
+            term without it is a :class:`SupervisedConfigError`.
 
     Returns:
         ``(terms, weights)``: ``nn.ModuleDict`` key -> term, in entry order, and key -> weight.
@@ -270,14 +279,14 @@ def build_supervised_terms(
     if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
         raise SupervisedConfigError(f"supervised entries must be a list of mappings, got {type(entries).__name__}")
     for position, entry in enumerate(entries):
-        key, weight, term = _build_entry(position, entry, hierarchy, embed_dim, taken=terms.keys())
+        key, weight, term = _build_entry(position, entry, hierarchy, embed_dim, taken=terms.keys(), domains=domains)
         terms[key] = term
         weights[key] = weight
     return terms, weights
 
 
 def _build_entry(
-    position: int, entry: Any, hierarchy: Hierarchy, embed_dim: int, taken: Any
+    position: int, entry: Any, hierarchy: Hierarchy, embed_dim: int, taken: Any, domains: Sequence[str] | None = None
 ) -> tuple[str, float, SupervisedTerm]:
     where = f"supervised entry #{position}"
     if not isinstance(entry, Mapping):
@@ -301,6 +310,13 @@ def _build_entry(
     key = _entry_key(where, entry.get("key", name), taken)
     weight = _entry_weight(where, entry.get("weight", 1.0))
     kwargs = {k: _plain(v) for k, v in entry.items() if k in options}
+    if cls.uses_domains:
+        if not domains:
+            raise SupervisedConfigError(
+                f"{where}: needs the domain vocabulary supervision.domains (a list of dataset names; the "
+                "trainer sets it from the training sources when it is null)"
+            )
+        kwargs["domains"] = [str(d) for d in domains]
     try:
         term = cls(hierarchy, embed_dim, **kwargs)
     except (ValueError, TypeError) as exc:

@@ -66,6 +66,10 @@ class SupervisedTerm(nn.Module):
     #: Whether the loss compares the rows with each other (contrastive, pairwise, triplet):
     #: such terms see the CLS tokens of every rank (``supervision.contrast_across_ranks``).
     pairwise: ClassVar[bool] = False
+    #: Whether the term needs the batch's domains (``boda``): ``train/meta_arch.py`` calls such
+    #: terms as ``term(cls_tokens, targets, domains=long [B])`` and every other term as before;
+    #: :func:`~dinov2_hier.losses.supervised.build_supervised_terms` gives them the vocabulary.
+    uses_domains: ClassVar[bool] = False
 
     def __init__(self, hierarchy: Hierarchy, embed_dim: int) -> None:
         super().__init__()

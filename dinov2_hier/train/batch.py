@@ -6,7 +6,7 @@ import torch
 from ..data import GlobalCropsAugmentation
 
 #: Batch entries the step reads as device tensors.
-DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "targets")
+DEVICE_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "targets", "domains")
 #: Crops and the key of their photometric parameter rows (``crops.photometric=device``).
 PHOTOMETRIC_KEYS = (("global_crops", "photometric"), ("local_crops", "local_photometric"))
 

@@ -443,6 +443,8 @@ class Trainer:
         the photometric augmentations applied there."""
         if self.supervision is not None:
             batch = {**batch, "targets": self.supervision.batch_targets(batch["labels"], batch["datasets"])}
+            if self.supervision.domains is not None:  # a term uses domains (boda)
+                batch["domains"] = self.supervision.batch_domains(batch["datasets"])
         return batch_to_device(batch, self.device, self.data.augmentation)
 
     def run(self, stop_at: int | None = None, should_stop: Callable[[], bool] | None = None) -> RunState:

@@ -232,7 +232,9 @@ class SSLMetaArch(nn.Module):
                 absent when 0: then nothing is computed for them) and,
                 for supervised terms, ``targets long [B]`` (``-1`` = unlabelled; with
                 ``supervision.crops=unmasked`` the terms see only the crops without an
-                iBOT mask: masked crops' rows count as unlabelled) and
+                iBOT mask: masked crops' rows count as unlabelled), for terms that
+                declare ``uses_domains`` (``boda``) ``domains long [B]`` (index into
+                ``supervision.domains``; passed to those terms only) and
                 optionally ``supervision_weight`` (a Python float, default 1.0, from
                 ``supervision.start_iteration``: 0.0 before it) multiplying every
                 supervised term's weight in ``total``. At 0 the terms are still computed
@@ -301,7 +303,9 @@ class SSLMetaArch(nn.Module):
             # One target per crop row; crops carrying an iBOT mask count as unlabelled.
             supervised_targets = torch.where(masks.any(dim=1), -1, supervised_targets.repeat(2))
         for name, term in self.supervised.items():
-            if term.pairwise and self.contrast_across_ranks and distributed.get_world_size() > 1:
+            if term.uses_domains:  # boda: per rank, centroids all-reduced inside the term
+                losses[name] = term(cls_tokens, supervised_targets, domains=batch["domains"])
+            elif term.pairwise and self.contrast_across_ranks and distributed.get_world_size() > 1:
                 if gathered is None:
                     gathered = gather_crop_major(cls_tokens, supervised_targets)
                 losses[name] = term(*gathered)

@@ -49,10 +49,27 @@ class Supervision:
     hierarchy: Hierarchy
     targets: list[int]
     index_of: dict[tuple[str | None, str | None], int]
+    #: ``supervision.domains`` when a term uses domains (``boda``), else None.
+    domains: list[str] | None = None
 
     def batch_targets(self, labels: list[str | None], datasets: list[str | None]) -> torch.Tensor:
         """``long [B]`` node indices of a collated batch."""
         return torch.tensor([self.index_of[(l, d)] for l, d in zip(labels, datasets)], dtype=torch.long)
+
+    def batch_domains(self, datasets: list[str | None]) -> torch.Tensor:
+        """``long [B]``: the index of each image's dataset name in :attr:`domains`.
+
+        Raises:
+            ConfigError: naming a dataset that is not in the vocabulary.
+        """
+        index = {name: i for i, name in enumerate(self.domains or ())}
+        for name in datasets:
+            if name not in index:
+                raise ConfigError(
+                    f"dataset {name!r} of a training batch is not in supervision.domains {self.domains}: "
+                    "list it there (or leave supervision.domains null to take the training sources' names)"
+                )
+        return torch.tensor([index[name] for name in datasets], dtype=torch.long)
 
     def groups(self) -> list[int]:
         """Depth-1 ancestor (lineage) index of each labelled item, -1 for unlabelled."""
@@ -87,7 +104,51 @@ def build_supervision(cfg: DictConfig, dataset: Dataset, held_out: Dataset | Non
     targets = [index_of[p] for p in pairs]
     _log_label_summary(hierarchy, targets)
     _check_labelled_share(cfg, targets)
-    return Supervision(hierarchy=hierarchy, targets=targets, index_of=index_of)
+    # The held-out images' names too: their validation batches carry domains as well.
+    domains = resolve_domains(cfg, pairs + sorted(extra, key=str))
+    return Supervision(hierarchy=hierarchy, targets=targets, index_of=index_of, domains=domains)
+
+
+def uses_domains(cfg: DictConfig) -> bool:
+    """Whether a term of ``supervision.losses`` needs the batch's domains (``boda``)."""
+    from ..losses.supervised import SUPERVISED_TERMS
+
+    entries = OmegaConf.to_container(cfg.supervision.losses, resolve=True) or []
+    names = [e.get("name") for e in entries if isinstance(e, dict)]
+    return any(isinstance(n, str) and getattr(SUPERVISED_TERMS.get(n), "uses_domains", False) for n in names)
+
+
+def resolve_domains(cfg: DictConfig, pairs: list[tuple[str | None, str | None]]) -> list[str] | None:
+    """The domain vocabulary, decided once at start-up and written into ``cfg``
+    (``supervision.domains``, so the saved config.yaml records it): the explicit list when
+    given, else the sorted distinct dataset names of the training (and held-out validation)
+    images. None when no term
+    uses domains (the config is left as it is). An explicit list must hold every training
+    dataset name (exit 2 naming the first missing one); a name it lists that no training
+    image has keeps an empty slot (its centroids stay absent)."""
+    if not uses_domains(cfg):
+        return None
+    if any(d is None for _, d in pairs):
+        raise ConfigError(
+            "supervision.losses has a term that needs domains (boda) but some training images have no dataset "
+            "name: give each manifest a dataset column (python -m eval.combine_manifests --input NAME=CSV writes one)"
+        )
+    names = sorted({str(d) for _, d in pairs})
+    given = cfg.supervision.get("domains")
+    if given is None:
+        domains = names
+    else:
+        if isinstance(given, str) or not OmegaConf.is_list(given) and not isinstance(given, list):
+            raise ConfigError(f"supervision.domains must be a list of dataset names, got {given!r}")
+        domains = [str(d) for d in given]
+        if len(set(domains)) != len(domains) or not domains:
+            raise ConfigError(f"supervision.domains must list distinct dataset names, got {domains}")
+        missing = [n for n in names if n not in domains]
+        if missing:
+            raise ConfigError(f"supervision.domains {domains} lacks the training dataset {missing[0]!r}")
+    cfg.supervision.domains = list(domains)
+    logger.info("domains (supervision.domains): %s", ", ".join(f"{i}={n}" for i, n in enumerate(domains)))
+    return domains
 
 
 #: Under this share of labelled training images a supervised arm gets a loud warning.
@@ -137,7 +198,9 @@ def build_supervised_heads(cfg: DictConfig, hierarchy: Hierarchy | None, embed_d
         return nn.ModuleDict(), {}
     if hierarchy is None:
         _require_hierarchy(cfg)
-    return build_supervised_terms(entries, hierarchy, embed_dim)
+    domains = cfg.supervision.get("domains")
+    domains = None if domains is None else [str(d) for d in domains]
+    return build_supervised_terms(entries, hierarchy, embed_dim, domains=domains)
 
 
 def _require_hierarchy(cfg: DictConfig) -> None:
