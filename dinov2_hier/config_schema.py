@@ -205,9 +205,10 @@ RULES: dict[str, Rule] = {
 
 
 def leaf_keys(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted key, value)`` of every non-mapping value of ``cfg`` (lists are leaves)."""
+    """``(dotted key, value)`` of every non-mapping value of ``cfg`` (lists are leaves; a
+    mandatory ``???`` value, such as the defaults' ``data.train``, is the string ``"???"``)."""
     for key in cfg.keys():
-        value = cfg[key]
+        value = "???" if OmegaConf.is_missing(cfg, key) else cfg[key]
         if isinstance(value, DictConfig):
             yield from leaf_keys(value, f"{prefix}{key}.")
         else:

@@ -74,6 +74,9 @@ BAD_VALUES = [
     ("train.iteratons=5", "command line: unknown config key 'train.iteratons'; did you mean 'train.iterations'?"),
     ("optim.student_temp=0.1", "command line: unknown config key 'optim.student_temp'; "
                                "did you mean 'dino.student_temp' or 'ibot.student_temp'?"),
+    # A typo in the section of the mandatory data.train (its default is ???) is named too.
+    ("data.batch_size=16", "command line: unknown config key 'data.batch_size'; "
+                           "did you mean 'train.batch_size_per_gpu'?"),
 ]
 
 
