@@ -325,7 +325,9 @@ def _collapse_html(run: Run) -> str:
     if not collapse:
         return '<p class="note">No collapse verdict: the run has no config.yaml to replay it from.</p>'
     detected = collapse.get("detected_at_iteration")
-    if collapse.get("collapsed"):
+    if collapse.get("checked") is False:
+        verdict, cls = "collapse checks skipped: the run computes no DINO / iBOT loss (ln K checks apply only to them)", "note"
+    elif collapse.get("collapsed"):
         verdict, cls = f"COLLAPSED since iteration {detected}: DINO / iBOT teach the backbone nothing (see {DOCS})", "warn"
     elif detected is not None:
         verdict, cls = f"collapsed at iteration {detected}, not any more", "note"
@@ -349,7 +351,7 @@ def _run_table(run: Run) -> str:
         patch = OmegaConf.select(cfg, "student.patch_size")
         rows.append(["student", f"{arch}, patch {patch}"])
         rows.append(["prototypes", ", ".join(f"{loss}: K = {round(math.exp(v))} (ln K = {v:.4f})"
-                                             for loss, v in run.ln_k.items())])
+                                             for loss, v in run.ln_k.items()) or "none (no DINO / iBOT loss)"])
         rows.append(["batch per rank", str(OmegaConf.select(cfg, "train.batch_size_per_gpu"))])
     total = summary.get("iterations") or (OmegaConf.select(cfg, "train.iterations") if cfg is not None else None)
     done = summary.get("iteration", last["iteration"])

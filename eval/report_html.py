@@ -302,7 +302,9 @@ def _collapse_text(training: Mapping[str, Any]) -> str:
         f"teacher {v.get('teacher_kl_to_uniform', float('nan')):.4f} nats"
         for loss, v in last.items() if isinstance(v, Mapping)
     )
-    if training.get("collapsed"):
+    if training.get("checked") is False:
+        head = "no collapse check (the run computes no DINO / iBOT loss)"
+    elif training.get("collapsed"):
         head = f"collapsed (detected at iteration {training.get('detected_at_iteration')})"
     elif training.get("detected_at_iteration") is not None:
         head = f"collapsed at iteration {training.get('detected_at_iteration')}, recovered by iteration {training.get('iteration')}"

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             # A bad config, a missing optional package or an unwritable directory stops
             # here, before anything is created.
             cfg = load_config(args.config, args.overrides)
+            from .loss_plan import check_loss_plan
+
+            check_loss_plan(cfg)  # a config that trains nothing exits 2 here
             if cfg.train.tensorboard:
                 from .tensorboard import require_summary_writer
 

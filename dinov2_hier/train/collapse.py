@@ -94,6 +94,15 @@ class CollapseDetector:
     detected_at: int | None = None
     last: list[LossCollapse] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.ln_k and self.log:
+            logger.info("collapse checks skipped: the run computes no DINO / iBOT loss (ln K checks apply only to them)")
+
+    @property
+    def checked(self) -> bool:
+        """Whether there is anything to check (a DINO or iBOT loss)."""
+        return bool(self.ln_k)
+
     def observe(self, record: dict, quiet: bool = False) -> None:
         """Update from one metrics record (``iteration`` and the entropies). Logs one
         warning when the collapse is first detected (and a note if it ends); ``quiet``
@@ -138,7 +147,9 @@ class CollapseDetector:
                 parts.append(f"{loss} loss {value:.4f} ({vs})")
         for c in self.last:
             parts.append(f"{c.loss} KL to uniform: teacher {c.teacher_kl:.3f}, student {c.student_kl:.3f} nats")
-        if self.detected_at is None:
+        if not self.checked:
+            status = "collapse checks skipped (no DINO / iBOT loss)"
+        elif self.detected_at is None:
             status = "no collapse detected"
         elif self.collapsed_now:
             status = f"COLLAPSED since iteration {self.detected_at} (see {DOCS})"
@@ -150,6 +161,7 @@ class CollapseDetector:
         """What the run summary records: where the collapse was first detected (or None),
         whether the last logged step still looks collapsed, and its distances from uniform."""
         return {
+            "checked": self.checked,
             "collapsed": self.detected_at is not None and self.collapsed_now,
             "detected_at_iteration": self.detected_at,
             "uniform_kl_threshold_nats": UNIFORM_KL_NATS,
@@ -161,8 +173,12 @@ class CollapseDetector:
 
 
 def ln_k_of(cfg) -> dict[str, float]:  # noqa: ANN001 (DictConfig)
-    """``ln K`` of each distillation loss the config computes."""
-    out = {"dino": math.log(cfg.dino.head_n_prototypes)}
+    """``ln K`` of each distillation loss the config computes (none with both weights 0)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    if OmegaConf.select(cfg, "dino.loss_weight", default=1.0) > 0:  # 1.0: the default's value
+        out["dino"] = math.log(cfg.dino.head_n_prototypes)
     if cfg.ibot.loss_weight > 0:
         k_ibot = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         out["ibot"] = math.log(k_ibot)
@@ -185,7 +201,7 @@ def run_collapse_status(run_dir: str | Path, up_to_iteration: int | None = None)
         return None
     cfg = OmegaConf.load(config)
     check_after = OmegaConf.select(cfg, "train.collapse_check_after", default=300)
-    detector = CollapseDetector(ln_k_of(cfg), int(check_after))
+    detector = CollapseDetector(ln_k_of(cfg), int(check_after), log=False)
     last = None
     for record in read_jsonl(metrics)[0]:  # a torn last line (disk full while appending) is left out
         if is_val_record(record):

@@ -684,7 +684,8 @@ def format_stats(stats: dict[str, float], ln_k: dict[str, float]) -> str:
                 f" used={stats[f'{loss}_prototypes_used']:.0f} bneck={stats[f'{loss}_bottleneck_norm']:.3g}"
             )
     if "cls_spread_student" in stats:
-        parts.append(f"spread s/t={stats['cls_spread_student']:.3f}/{stats['cls_spread_teacher']:.3f}")
+        teacher = f"/{stats['cls_spread_teacher']:.3f}" if "cls_spread_teacher" in stats else ""  # none without DINO/iBOT
+        parts.append(f"spread s{'/t' if teacher else ''}={stats['cls_spread_student']:.3f}{teacher}")
     norms = {k[len("grad_norm_"):]: v for k, v in stats.items() if k.startswith("grad_norm_")}
     if norms:
         parts.append("gnorm " + " ".join(f"{k}={v:.3g}" for k, v in norms.items()))

@@ -22,18 +22,19 @@ from ..hierarchy import Hierarchy
 from ..config import ConfigError
 from ..models import BackboneSpec, DINOHead
 from ..models.vision_transformer import DROP_PATH_MODES, DROP_PATH_SCHEDULES, RESIDUAL_STREAMS
+from .loss_plan import check_loss_plan, log_loss_plan
 from .supervision import build_supervised_heads
 
 @dataclass(frozen=True)
 class TeacherTargets:
     """Teacher outputs of one step.
 
-    cls_probs: ``[2B, K]`` crop-major DINO targets.
+    cls_probs: ``[2B, K]`` crop-major DINO targets (None without DINO).
     patch_probs: ``[M, K_ibot]`` iBOT targets of the masked patches (``M`` may be 0).
     cls_tokens: ``[2B, D]`` the teacher's CLS tokens (for the diagnostics).
     """
 
-    cls_probs: Tensor
+    cls_probs: Tensor | None
     patch_probs: Tensor | None
     cls_tokens: Tensor
 
@@ -106,6 +107,10 @@ class SSLMetaArch(nn.Module):
     def __init__(self, cfg: DictConfig, hierarchy: Hierarchy | None = None):
         super().__init__()
         self.cfg = cfg
+        # Which losses are on (a weight of 0 = not computed at all; loss_plan.py); refuses
+        # a config that trains nothing, or local crops without DINO.
+        self.plan = check_loss_plan(cfg)
+        log_loss_plan(self.plan)
         backbone = build_backbone_from_config(cfg)
         backbone.grad_checkpointing = bool(cfg.student.grad_checkpointing)
         # Training-time settings (not properties of the weights): evaluation builds its
@@ -122,6 +127,10 @@ class SSLMetaArch(nn.Module):
             # Without iBOT no crop is masked: the mask token takes no part in the loss. Freeze
             # it so that every trainable parameter gets a gradient each step (DDP requires it).
             backbone.mask_token.requires_grad_(False)
+        if not self.plan.dino_head_used:
+            # dino.loss_weight=0 (and iBOT off or on its own head): the DINO head is never run.
+            # It stays (checkpoints keep their layout) but frozen, for the same reason.
+            student["dino_head"].requires_grad_(False)
         self.student = nn.ModuleDict(student)
         # The teacher needs no stochastic depth; it is a frozen copy updated by EMA.
         self.teacher = copy.deepcopy(self.student)
@@ -204,8 +213,10 @@ class SSLMetaArch(nn.Module):
         gives all-zero targets from the normalisation itself.
         """
         out = self.teacher["backbone"](crops)
-        cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
-        cls_probs = self.dino_loss.teacher_probs(cls_logits, teacher_temp)
+        cls_probs = None
+        if self.plan.dino:
+            cls_logits = self.teacher["dino_head"](out["x_norm_clstoken"])
+            cls_probs = self.dino_loss.teacher_probs(cls_logits, teacher_temp)
         patch_probs = None
         if self.ibot_enabled:
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
@@ -244,9 +255,11 @@ class SSLMetaArch(nn.Module):
                 steps it logs (they cost ~4% of an eager ViT-S/14 step: several passes over
                 the ``[rows, K]`` targets and logits).
         Returns:
-            ``(losses, stats)``. ``losses``: scalar losses ``dino``, ``ibot``, ``koleo``,
-            one per supervised term, and ``total`` (their weighted sum, the value that is
-            back-propagated). ``stats``: detached float32 scalars that show whether the
+            ``(losses, stats)``. ``losses``: scalar losses ``dino``, ``ibot``, ``koleo``
+            (each only when its weight is > 0: ``dino.loss_weight=0`` computes no DINO loss,
+            no DINO diagnostics, no local crops and, with iBOT off, no teacher forward; see
+            :mod:`.loss_plan`), one per supervised term, and ``total`` (their weighted sum,
+            the value that is back-propagated). ``stats``: detached float32 scalars that show whether the
             self-distillation learns (:mod:`dinov2_hier.losses.diagnostics`): entropies of
             the teacher targets and student predictions in nats, prototypes the teacher's
             targets use, the heads' bottleneck norms before normalisation, and the spread
@@ -257,29 +270,36 @@ class SSLMetaArch(nn.Module):
         mask_indices = batch["mask_indices"]
         # Real masked patches have weight 1 / (masked patches of their crop) > 0, padding 0.
         mask_valid = batch["masks_weight"] > 0
-        targets = self.teacher_targets(crops, mask_indices, teacher_temp, mask_valid)
+        # Without DINO and iBOT nothing needs teacher targets: no teacher forward at all.
+        targets = self.teacher_targets(crops, mask_indices, teacher_temp, mask_valid) if self.plan.teacher_forward else None
 
         masks = batch["masks"] if self.ibot_enabled else None
         out = self.student["backbone"](crops, masks=masks)
         cls_tokens = out["x_norm_clstoken"]
-        dino_head = self.student["dino_head"]
-        cls_bottleneck = dino_head.bottleneck(cls_tokens)
-        cls_logits = dino_head.prototype_logits(cls_bottleneck)
-        if self.swav is not None:  # SwAV: the student's own codes (teacher_temp = epsilon) replace the teacher's
-            codes = self.swav.codes(cls_bottleneck, cls_logits, dino_head.prototype_logits, teacher_temp)
-            targets = replace(targets, cls_probs=codes)
 
         losses: dict[str, Tensor] = {}
-        losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs, self._student_local_logits(batch))
-        total = self.cfg.dino.loss_weight * losses["dino"]
-        stats = {} if not with_stats else {
-            "dino_teacher_entropy": diagnostics.mean_entropy(targets.cls_probs),
-            "dino_student_entropy": diagnostics.mean_entropy_of_logits(cls_logits, self.dino_loss.student_temp),
-            "dino_prototypes_used": diagnostics.prototypes_used(targets.cls_probs),
-            "dino_bottleneck_norm": diagnostics.mean_norm(cls_bottleneck),
-            "cls_spread_student": diagnostics.token_spread(cls_tokens),
-            "cls_spread_teacher": diagnostics.token_spread(targets.cls_tokens),
-        }
+        stats: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        if self.plan.dino:
+            dino_head = self.student["dino_head"]
+            cls_bottleneck = dino_head.bottleneck(cls_tokens)
+            cls_logits = dino_head.prototype_logits(cls_bottleneck)
+            if self.swav is not None:  # SwAV: the student's own codes (teacher_temp = epsilon) replace the teacher's
+                codes = self.swav.codes(cls_bottleneck, cls_logits, dino_head.prototype_logits, teacher_temp)
+                targets = replace(targets, cls_probs=codes)
+            losses["dino"] = self.dino_loss(cls_logits, targets.cls_probs, self._student_local_logits(batch))
+            total = self.cfg.dino.loss_weight * losses["dino"]
+            if with_stats:
+                stats = {
+                    "dino_teacher_entropy": diagnostics.mean_entropy(targets.cls_probs),
+                    "dino_student_entropy": diagnostics.mean_entropy_of_logits(cls_logits, self.dino_loss.student_temp),
+                    "dino_prototypes_used": diagnostics.prototypes_used(targets.cls_probs),
+                    "dino_bottleneck_norm": diagnostics.mean_norm(cls_bottleneck),
+                }
+        if with_stats:
+            stats["cls_spread_student"] = diagnostics.token_spread(cls_tokens)
+            if targets is not None:
+                stats["cls_spread_teacher"] = diagnostics.token_spread(targets.cls_tokens)
 
         if self.ibot_enabled:
             patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
@@ -287,14 +307,14 @@ class SSLMetaArch(nn.Module):
             patch_bottleneck = ibot_head.bottleneck(patches)
             patch_logits = ibot_head.prototype_logits(patch_bottleneck)
             losses["ibot"] = self.ibot_loss(patch_logits, targets.patch_probs, batch["masks_weight"], n_crops)
-            total = total + self.cfg.ibot.loss_weight * losses["ibot"]
+            total = _plus(total, self.cfg.ibot.loss_weight * losses["ibot"])
             if with_stats:
                 stats.update(self._ibot_stats(patch_bottleneck, patch_logits, targets.patch_probs, mask_valid))
 
         if self.cfg.dino.koleo_loss_weight > 0:
             # KoLeo spreads each crop's CLS tokens over the sphere; summed over the two crops.
             losses["koleo"] = sum(self.koleo_loss(chunk) for chunk in cls_tokens.chunk(2))
-            total = total + self.cfg.dino.koleo_loss_weight * losses["koleo"]
+            total = _plus(total, self.cfg.dino.koleo_loss_weight * losses["koleo"])
 
         gathered: tuple[Tensor, Tensor] | None = None
         supervision_weight = float(batch.get("supervision_weight", 1.0))
@@ -311,7 +331,7 @@ class SSLMetaArch(nn.Module):
                 losses[name] = term(*gathered)
             else:
                 losses[name] = term(cls_tokens, supervised_targets)
-            total = total + supervision_weight * self.supervised_weights.get(name, 1.0) * losses[name]
+            total = _plus(total, supervision_weight * self.supervised_weights.get(name, 1.0) * losses[name])
 
         losses["total"] = total
         return losses, stats
@@ -356,6 +376,11 @@ class SSLMetaArch(nn.Module):
         t_params = [_local(p) for p in self.teacher.parameters()]
         s_params = [_local(p).detach() for p in self.student.parameters()]
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def _plus(total: Tensor | None, term: Tensor) -> Tensor:
+    """``total + term``, or ``term`` itself for the first term (``dino.loss_weight=0``)."""
+    return term if total is None else total + term
 
 
 def _local(param: Tensor) -> Tensor:

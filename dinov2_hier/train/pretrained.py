@@ -100,8 +100,8 @@ def load_pretrained(
     teacher["backbone"].load_state_dict(student["backbone"].state_dict())
     file_heads = extract_head_state_dicts(raw) if mode != "false" else {}
     for name in ("dino_head", "ibot_head"):
-        if name not in student:
-            continue
+        if name not in student or not any(p.requires_grad for p in student[name].parameters()):
+            continue  # absent, or frozen because unused (dino.loss_weight=0): neither loaded nor warmed up
         source = name if name in file_heads else ("dino_head" if "dino_head" in file_heads else None)
         if mode == "false":
             start.heads_fresh[name] = "student.pretrained_heads=false"
