@@ -154,7 +154,10 @@ def finetune(args: argparse.Namespace, on_epoch_end: Any = None) -> dict[str, An
     else:
         splits = [(-1, keep, keep_test)]
         split_info = {"kind": "fixed", "n_train": int(len(keep)), "n_test": int(len(keep_test))}
-    tree = hierarchy if hierarchy is not None else flat_hierarchy(classes)
+    # ce classifies the labels as they are, each a class of its own (as eval's probes do), so
+    # a coarse label such as `neutrophil` is a class the head can predict; hierce needs the
+    # tree (and predicts leaves). --hierarchy then serves the hierarchical metrics only.
+    tree = hierarchy if hierarchy is not None and args.loss == "hierce" else flat_hierarchy(classes)
     targets = torch.tensor([tree.index(label) if label in tree else -1 for label in labels], dtype=torch.long)
     allowed = torch.tensor([leaf in set(classes) for leaf in tree.leaves])
     out_dir = Path(args.output_dir)

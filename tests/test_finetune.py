@@ -244,28 +244,27 @@ def test_unreadable_images_are_skipped_and_counted(cells, tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_with_a_head_warm_up_beats_the_frozen_linear_head(cells, tmp_path):
+def test_full_fine_tuning_beats_the_frozen_linear_head(cells, tmp_path):
     """Issue 22: fine-tuning must beat the frozen linear head of the same backbone.
 
-    220 synthetic cells (11 classes), 2 folds, seed 0, the fixture's random tiny ViT. Linear
-    head 10 epochs at lr 1e-2: pooled accuracy 0.368; LP-FT (the same 10 head-only epochs, then
-    10 epochs of full fine-tuning at lr 1e-3): 0.459 (measured on this machine's CPU). The
-    margin asserted, 0.04 (9 of the 220 test images), is under half of that gap, so that
-    another torch build's rounding cannot flip it, and above the 0.005 by which the two
-    arms differed on the three seeds measured without the head warm-up (docs/finetune.md)."""
+    220 synthetic cells (11 classes), 2 folds, the fixture's random tiny ViT, 20 epochs each:
+    linear head (lr 1e-2) against full fine-tuning (lr 1e-3, one warm-up epoch). Measured on
+    this machine's CPU, pooled accuracy linear / full: seed 0 0.491 / 0.686, seed 1 0.486 /
+    0.618. The margin asserted (seed 0), 0.06 = 13 of the 220 test images, is under half of
+    the smaller of the two gaps, so that another torch build's rounding cannot flip it."""
     import json
 
     from eval.finetune import main
 
     manifest, ckpt = cells(220)
-    assert main(_args(manifest, ckpt, tmp_path / "lin", "--mode", "linear", "--epochs", "10", "--lr", "1e-2")) == 0
-    assert main(_args(manifest, ckpt, tmp_path / "lpft", "--mode", "full", "--head-epochs", "10", "--head-lr", "1e-2",
-                      "--epochs", "10", "--lr", "1e-3", "--warmup-epochs", "1")) == 0
+    assert main(_args(manifest, ckpt, tmp_path / "lin", "--mode", "linear", "--epochs", "20", "--lr", "1e-2")) == 0
+    assert main(_args(manifest, ckpt, tmp_path / "full", "--mode", "full", "--epochs", "20", "--lr", "1e-3",
+                      "--warmup-epochs", "1")) == 0
 
     def accuracy(name):
         return json.loads((tmp_path / name / "metrics.json").read_text())["probes"]["finetune"]["accuracy"]["mean"]
 
-    assert accuracy("lpft") - accuracy("lin") >= 0.04, (accuracy("lin"), accuracy("lpft"))
+    assert accuracy("full") - accuracy("lin") >= 0.06, (accuracy("lin"), accuracy("full"))
 
 
 def test_ce_leaves_coarse_labels_out_of_training_and_counts_them():
@@ -286,3 +285,28 @@ def test_ce_leaves_coarse_labels_out_of_training_and_counts_them():
         run = config if name == "ce" else FinetuneConfig(mode="linear", epochs=1, batch_size=4)
         info = train_fold(model, loss, images, boxes, targets, lambda x, b: x.float() / 255, run)
         assert info["n_coarse_left_out"] == left_out and torch.isfinite(torch.tensor(info["last_loss"]))
+
+
+def test_ce_classifies_coarse_labels_as_classes_of_their_own_as_the_probes_do(cells, tmp_path):
+    """With --loss ce the label space is the labels themselves (eval's probes too): a coarse
+    label is a class the head can predict, so fine-tuning and a frozen probe are scored alike."""
+    import json
+
+    from eval.finetune import main
+
+    hierarchy = Hierarchy.from_json(HIERARCHY)
+    manifest, ckpt = cells(44)
+    rows = _rows(manifest)
+    leaf = rows[1][1]
+    coarse = hierarchy.parent(leaf)
+    relabelled = tmp_path / manifest.name
+    with open(relabelled, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [[r[0], coarse if r[1] == leaf else r[1], *r[2:]] for r in rows[1:]])
+    for path in manifest.parent.iterdir():  # the images beside the relabelled manifest
+        if path.is_dir():
+            (tmp_path / path.name).symlink_to(path)
+    assert main(_args(relabelled, ckpt, tmp_path / "out", "--epochs", "1")) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert coarse in metrics["classes"] and leaf not in metrics["classes"]
+    assert [info["n_coarse_left_out"] for info in metrics["fit_info"]["finetune"]] == [0, 0]
+    assert "hierarchical_f1" in metrics["probes"]["finetune"]  # the tree still scores the predictions
