@@ -98,3 +98,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def counting_backend(graphs: list):
+    """A ``torch.compile`` backend that appends each graph's example inputs to ``graphs`` and
+    runs the graph eagerly: tests count the graphs a step traces into."""
+
+    def backend(graph_module, example_inputs):
+        graphs.append(example_inputs)
+        return graph_module.forward
+
+    return backend

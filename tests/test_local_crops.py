@@ -21,7 +21,7 @@ from dinov2_hier.paths import PROJECT_ROOT
 from dinov2_hier.train.batch import batch_to_device
 from dinov2_hier.train.data import build_augmentation, build_train_data
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, counting_backend
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -343,17 +343,13 @@ def test_compiled_forward_is_one_graph_and_the_backbone_gets_one_static_graph_mo
     reference = float(model(batch, 0.07)[0]["dino"].detach())
     graphs = []
 
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(example_inputs)
-        return graph_module.forward
-
     torch._dynamo.reset()
     try:
-        traced = torch.compile(model, backend=counting_backend, fullgraph=True)(batch, 0.07)
+        traced = torch.compile(model, backend=counting_backend(graphs), fullgraph=True)(batch, 0.07)
         assert len(graphs) == 1 and float(traced[0]["dino"].detach()) == pytest.approx(reference, rel=1e-5)
         graphs.clear()
         torch._dynamo.reset()
-        model.student["backbone"].compile(backend=counting_backend)
+        model.student["backbone"].compile(backend=counting_backend(graphs))
         for _ in range(2):
             model(batch, 0.07)
         assert len(graphs) == 2  # the global crops (masked) and the local crops

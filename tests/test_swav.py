@@ -16,7 +16,7 @@ from dinov2_hier.train.checkpoint import list_checkpoints, load_checkpoint
 from dinov2_hier.train.loop import METRICS_FILE, Trainer
 from dinov2_hier.train.meta_arch import SSLMetaArch
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, counting_backend
 
 # The tiny CPU run in SwAV mode: queue of 24 rows (three steps' 16 rows fill it), filled
 # from iteration 2 (epoch_length 2), prototypes of unit length, epsilon 0.03.
@@ -232,14 +232,10 @@ def test_swav_forward_traces_as_one_graph_and_updates_the_queue():
     batch = synthetic_batch(cfg, torch.device("cpu"))
     graphs = []
 
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(example_inputs)
-        return graph_module.forward
-
     torch._dynamo.reset()
     try:
         reference = [float(eager(batch, 0.03)[0]["dino"].detach()) for _ in range(3)]
-        step = torch.compile(compiled, backend=counting_backend, fullgraph=True)
+        step = torch.compile(compiled, backend=counting_backend(graphs), fullgraph=True)
         traced = [float(step(batch, 0.03)[0]["dino"].detach()) for _ in range(3)]
         assert len(graphs) == 1
         assert traced == pytest.approx(reference, rel=1e-5)
