@@ -60,6 +60,11 @@ class FinetuneConfig:
     head_lr: float | None = None
 
     @property
+    def head_phase_lr(self) -> float:
+        """Learning rate of the head-only epochs: ``head_lr``, else ``lr``."""
+        return self.lr if self.head_lr is None else self.head_lr
+
+    @property
     def head_phase_epochs(self) -> int:
         """Epochs of head-only training before the backbone trains (0 for ``linear``)."""
         return 0 if self.mode == "linear" else self.head_epochs
@@ -192,17 +197,14 @@ def train_fold(model: FinetuneModel, loss: FinetuneLoss, images: torch.Tensor, b
         return "head" if epoch < head_epochs else "all"
 
     def optimizer_for(phase: str) -> torch.optim.Optimizer:
+        # The groups of what trains now: in the head phase the backbone is frozen, so only
+        # the head's groups (at scale 1, its bias without weight decay).
         model.head_only(phase == "head")
-        if phase == "head":
-            head_lr = config.lr if config.head_lr is None else config.head_lr
-            return torch.optim.AdamW([{"params": list(model.head.parameters()), "lr": head_lr, "lr_scale": 1.0,
-                                       "weight_decay": config.weight_decay}])
         return torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.layer_decay))
 
     def lr_of(epoch: int, step: int) -> float:
         if phase_of(epoch) == "head":
-            head_lr = config.lr if config.head_lr is None else config.head_lr
-            return lr_at(epoch * steps + step, head_epochs * steps, 0, head_lr, config.min_lr)
+            return lr_at(epoch * steps + step, head_epochs * steps, 0, config.head_phase_lr, config.min_lr)
         return lr_at((epoch - head_epochs) * steps + step, config.epochs * steps,
                      round(config.warmup_epochs * steps), config.lr, config.min_lr)
 
