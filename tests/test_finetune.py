@@ -244,27 +244,34 @@ def test_unreadable_images_are_skipped_and_counted(cells, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_beats_the_frozen_linear_head(cells, tmp_path):
-    """Issue 22: fine-tuning must beat the frozen linear head of the same backbone.
+def test_the_fine_tuned_demo_model_beats_its_frozen_linear_head(tmp_path):
+    """Issue 22: on synthetic cells, fine-tuning the demo model beats the frozen linear head.
 
-    220 synthetic cells (11 classes), 2 folds, the fixture's random tiny ViT, 20 epochs each:
-    linear head (lr 1e-2) against full fine-tuning (lr 1e-3, one warm-up epoch). Measured on
-    this machine's CPU, pooled accuracy linear / full: seed 0 0.491 / 0.686, seed 1 0.486 /
-    0.618. The margin asserted (seed 0), 0.06 = 13 of the 220 test images, is under half of
-    the smaller of the two gaps, so that another torch build's rounding cannot flip it."""
+    The demo recipe (``configs/demo.yaml``: ViT-Ti/8, 64 px synthetic cells) shortened to 60
+    iterations (~1 min here), then 400 other synthetic cells (dataset seed 1), 2 folds, 20
+    epochs each: linear head (lr 1e-2) against full fine-tuning (lr 1e-4, layer decay 0.75,
+    one warm-up epoch). Measured on this machine's CPU, pooled accuracy linear / full: fold
+    seed 0 0.590 / 0.683, fold seed 1 0.603 / 0.688. The margin asserted (seed 0), 0.04 = 16
+    of the 400 test images, is under half of the smaller gap (0.085)."""
     import json
 
+    from dinov2_hier.config import load_config
+    from dinov2_hier.paths import PROJECT_ROOT
+    from dinov2_hier.train.loop import Trainer
     from eval.finetune import main
 
-    manifest, ckpt = cells(220)
+    Trainer(load_config(PROJECT_ROOT / "configs/demo.yaml", ["train.iterations=60"]), tmp_path / "demo").run()
+    manifest = write_synthetic_dataset(tmp_path / "cells", 400, Hierarchy.from_json(HIERARCHY), image_size=64, seed=1)
+    ckpt = tmp_path / "demo" / TEACHER_FILE
     assert main(_args(manifest, ckpt, tmp_path / "lin", "--mode", "linear", "--epochs", "20", "--lr", "1e-2")) == 0
-    assert main(_args(manifest, ckpt, tmp_path / "full", "--mode", "full", "--epochs", "20", "--lr", "1e-3",
-                      "--warmup-epochs", "1")) == 0
+    assert main(_args(manifest, ckpt, tmp_path / "full", "--mode", "full", "--epochs", "20", "--lr", "1e-4",
+                      "--layer-decay", "0.75", "--warmup-epochs", "1")) == 0
 
     def accuracy(name):
         return json.loads((tmp_path / name / "metrics.json").read_text())["probes"]["finetune"]["accuracy"]["mean"]
 
-    assert accuracy("full") - accuracy("lin") >= 0.06, (accuracy("lin"), accuracy("full"))
+    print(f"linear {accuracy('lin'):.4f} full {accuracy('full'):.4f}")
+    assert accuracy("full") - accuracy("lin") >= 0.04, (accuracy("lin"), accuracy("full"))
 
 
 def test_ce_leaves_coarse_labels_out_of_training_and_counts_them():
